@@ -1,0 +1,1 @@
+"""MambaVision in JAX/Flax."""
