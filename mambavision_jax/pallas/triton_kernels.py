@@ -1,0 +1,266 @@
+"""Pallas (Triton backend) selective-scan kernels: forward and backward.
+
+Layout: the kernels read the caller's arrays in place, with no transposes or padding:
+  u, delta, y, du, ddelta: (batch, length, dim), any float dtype (computed in float32);
+  A: (dim, d_state) float32; B, C: (batch, length, d_state); D, delta_bias: (dim,) float32;
+  d_state must be a power of two here (the vjp wrapper pads it otherwise).
+
+Grid: ``(cdiv(dim, block_d), batch)``; program (j, b) owns channels ``[j*block_d, (j+1)*block_d)`` of batch
+row b for the whole sequence, with the state ``h`` (block_d, d_state) float32 in registers. The refs are whole
+arrays (no BlockSpecs): every load/store is a contiguous row of ``block_d`` channels (or ``d_state`` values of
+B/C) at one time step, masked on ``channel < dim`` so any ``dim`` works with power-of-two ``block_d``.
+
+Time runs as a ``fori_loop`` over chunks of ``chunk`` (K) steps. The K rows of u, Δ, B, C (and dy in the
+backward) of the *next* chunk are loaded at the top of each iteration and handed over in the loop carry, so
+their latency overlaps the current chunk's K dependent steps (software double buffering). Row indices past the
+end are clamped to ``length - 1``; the matching stores are masked, so any ``length`` works.
+
+Forward, per step: Δ = softplus(delta + bias) (optional), a = exp2(Δ·A·log2e), h = a·h + (Δ·u)·B,
+y = Σ_n C·h + D·u. When training it also stores the state entering every chunk, ``states``
+(batch, n_chunks, dim, d_state) float32 (≈ d_state/K floats per (b, l, d) element).
+
+Backward (mamba_ssm / axlearn style, recompute instead of store): chunks in reverse; per chunk, the K states
+are recomputed from the saved chunk-entry state (K separate values, Python-unrolled), then the K steps are
+walked backwards carrying ``g = a_{t+1}·dh_{t+1}``, with dh_t = g + C_t·dy_t. Outputs: du, dΔ (through
+softplus and bias) in the inputs' dtypes; float32 partial sums reduced outside the kernel:
+dA, dD, d(delta_bias) per batch row (batch, dim, d_state)/(batch, dim); dB, dC per channel block
+(n_blocks, batch, length, d_state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from mambavision_jax.pallas.reference import SOFTPLUS_THRESHOLD
+
+__all__ = ["KernelConfig", "default_config", "scan_forward", "scan_backward"]
+
+_LOG2E = math.log2(math.e)
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Launch parameters. ``block_d``: channels per program (power of two); ``chunk``: time steps whose row loads
+  are issued together (and prefetched one chunk ahead); ``num_warps``/``num_stages``: Triton's."""
+
+  block_d: int = 32
+  chunk: int = 8
+  num_warps: int = 2
+  num_stages: int = 1
+
+  def __post_init__(self):
+    for name in ("block_d", "chunk", "num_warps"):
+      value = getattr(self, name)
+      if value < 1 or value & (value - 1):
+        raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+    if self.num_stages < 1:
+      raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+def default_config(batch: int, length: int, dim: int) -> KernelConfig:
+  """Heuristic: the widest channel block that still gives ≥ ~4 programs per SM of an H100 (132 SMs), since
+  each program is one latency-bound dependent chain; chunk 8 (4 for very short sequences)."""
+  block_d = 16
+  for candidate in (64, 32):
+    if batch * pl.cdiv(dim, candidate) >= 4 * 132 and candidate <= max(16, pl.next_power_of_2(dim)):
+      block_d = candidate
+      break
+  chunk = 4 if length <= 16 else 8
+  return KernelConfig(block_d=block_d, chunk=chunk, num_warps=1 if block_d <= 16 else 2)
+
+
+def _softplus(x):
+  return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
+
+
+class _Rows:
+  """Loads the K time-step rows of one chunk for program (channel block, batch row)."""
+
+  def __init__(self, batch_idx, d0, dmask, block_d, length, chunk):
+    self.b, self.d0, self.dmask = batch_idx, d0, dmask
+    self.block_d, self.length, self.chunk = block_d, length, chunk
+
+  def times(self, t0):
+    """Clamped row index and validity of each step of the chunk starting at ``t0``."""
+    return [(jnp.minimum(t0 + k, self.length - 1), t0 + k < self.length) for k in range(self.chunk)]
+
+  def channels(self, ref, t0, valid_only=False):
+    """K rows ``ref[b, t, d0:d0+block_d]`` (float32, zero outside ``dim``; also outside ``length`` if
+    ``valid_only``)."""
+    out = []
+    for t, valid in self.times(t0):
+      mask = jnp.logical_and(self.dmask, valid) if valid_only else self.dmask
+      out.append(plt.load(ref.at[self.b, t, pl.ds(self.d0, self.block_d)], mask=mask, other=0.0).astype(_F32))
+    return out
+
+  def states(self, ref, t0):
+    """K rows ``ref[b, t, :]`` of B or C (float32)."""
+    return [ref[self.b, t, :].astype(_F32) for t, _ in self.times(t0)]
+
+
+def _program(u_ref, block_d, chunk):
+  """Program coordinates shared by both kernels."""
+  _, length, dim = u_ref.shape
+  d0 = pl.program_id(0) * block_d
+  dmask = d0 + jnp.arange(block_d) < dim
+  rows = _Rows(pl.program_id(1), d0, dmask, block_d, length, chunk)
+  return rows, pl.cdiv(length, chunk)
+
+
+def _load_params(A_ref, D_ref, bias_ref, rows):
+  n = A_ref.shape[1]
+  mask2 = jnp.broadcast_to(rows.dmask[:, None], (rows.block_d, n))
+  A = plt.load(A_ref.at[pl.ds(rows.d0, rows.block_d), :], mask=mask2, other=0.0).astype(_F32)
+  D = plt.load(D_ref.at[pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
+  bias = plt.load(bias_ref.at[pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
+  return A, D, bias, mask2
+
+
+def _discretise(delta_raw, bias, A, delta_softplus):
+  """Returns (pre-softplus Δ, Δ, decay a = exp(Δ·A)) for one row."""
+  pre = delta_raw + bias
+  dt = _softplus(pre) if delta_softplus else pre
+  return pre, dt, jnp.exp2(dt[:, None] * (A * _LOG2E))
+
+
+def _forward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_ref, *states_ref,
+                    block_d, chunk, delta_softplus):
+  rows, n_chunks = _program(u_ref, block_d, chunk)
+  A, D, bias, mask2 = _load_params(A_ref, D_ref, bias_ref, rows)
+
+  def load(t0):
+    return (rows.channels(u_ref, t0), rows.channels(delta_ref, t0), rows.states(B_ref, t0),
+            rows.states(C_ref, t0))
+
+  def body(c, carry):
+    h, (us, deltas, Bs, Cs) = carry
+    t0 = c * chunk
+    prefetched = load(t0 + chunk)
+    if states_ref:
+      plt.store(states_ref[0].at[rows.b, c, pl.ds(rows.d0, block_d), :], h, mask=mask2)
+    for k, (t, valid) in enumerate(rows.times(t0)):
+      _, dt, a = _discretise(deltas[k], bias, A, delta_softplus)
+      h = a * h + (dt * us[k])[:, None] * Bs[k][None, :]
+      y = jnp.sum(h * Cs[k][None, :], axis=1) + D * us[k]
+      plt.store(y_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], y.astype(y_ref.dtype),
+                mask=jnp.logical_and(rows.dmask, valid))
+    return h, prefetched
+
+  h0 = jnp.zeros((block_d, A_ref.shape[1]), _F32)
+  jax.lax.fori_loop(0, n_chunks, body, (h0, load(0)))
+
+
+def _backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, dy_ref, states_ref,
+                     du_ref, ddelta_ref, dA_ref, dD_ref, dbias_ref, dB_ref, dC_ref,
+                     *, block_d, chunk, delta_softplus):
+  rows, n_chunks = _program(u_ref, block_d, chunk)
+  A, D, bias, mask2 = _load_params(A_ref, D_ref, bias_ref, rows)
+  n = A_ref.shape[1]
+  blk = pl.program_id(0)
+
+  def load(t0):
+    return (rows.channels(u_ref, t0), rows.channels(delta_ref, t0), rows.states(B_ref, t0),
+            rows.states(C_ref, t0), rows.channels(dy_ref, t0, valid_only=True))
+
+  def body(i, carry):
+    g, dA, dD, dbias, (us, deltas, Bs, Cs, dys) = carry
+    c = n_chunks - 1 - i
+    t0 = c * chunk
+    prefetched = load(jnp.maximum(t0 - chunk, 0))
+    # Recompute the chunk's states from the saved entry state.
+    h_prev = [plt.load(states_ref.at[rows.b, c, pl.ds(rows.d0, block_d), :], mask=mask2, other=0.0)]
+    disc = []
+    for k in range(chunk):
+      pre, dt, a = _discretise(deltas[k], bias, A, delta_softplus)
+      disc.append((pre, dt, a))
+      h_prev.append(a * h_prev[k] + (dt * us[k])[:, None] * Bs[k][None, :])
+    # Walk back through the chunk.
+    times = rows.times(t0)
+    for k in reversed(range(chunk)):
+      t, valid = times[k]
+      pre, dt, a = disc[k]
+      u, b_t, c_t, dy = us[k], Bs[k], Cs[k], dys[k]  # dy is 0 past the end: nothing flows from there.
+      dh = g + dy[:, None] * c_t[None, :]
+      dC = jnp.sum(dy[:, None] * h_prev[k + 1], axis=0)
+      dB = jnp.sum(dh * (dt * u)[:, None], axis=0)
+      dh_a = dh * a
+      du = dy * D + dt * jnp.sum(dh * b_t[None, :], axis=1)
+      ddt = jnp.sum(dh_a * A * h_prev[k] + dh * u[:, None] * b_t[None, :], axis=1)
+      if delta_softplus:
+        ddt = ddt * jnp.where(pre > SOFTPLUS_THRESHOLD, 1.0, 1.0 / (1.0 + jnp.exp(-pre)))
+      dA = dA + dh_a * dt[:, None] * h_prev[k]
+      dD = dD + dy * u
+      dbias = dbias + ddt
+      g = dh_a
+      row_mask = jnp.logical_and(rows.dmask, valid)
+      plt.store(du_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], du.astype(du_ref.dtype), mask=row_mask)
+      plt.store(ddelta_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], ddt.astype(ddelta_ref.dtype), mask=row_mask)
+      state_mask = jnp.broadcast_to(valid, (n,))
+      plt.store(dB_ref.at[blk, rows.b, t, :], dB, mask=state_mask)
+      plt.store(dC_ref.at[blk, rows.b, t, :], dC, mask=state_mask)
+    return g, dA, dD, dbias, prefetched
+
+  zeros_dn = jnp.zeros((block_d, n), _F32)
+  zeros_d = jnp.zeros((block_d,), _F32)
+  _, dA, dD, dbias, _ = jax.lax.fori_loop(
+      0, n_chunks, body, (zeros_dn, zeros_dn, zeros_d, zeros_d, load((n_chunks - 1) * chunk)))
+  plt.store(dA_ref.at[rows.b, pl.ds(rows.d0, block_d), :], dA, mask=mask2)
+  plt.store(dD_ref.at[rows.b, pl.ds(rows.d0, block_d)], dD, mask=rows.dmask)
+  plt.store(dbias_ref.at[rows.b, pl.ds(rows.d0, block_d)], dbias, mask=rows.dmask)
+
+
+def _call(kernel, out_shape, u, config, interpret, name):
+  batch, _, dim = u.shape
+  return pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid=(pl.cdiv(dim, config.block_d), batch),
+      compiler_params=plt.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+      interpret=interpret,
+      name=name,
+  )
+
+
+def scan_forward(u, delta, A, B, C, D, delta_bias, *, delta_softplus: bool, save_states: bool,
+                 config: KernelConfig, interpret: bool = False):
+  """Forward kernel. D and delta_bias are (dim,) arrays (zeros when absent). Returns ``y`` (u's dtype) and,
+  if ``save_states``, the chunk-entry states (batch, cdiv(length, chunk), dim, d_state) float32."""
+  batch, length, dim = u.shape
+  out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
+  if save_states:
+    out_shape.append(jax.ShapeDtypeStruct((batch, pl.cdiv(length, config.chunk), dim, A.shape[1]), _F32))
+  kernel = functools.partial(_forward_kernel, block_d=config.block_d, chunk=config.chunk,
+                             delta_softplus=delta_softplus)
+  outs = _call(kernel, out_shape, u, config, interpret, "selective_scan_fwd")(u, delta, A, B, C, D, delta_bias)
+  return outs if save_states else (outs[0], None)
+
+
+def scan_backward(u, delta, A, B, C, D, delta_bias, states, dy, *, delta_softplus: bool,
+                  config: KernelConfig, interpret: bool = False):
+  """Backward kernel. Returns du, ddelta (inputs' dtypes), and float32 gradients dA (dim, d_state),
+  dB, dC (batch, length, d_state), dD, d(delta_bias) (dim,), with the partial sums already reduced."""
+  batch, length, dim = u.shape
+  n = A.shape[1]
+  n_blocks = pl.cdiv(dim, config.block_d)
+  out_shape = [
+      jax.ShapeDtypeStruct(u.shape, u.dtype),
+      jax.ShapeDtypeStruct(delta.shape, delta.dtype),
+      jax.ShapeDtypeStruct((batch, dim, n), _F32),
+      jax.ShapeDtypeStruct((batch, dim), _F32),
+      jax.ShapeDtypeStruct((batch, dim), _F32),
+      jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
+      jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
+  ]
+  kernel = functools.partial(_backward_kernel, block_d=config.block_d, chunk=config.chunk,
+                             delta_softplus=delta_softplus)
+  du, ddelta, dA, dD, dbias, dB, dC = _call(kernel, out_shape, u, config, interpret, "selective_scan_bwd")(
+      u, delta, A, B, C, D, delta_bias, dy, states)
+  return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), dbias.sum(0)
