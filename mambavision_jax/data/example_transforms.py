@@ -1,0 +1,74 @@
+"""Per-example train/eval chains: ``(image, rng) -> float32 (S, S, 3)`` normalised.
+
+Train (timm ``transforms_imagenet_train`` order): RandomResizedCrop -> hflip -> RandAugment (or ColorJitter when
+rand_augment is '') -> normalise -> RandomErasing (in normalised space).
+Eval: resize (crop_mode/crop_pct, bicubic) -> center crop -> normalise.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from .config_utils import Preprocess, cfg_get, image_size, preprocess_settings
+from .decode import to_pil_rgb
+from .rand_augment import RandAugment
+from .random_erasing import random_erasing
+from .transforms import color_jitter, eval_resize_crop, normalize, random_resized_crop
+
+
+class TrainTransform:
+    def __init__(self, config, preprocess: Preprocess | None = None):
+        aug = cfg_get(config, "aug", {})
+        self.pre = preprocess or preprocess_settings(config)
+        self.size = image_size(config)
+        self.scale = tuple(cfg_get(aug, "scale", (0.08, 1.0)))
+        self.ratio = tuple(cfg_get(aug, "ratio", (3 / 4, 4 / 3)))
+        self.hflip = float(cfg_get(aug, "hflip", 0.5))
+        self.interpolation = str(cfg_get(aug, "interpolation", "bicubic"))
+        ra = str(cfg_get(aug, "rand_augment", "") or "")
+        self.rand_augment = RandAugment(ra, self.pre.mean, self.interpolation) if ra else None
+        self.color_jitter = 0.0 if ra else float(cfg_get(aug, "color_jitter", 0.0) or 0.0)
+        self.reprob = float(cfg_get(aug, "reprob", 0.0))
+        self.remode = str(cfg_get(aug, "remode", "pixel"))
+
+    def __call__(self, image, rng: np.random.Generator) -> np.ndarray:
+        img = to_pil_rgb(image)
+        img = random_resized_crop(img, rng, self.size, self.scale, self.ratio, self.interpolation)
+        if self.hflip > 0 and rng.random() < self.hflip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.rand_augment is not None:
+            img = self.rand_augment(img, rng)
+        elif self.color_jitter > 0:
+            img = color_jitter(img, rng, self.color_jitter)
+        out = normalize(np.asarray(img), self.pre.mean, self.pre.std)
+        if self.reprob > 0:
+            out = random_erasing(out, rng, self.reprob, self.remode)
+        return out
+
+
+class EvalTransform:
+    def __init__(self, config, preprocess: Preprocess | None = None):
+        self.pre = preprocess or preprocess_settings(config)
+        self.size = image_size(config)
+
+    def __call__(self, image, rng=None) -> np.ndarray:
+        img = to_pil_rgb(image)
+        img = eval_resize_crop(img, self.size, self.pre.crop_pct, self.pre.crop_mode, self.pre.interpolation)
+        return normalize(np.asarray(img), self.pre.mean, self.pre.std)
+
+
+class NormalizeOnly:
+    """For sources with ``skip_augmentation`` (synthetic): uint8 (S, S, 3) -> normalised float32."""
+
+    def __init__(self, config, preprocess: Preprocess | None = None):
+        self.pre = preprocess or preprocess_settings(config)
+
+    def __call__(self, image, rng=None) -> np.ndarray:
+        return normalize(np.asarray(image), self.pre.mean, self.pre.std)
+
+    def load(self, source, index: int):
+        """(normalised image, label) for ``index``, through ``source.load_normalized`` when it has one."""
+        if hasattr(source, "load_normalized"):
+            return source.load_normalized(index, self.pre.mean, self.pre.std)
+        image, label = source.load(index)
+        return self(image), label

@@ -1,0 +1,120 @@
+"""Image-folder source: ``<root>/<split>/<class>/*.{jpg,jpeg,png}`` (split 'val' also found as 'validation').
+
+Class index = position in the sorted class-directory names of ``<root>/train`` (or of the split itself when there
+is no train dir), so train and val share one mapping. Corrupt files are named: ``on_corrupt='raise'`` raises
+``CorruptImageError(path)``; ``'skip'`` substitutes the next decodable index (deterministic) and records the path in
+``skip_log`` (also logged once per file at WARNING).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from .decode import load_image_file
+from .errors import CorruptImageError, DatasetNotFoundError
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_SPLIT_ALIASES = {"val": ("val", "validation"), "validation": ("validation", "val"), "test": ("test",)}
+_ALL_SKIP_LOGS: list["SkipLog"] = []
+
+
+class SkipLog:
+    """Thread-safe record of skipped corrupt files: ``files`` maps path -> times skipped; ``count`` = total."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.files: dict[str, int] = {}
+        _ALL_SKIP_LOGS.append(self)
+
+    def add(self, path: str, err: BaseException):
+        with self._lock:
+            first = path not in self.files
+            self.files[path] = self.files.get(path, 0) + 1
+        if first:
+            log.warning("skipping corrupt image %s (%s: %s)", path, type(err).__name__, err)
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return sum(self.files.values())
+
+
+def all_skipped_files() -> list[str]:
+    """Sorted paths of every corrupt file skipped so far in this process (all folder sources)."""
+    out = set()
+    for s in _ALL_SKIP_LOGS:
+        out.update(s.files)
+    return sorted(out)
+
+
+def _list_classes(path: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def _split_dir(root: str, split: str) -> str:
+    for cand in _SPLIT_ALIASES.get(split, (split,)):
+        p = os.path.join(root, cand)
+        if os.path.isdir(p):
+            return p
+    raise DatasetNotFoundError(
+        f"folder dataset: no directory for split {split!r} under {root!r} "
+        f"(expected {root}/{split}/<class>/*.jpg)"
+    )
+
+
+class FolderSource:
+    """``load(i) -> (PIL RGB image, label)``; ``files`` is the sorted list of (path, label)."""
+
+    skip_augmentation = False
+
+    def __init__(self, root: str | None, split: str, on_corrupt: str = "raise"):
+        if not root:
+            raise DatasetNotFoundError("folder dataset needs config.data.data_dir = <root> with train/ and val/")
+        if not os.path.isdir(root):
+            raise DatasetNotFoundError(f"folder dataset root does not exist: {root!r}")
+        if on_corrupt not in ("raise", "skip"):
+            raise ValueError(f"config.data.on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        self.root, self.split, self.on_corrupt = root, split, on_corrupt
+        split_dir = _split_dir(root, split)
+        train_dir = os.path.join(root, "train")
+        classes = _list_classes(train_dir if os.path.isdir(train_dir) else split_dir)
+        if not classes:
+            raise DatasetNotFoundError(f"folder dataset: no class directories in {train_dir!r}")
+        self.classes = classes
+        self.num_classes = len(classes)
+        index = {c: i for i, c in enumerate(classes)}
+        files = []
+        for c in _list_classes(split_dir):
+            if c not in index:
+                raise DatasetNotFoundError(
+                    f"folder dataset: class dir {os.path.join(split_dir, c)!r} is not among the train classes")
+            cdir = os.path.join(split_dir, c)
+            names = sorted(n for n in os.listdir(cdir) if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not names:
+                raise DatasetNotFoundError(
+                    f"folder dataset: class directory {cdir!r} has no {'/'.join(IMAGE_EXTENSIONS)} files")
+            files.extend((os.path.join(cdir, n), index[c]) for n in names)
+        if not files:
+            raise DatasetNotFoundError(f"folder dataset: no images under {split_dir!r}")
+        self.files = files
+        self.skip_log = SkipLog()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int):
+        n = len(self.files)
+        for k in range(n):
+            path, label = self.files[(int(index) + k) % n]
+            try:
+                return load_image_file(path), label
+            except Exception as e:  # PIL raises OSError/SyntaxError/ValueError/... on corrupt data
+                if self.on_corrupt == "raise":
+                    raise CorruptImageError(path, e) from e
+                self.skip_log.add(path, e)
+        raise CorruptImageError(f"{self.split_dir_hint()} (every file is corrupt)")
+
+    def split_dir_hint(self) -> str:
+        return os.path.join(self.root, self.split)
