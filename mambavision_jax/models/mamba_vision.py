@@ -1,0 +1,322 @@
+"""MambaVision (Hatamizadeh & Kautz, arXiv 2407.08083) as Flax linen modules.
+
+The module tree mirrors the official PyTorch model one to one (``patch_embed``, ``levels_i/blocks_j``,
+``mixer``, ``norm``, ``head``), so the official state_dict maps onto it by renaming alone
+(:mod:`mambavision_jax.weights.params`). Everything is channels-last: images and maps NHWC, token sequences
+(batch, length, channels). Parameters and BatchNorm statistics are float32; ``dtype`` sets the compute dtype.
+"""
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mambavision_jax.models.layers import DropPath, batch_norm, window_partition, window_reverse
+from mambavision_jax.pallas import selective_scan
+
+Dtype = Any
+D_STATE = 8  # the official Block builds every mixer with d_state=8, d_conv=3, expand=1
+D_CONV = 3
+
+
+def _dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.truncated_normal(0.02), name=name)
+
+
+def _conv(features: int, stride: int, name: str, dtype: Dtype, use_bias: bool) -> nn.Conv:
+    """3x3 convolution with symmetric padding 1, as ``nn.Conv2d(k=3, padding=1)``."""
+    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), use_bias=use_bias,
+                   dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class PatchEmbed(nn.Module):
+    """Stem: two stride-2 3x3 convs with BatchNorm (eps 1e-4) and ReLU. (B, H, W, 3) -> (B, H/4, W/4, dim)."""
+
+    in_dim: int
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = _conv(self.in_dim, 2, "conv_down_0", self.dtype, use_bias=False)(x)
+        x = nn.relu(batch_norm("conv_down_1", 1e-4, self.dtype, train)(x))
+        x = _conv(self.dim, 2, "conv_down_3", self.dtype, use_bias=False)(x)
+        return nn.relu(batch_norm("conv_down_4", 1e-4, self.dtype, train)(x))
+
+
+class ConvBlock(nn.Module):
+    """Residual block of stages 1-2: conv-BN-GELU(tanh)-conv-BN, optional layer scale ``gamma``. NHWC."""
+
+    dim: int
+    drop_path: float = 0.0
+    layer_scale: Optional[float] = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        shortcut = x
+        x = _conv(self.dim, 1, "conv1", self.dtype, use_bias=True)(x)
+        x = nn.gelu(batch_norm("norm1", 1e-5, self.dtype, train)(x), approximate=True)
+        x = _conv(self.dim, 1, "conv2", self.dtype, use_bias=True)(x)
+        x = batch_norm("norm2", 1e-5, self.dtype, train)(x)
+        if self.layer_scale is not None:
+            x = x * self.param("gamma", nn.initializers.constant(self.layer_scale), (self.dim,), jnp.float32)
+        return shortcut + DropPath(self.drop_path)(x, deterministic=not train)
+
+
+class DtProjection(nn.Module):
+    """``dt_proj``: Linear(dt_rank -> features) that also returns its bias, which the scan adds a second time."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", nn.initializers.truncated_normal(0.02), (x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        y = jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        return y, bias
+
+
+class MambaVisionMixer(nn.Module):
+    """The MambaVision token mixer on (B, L, C) tokens (d_state 8, d_conv 3, expand 1).
+
+    in_proj splits C into an SSM half x and a gate half z (C/2 each); both go through a non-causal depthwise
+    conv1d (k 3, no bias) and SiLU; x drives the selective scan (dt bias applied twice, as in the official
+    code), and z is concatenated to the scan output (not multiplied) before out_proj.
+    """
+
+    dim: int
+    scan_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        half = self.dim // 2
+        dt_rank = math.ceil(self.dim / 16)
+        a_log = self.param("A_log", lambda _, s: jnp.log(jnp.broadcast_to(jnp.arange(1, D_STATE + 1,
+                                                                                     dtype=jnp.float32), s)),
+                           (half, D_STATE))
+        skip = self.param("D", nn.initializers.ones, (half,), jnp.float32)
+
+        xz = _dense(self.dim, "in_proj", self.dtype, use_bias=False)(tokens)
+        x, z = xz[..., :half], xz[..., half:]
+        x = nn.silu(self._depthwise_conv("conv1d_x", half)(x))
+        z = nn.silu(self._depthwise_conv("conv1d_z", half)(z))
+        x_dbl = _dense(dt_rank + 2 * D_STATE, "x_proj", self.dtype, use_bias=False)(x)
+        dt, b, c = jnp.split(x_dbl, [dt_rank, dt_rank + D_STATE], axis=-1)
+        dt, dt_bias = DtProjection(half, self.dtype, name="dt_proj")(dt)
+        y = selective_scan(x, dt, -jnp.exp(a_log), b, c, skip, dt_bias, delta_softplus=True, impl=self.scan_impl)
+        return _dense(self.dim, "out_proj", self.dtype, use_bias=False)(jnp.concatenate([y, z], axis=-1))
+
+    def _depthwise_conv(self, name: str, channels: int) -> nn.Conv:
+        return nn.Conv(channels, (D_CONV,), padding=((1, 1),), feature_group_count=channels, use_bias=False,
+                       dtype=self.dtype, param_dtype=jnp.float32, name=name)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on (B, N, C) tokens: qkv with bias, no positional terms, scale hd^-0.5."""
+
+    dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        b, n, _ = tokens.shape
+        head_dim = self.dim // self.num_heads
+        qkv = _dense(3 * self.dim, "qkv", self.dtype)(tokens).reshape(b, n, 3, self.num_heads, head_dim)
+        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (B, N, heads, hd)
+        return _dense(self.dim, "proj", self.dtype)(out.reshape(b, n, self.dim))
+
+
+class Mlp(nn.Module):
+    """timm Mlp: fc1 -> exact GELU -> dropout -> fc2 -> dropout, on (B, N, C)."""
+
+    dim: int
+    hidden: int
+    drop: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.gelu(_dense(self.hidden, "fc1", self.dtype)(x), approximate=False)
+        x = nn.Dropout(self.drop)(x, deterministic=not train)
+        x = _dense(self.dim, "fc2", self.dtype)(x)
+        return nn.Dropout(self.drop)(x, deterministic=not train)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block of stages 3-4 with a Mamba mixer or attention, then an MLP. (B, N, C)."""
+
+    dim: int
+    num_heads: int
+    use_attention: bool
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    drop: float = 0.0
+    layer_scale: Optional[float] = None
+    scan_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        drop_path = DropPath(self.drop_path)
+        if self.use_attention:
+            mixer = Attention(self.dim, self.num_heads, self.dtype, name="mixer")
+        else:
+            mixer = MambaVisionMixer(self.dim, self.scan_impl, self.dtype, name="mixer")
+        branch = mixer(self._layer_norm("norm1")(x))
+        x = x + drop_path(self._scale("gamma_1", branch), deterministic=not train)
+        branch = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, name="mlp")(
+            self._layer_norm("norm2")(x), train)
+        return x + drop_path(self._scale("gamma_2", branch), deterministic=not train)
+
+    def _layer_norm(self, name: str) -> nn.LayerNorm:
+        return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+
+    def _scale(self, name: str, x: jax.Array) -> jax.Array:
+        if self.layer_scale is None:
+            return x
+        return x * self.param(name, nn.initializers.constant(self.layer_scale), (self.dim,), jnp.float32)
+
+
+def attention_block_indices(depth: int) -> range:
+    """Indices of the attention blocks in a stage of ``depth`` blocks: the second half (smaller half if odd)."""
+    return range(depth // 2 + 1, depth) if depth % 2 else range(depth // 2, depth)
+
+
+class MambaVisionLayer(nn.Module):
+    """One stage (``levels_i``). Conv stages run ConvBlocks on NHWC maps; the others pad the map right/bottom
+    to a multiple of the window, run Blocks on row-major windows, reverse and crop. Returns the stage output
+    before the downsample and the downsampled map (or None for the last stage)."""
+
+    dim: int
+    depth: int
+    num_heads: int
+    window_size: int
+    conv: bool
+    downsample: bool
+    drop_path: Sequence[float]
+    mlp_ratio: float = 4.0
+    drop: float = 0.0
+    layer_scale: Optional[float] = None
+    layer_scale_conv: Optional[float] = None
+    scan_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
+        if self.conv:
+            for j in range(self.depth):
+                x = ConvBlock(self.dim, self.drop_path[j], self.layer_scale_conv, self.dtype,
+                              name=f"blocks_{j}")(x, train)
+        else:
+            size = x.shape[1:3]
+            tokens, padded = window_partition(x, self.window_size)
+            attention = attention_block_indices(self.depth)
+            for j in range(self.depth):
+                tokens = Block(self.dim, self.num_heads, j in attention, self.mlp_ratio, self.drop_path[j],
+                               self.drop, self.layer_scale, self.scan_impl, self.dtype,
+                               name=f"blocks_{j}")(tokens, train)
+            x = window_reverse(tokens, self.window_size, padded, size)
+        if not self.downsample:
+            return x, None
+        return x, Downsample(self.dim, self.dtype, name="downsample")(x)
+
+
+class Downsample(nn.Module):
+    """``downsample.reduction.0``: stride-2 3x3 conv doubling the channels, no norm. NHWC."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _conv(2 * self.dim, 2, "reduction_0", self.dtype, use_bias=False)(x)
+
+
+class MambaVision(nn.Module):
+    """The MambaVision classifier. ``__call__(images (B, H, W, 3), train=False) -> logits (B, num_classes)``.
+
+    Any image size works: stages 3-4 pad to a multiple of their window (no masking), as the official model.
+    ``forward_features`` gives the pooled (B, 8*dim) features after the final BatchNorm and
+    ``forward_intermediates`` the four pre-downsample stage maps (NHWC), for backbone use.
+    """
+
+    depths: Sequence[int]
+    num_heads: Sequence[int]
+    window_size: Sequence[int]
+    dim: int
+    in_dim: int
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.2
+    drop_rate: float = 0.0
+    layer_scale: Optional[float] = None
+    layer_scale_conv: Optional[float] = None
+    num_classes: int = 1000
+    in_chans: int = 3
+    scan_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        total = sum(self.depths)
+        rates = [self.drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+        self.patch_embed = PatchEmbed(self.in_dim, self.dim, self.dtype)
+        levels, start = [], 0
+        for i, depth in enumerate(self.depths):
+            levels.append(MambaVisionLayer(
+                dim=self.dim * 2 ** i, depth=depth, num_heads=self.num_heads[i], window_size=self.window_size[i],
+                conv=i < 2, downsample=i < len(self.depths) - 1, drop_path=tuple(rates[start:start + depth]),
+                mlp_ratio=self.mlp_ratio, drop=self.drop_rate, layer_scale=self.layer_scale,
+                layer_scale_conv=self.layer_scale_conv, scan_impl=self.scan_impl, dtype=self.dtype,
+                name=f"levels_{i}"))
+            start += depth
+        self.levels = levels
+        self.norm = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
+        if self.num_classes > 0:
+            self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                                 kernel_init=nn.initializers.truncated_normal(0.02))
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """(B, H, W, in_chans) float images -> (B, num_classes) logits (pooled features if num_classes == 0)."""
+        pooled = self.forward_features(images, train)
+        if self.num_classes == 0:
+            return pooled
+        return self.head(pooled.astype(self.dtype)).astype(jnp.float32)
+
+    def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """(B, H, W, in_chans) -> (B, 8 * dim) float32: final BatchNorm then global average pool."""
+        x = self._stages(images, train)[1]
+        x = self.norm(x, use_running_average=not train)
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+    def forward_intermediates(self, images: jax.Array, train: bool = False) -> list[jax.Array]:
+        """(B, H, W, in_chans) -> the 4 stage outputs before each downsample, NHWC (strides 4, 8, 16, 32)."""
+        return self._stages(images, train)[0]
+
+    def _stages(self, images: jax.Array, train: bool) -> tuple[list[jax.Array], jax.Array]:
+        self._check_images(images)
+        x = self.patch_embed(images.astype(self.dtype), train)
+        features = []
+        for level in self.levels:
+            feature, downsampled = level(x, train)
+            features.append(feature)
+            x = downsampled if downsampled is not None else feature
+        return features, x
+
+    def _check_images(self, images: jax.Array) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"MambaVision expects a batch of NHWC images of rank 4 (B, H, W, {self.in_chans}); "
+                             f"got shape {tuple(images.shape)}.")
+        if images.shape[-1] != self.in_chans:
+            hint = " It looks like NCHW: transpose to NHWC with x.transpose(0, 2, 3, 1)." \
+                if images.shape[1] == self.in_chans else ""
+            raise ValueError(f"MambaVision expects {self.in_chans} channels in the last axis (NHWC); got shape "
+                             f"{tuple(images.shape)}.{hint}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"MambaVision expects floating-point images normalised with the model's mean/std; "
+                             f"got dtype {images.dtype}. Convert uint8 images with (x / 255 - mean) / std.")
