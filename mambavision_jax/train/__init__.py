@@ -1,0 +1,1 @@
+"""Training infrastructure: optimizer/schedule, sharding, train state, steps, checkpointing, metrics, loops."""
