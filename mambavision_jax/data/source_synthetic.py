@@ -1,7 +1,7 @@
 """Synthetic source for throughput benchmarks: random uint8 (S, S, 3) images and random labels, deterministic per
 index, generated directly at the target size. Images come from a fixed pool of ``POOL`` random images
-(image of index i = pool[i % POOL]; label of i drawn from rng(seed, split, i)), pre-normalised once, so the
-pipeline's per-example cost is a lookup (``load_normalized``); no augmentation is applied."""
+(image of index i = pool[i % POOL]; label of i = hash(seed, split, i) % num_classes), pre-normalised once, so the
+pipeline builds a batch with one gather (``load_normalized_batch``, no grain, no augmentation)."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,8 +28,18 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.n
 
+    def labels(self, indices) -> np.ndarray:
+        """int32 labels of ``indices`` (splitmix64 hash of (seed, split, index)), vectorised."""
+        with np.errstate(over="ignore"):
+            z = (np.asarray(indices, np.uint64) + np.uint64(self._seed * 2 + self._split_tag)
+                 * np.uint64(0x9E3779B97F4A7C15))
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+        return (z % np.uint64(self.num_classes)).astype(np.int32)
+
     def label(self, index: int) -> int:
-        return int(np.random.default_rng([self._seed, self._split_tag, int(index)]).integers(self.num_classes))
+        return int(self.labels([index])[0])
 
     def load(self, index: int):
         """-> (uint8 (S, S, 3), label)."""
@@ -44,3 +54,10 @@ class SyntheticSource:
             pool.flags.writeable = False
             self._pool_norm[key] = pool
         return pool[int(index) % len(pool)], self.label(index)
+
+    def load_normalized_batch(self, indices, mean, std):
+        """-> (float32 (B, S, S, 3), int32 (B,)): the same values as ``load_normalized`` per index, in one gather."""
+        self.load_normalized(0, mean, std)
+        pool = self._pool_norm[(tuple(mean), tuple(std))]
+        indices = np.asarray(indices, np.int64)
+        return pool[indices % len(pool)], self.labels(indices)

@@ -1,0 +1,80 @@
+"""imagenet2012 through tfds.data_source on tfds.testing.mock_data (no TensorFlow)."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from mambavision_jax import data as D
+from mvj_data_helpers import make_config, take
+
+N = 40
+
+
+@pytest.fixture
+def mock_imagenet():
+    with tfds.testing.mock_data(num_examples=N):
+        yield
+
+
+def _cfg(**kw):
+    kw.setdefault("num_classes", 1000)
+    kw.setdefault("eval_split", "validation")
+    return make_config("imagenet2012", size=32, **kw)
+
+
+def test_train_batches_shape_dtype_normalisation(mock_imagenet):
+    cfg = _cfg(bs=8, rand_augment="", reprob=0.0)
+    assert D.num_examples(cfg, "train") == N
+    assert D.steps_per_epoch(cfg) == N // 8
+    b = take(D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1), 2)[1]
+    assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
+    assert b["label"].shape == (8,) and b["label"].dtype == np.int32
+    assert ((0 <= b["label"]) & (b["label"] < 1000)).all()
+    mean, std = np.array(D.IMAGENET_MEAN), np.array(D.IMAGENET_STD)
+    assert np.all(b["image"] >= (0 - mean) / std - 1e-5) and np.all(b["image"] <= (1 - mean) / std + 1e-5)
+    assert abs(float(b["image"].mean())) < 1.5 and 0.2 < float(b["image"].std()) < 2.0
+
+
+def test_eval_padding_and_mask(mock_imagenet):
+    cfg = _cfg(eval_bs=16)
+    batches = list(D.build_eval_iterator(cfg, process_index=0, process_count=1))
+    assert len(batches) == 3  # ceil(40 / 16)
+    assert all(b["image"].shape == (16, 32, 32, 3) for b in batches)
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks.sum() == N and (masks[:N] == 1).all() and (masks[N:] == 0).all()
+    assert np.all(batches[-1]["image"][8:] == 0)
+    src = D.build_source(cfg, "validation")
+    labels = np.concatenate([b["label"] for b in batches])[:N]
+    assert labels.tolist() == [src.load(i)[1] for i in range(N)]  # one pass, in order
+
+
+def test_resume_equals_uninterrupted(mock_imagenet):
+    cfg = _cfg(bs=8)  # full augmentation: RRC, random interp, RandAugment, erasing
+    spe = D.steps_per_epoch(cfg)  # 5: the run below crosses an epoch boundary
+    full = take(D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1), 2 * spe)
+    k = 3
+    resumed = take(D.build_train_iterator(cfg, start_step=k, process_index=0, process_count=1), 2 * spe - k)
+    for a, b in zip(full[k:], resumed):
+        np.testing.assert_array_equal(a["label"], b["label"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+    # a new epoch reshuffles
+    assert full[0]["label"].tolist() != full[spe]["label"].tolist()
+
+
+def test_two_hosts_split_global_batch(mock_imagenet):
+    one = take(D.build_train_iterator(_cfg(bs=8), start_step=4, process_index=0, process_count=1), 2)
+    h0 = take(D.build_train_iterator(_cfg(bs=4), start_step=4, process_index=0, process_count=2), 2)
+    h1 = take(D.build_train_iterator(_cfg(bs=4), start_step=4, process_index=1, process_count=2), 2)
+    for g, a, b in zip(one, h0, h1):
+        np.testing.assert_array_equal(np.concatenate([a["label"], b["label"]]), g["label"])
+        np.testing.assert_array_equal(np.concatenate([a["image"], b["image"]]), g["image"])
+        assert not np.array_equal(a["image"], b["image"])
+    ev0 = list(D.build_eval_iterator(_cfg(eval_bs=8), process_index=0, process_count=2))
+    ev1 = list(D.build_eval_iterator(_cfg(eval_bs=8), process_index=1, process_count=2))
+    assert len(ev0) == len(ev1) == 3  # ceil(40 / 16) on both hosts
+    assert sum(b["mask"].sum() for b in ev0 + ev1) == N
+
+
+def test_not_prepared_error(tmp_path):
+    cfg = _cfg(data_dir=str(tmp_path))
+    with pytest.raises(D.DatasetNotPreparedError, match="tfds build imagenet2012"):
+        D.num_examples(cfg, "train")
