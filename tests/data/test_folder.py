@@ -1,0 +1,87 @@
+"""Image-folder source on generated JPEGs, including a corrupt file."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mambavision_jax import data as D
+from mvj_data_helpers import make_config, take
+
+CLASSES = ["cat", "dog", "eel"]
+
+
+def _write_folder(root, per_class=4, corrupt=True):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 2)):
+        for c in CLASSES:
+            os.makedirs(root / split / c)
+            for i in range(n):
+                arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+                ext = "png" if i == 1 else "jpg"
+                Image.fromarray(arr).save(root / split / c / f"{c}{i}.{ext}")
+    bad = root / "train" / "dog" / "dog_bad.jpg"
+    if corrupt:
+        bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return str(bad)
+
+
+def _cfg(root, on_corrupt, bs=4):
+    return make_config("folder", size=16, bs=bs, num_classes=3, data_dir=str(root), on_corrupt=on_corrupt,
+                       eval_split="val")
+
+
+def test_class_mapping_and_eval(tmp_path):
+    _write_folder(tmp_path, corrupt=False)
+    cfg = _cfg(tmp_path, "raise")
+    src = D.build_source(cfg, "val")
+    assert src.classes == CLASSES and len(src) == 6
+    batches = list(D.build_eval_iterator(cfg, process_index=0, process_count=1))
+    labels = np.concatenate([b["label"] for b in batches])
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert labels[masks == 1].tolist() == [0, 0, 1, 1, 2, 2]
+    assert batches[0]["image"].shape == (4, 16, 16, 3)
+
+
+def test_corrupt_raise_names_file(tmp_path):
+    bad = _write_folder(tmp_path)
+    cfg = _cfg(tmp_path, "raise")
+    src = D.build_source(cfg, "train")
+    bad_idx = [p for p, _ in src.files].index(bad)
+    with pytest.raises(D.CorruptImageError, match="dog_bad.jpg") as ei:
+        src.load(bad_idx)
+    assert ei.value.path == bad
+    it = D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1)
+    with pytest.raises(D.CorruptImageError, match="dog_bad.jpg"):
+        for _ in range(12):  # 3 steps/epoch; the file is read in the first epochs for this seed
+            next(it)
+    it.close()
+
+
+def test_corrupt_skip_counts_file(tmp_path):
+    bad = _write_folder(tmp_path)
+    cfg = _cfg(tmp_path, "skip")
+    src = D.build_source(cfg, "train")
+    files = [p for p, _ in src.files]
+    bad_idx = files.index(bad)
+    img, label = src.load(bad_idx)  # replaced deterministically by the next file
+    nxt_path, nxt_label = src.files[(bad_idx + 1) % len(files)]
+    assert label == nxt_label and np.array_equal(np.asarray(img), np.asarray(Image.open(nxt_path).convert("RGB")))
+    assert src.skip_log.files == {bad: 1} and src.skip_log.count == 1
+    it = D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1)
+    batches = [next(it) for _ in range(12)]
+    assert it.skipped_files == [bad] and it.num_skipped >= 1
+    assert bad in D.skipped_files()
+    assert all(np.isfinite(b["image"]).all() and b["image"].shape == (4, 16, 16, 3) for b in batches)
+    it.close()
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(D.DatasetNotFoundError, match="does not exist"):
+        D.build_source(_cfg(tmp_path / "nope", "raise"), "train")
+    _write_folder(tmp_path, corrupt=False)
+    os.makedirs(tmp_path / "train" / "fox")
+    with pytest.raises(D.DatasetNotFoundError, match="fox"):
+        D.build_source(_cfg(tmp_path, "raise"), "train")
+    with pytest.raises(D.DatasetNotFoundError, match="split 'test'"):
+        D.build_source(_cfg(tmp_path, "raise"), "test")
