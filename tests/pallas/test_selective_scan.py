@@ -15,56 +15,10 @@ import numpy as np
 import pytest
 
 from mambavision_jax.pallas import IMPLS, KernelConfig, resolve_impl, selective_scan, selective_scan_pallas
+from mambavision_jax.pallas.testing import ARG_NAMES, make_inputs, reference_float64, rel_err
 
 SEED = int(os.environ.get("SCAN_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
-ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (2e-2, 3e-2), jnp.float16: (3e-3, 5e-3)}  # (forward, grads)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# float64 reference (independent of the package code), forward and autodiff gradients.
-
-def _ref_forward64(u, delta, A, B, C, D, bias, softplus):
-  dt = delta + bias
-  if softplus:
-    dt = jnp.where(dt > 20.0, dt, jnp.log1p(jnp.exp(jnp.minimum(dt, 20.0))))
-
-  def step(h, x):
-    dt_t, u_t, b_t, c_t = x
-    h = jnp.exp(dt_t[:, :, None] * A) * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
-    return h, jnp.einsum("bdn,bn->bd", h, c_t)
-
-  xs = tuple(jnp.swapaxes(x, 0, 1) for x in (dt, u, B, C))
-  _, ys = jax.lax.scan(step, jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), A.dtype), xs)
-  return jnp.swapaxes(ys, 0, 1) + D * u
-
-
-def _reference64(args, dy, softplus):
-  """y and the 7 gradients (cotangent dy), float64 numpy. Absent D/bias are zeros."""
-  with jax.enable_x64(True):
-    args64 = [jnp.asarray(np.asarray(a, np.float64)) for a in args]
-    y, vjp = jax.vjp(functools.partial(_ref_forward64, softplus=softplus), *args64)
-    grads = vjp(jnp.asarray(np.asarray(dy, np.float64)))
-    return np.asarray(y), [np.asarray(g) for g in grads]
-
-
-def _make_inputs(rng, batch, length, dim, n, dtype, softplus, with_d, with_bias):
-  """Realistic ranges: A = -exp(A_log), A_log ~ log U(1, 16); pre-softplus Δ ~ N(-0.5, 1) so decays are spread
-  over (0, 1). Without softplus the caller passes an already positive Δ (and a small positive bias)."""
-  pre = rng.normal(-0.5, 1.0, (batch, length, dim))
-  delta = pre if softplus else np.log1p(np.exp(pre))
-  A = -np.exp(np.log(rng.uniform(1.0, 16.0, (dim, n))))
-  bias = (rng.normal(0.0, 0.5, dim) if softplus else rng.uniform(0.0, 0.1, dim)) if with_bias else None
-  D = rng.normal(0.0, 1.0, dim) if with_d else None
-  cast = lambda x, t=dtype: None if x is None else jnp.asarray(x, t)
-  return (cast(rng.normal(0.0, 1.0, (batch, length, dim))), cast(delta), cast(A, jnp.float32),
-          cast(rng.normal(0.0, 1.0, (batch, length, n))), cast(rng.normal(0.0, 1.0, (batch, length, n))),
-          cast(D, jnp.float32), cast(bias, jnp.float32))
-
-
-def _rel(out, ref):
-  out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,20 +50,19 @@ CASES = [
 def _check(impl, case, config=None):
   batch, length, dim, n, dtype, softplus, with_d, with_bias = case
   rng = np.random.default_rng([SEED, zlib.crc32(repr(case).encode())])
-  args = _make_inputs(rng, batch, length, dim, n, dtype, softplus, with_d, with_bias)
+  args = make_inputs(rng, batch, length, dim, n, dtype, softplus=softplus, with_d=with_d, with_bias=with_bias)
   dy = jnp.asarray(rng.normal(0.0, 1.0, (batch, length, dim)), dtype)
   present = [i for i, a in enumerate(args) if a is not None]
-  full_args = [a if a is not None else jnp.zeros((dim,), jnp.float32) for a in args]
-  y_ref, g_ref = _reference64(full_args, dy, softplus)
+  y_ref, g_ref = reference_float64(args, dy, softplus)
 
   y, grads = _jitted(impl, softplus, config)(args, dy)
   fwd_tol, grad_tol = TOL[dtype]
   where = f"impl={impl} case={case} config={config} SCAN_TEST_SEED={SEED}"
   assert y.dtype == dtype and y.shape == (batch, length, dim), where
-  assert _rel(y, y_ref) <= fwd_tol, f"forward rel err {_rel(y, y_ref):.2e} > {fwd_tol}; {where}"
+  assert rel_err(y, y_ref) <= fwd_tol, f"forward rel err {rel_err(y, y_ref):.2e} > {fwd_tol}; {where}"
   for i in present:
     assert grads[i].dtype == args[i].dtype, f"d{ARG_NAMES[i]} dtype {grads[i].dtype}; {where}"
-    err = _rel(grads[i], g_ref[i])
+    err = rel_err(grads[i], g_ref[i])
     assert err <= grad_tol, f"d{ARG_NAMES[i]} rel err {err:.2e} > {grad_tol}; {where}"
 
 
