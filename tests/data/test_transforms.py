@@ -1,0 +1,129 @@
+"""Host transforms: RandomResizedCrop, eval center/squash crops (incl. timm parity), RandAugment, random erasing."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from mambavision_jax.data import rand_augment as RA
+from mambavision_jax.data.config_utils import Preprocess
+from mambavision_jax.data.example_transforms import EvalTransform, TrainTransform
+from mambavision_jax.data.random_erasing import random_erasing
+from mambavision_jax.data.transforms import eval_resize_crop, random_resized_crop, random_resized_crop_params
+from mvj_data_helpers import make_config
+
+
+def _gradient(w, h):
+    ys, xs = np.mgrid[0:h, 0:w]
+    return np.stack([xs * 255 // max(w - 1, 1), ys * 255 // max(h - 1, 1), (xs + ys) % 256], -1).astype(np.uint8)
+
+
+def _noise(w=48, h=40, lo=60, hi=180, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(lo, hi, (h, w, 3), dtype=np.uint8))
+
+
+def test_random_resized_crop_sizes_and_bounds():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w, h = rng.integers(5, 300, 2)
+        top, left, ch, cw = random_resized_crop_params(rng, int(w), int(h), (0.08, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
+    img = Image.fromarray(_gradient(50, 30))
+    for interp in ("bicubic", "random"):
+        assert random_resized_crop(img, rng, 17, interpolation=interp).size == (17, 17)
+    # scale=(1,1), ratio=(1,1) on a square image: the crop is the whole image
+    assert random_resized_crop_params(rng, 40, 40, (1.0, 1.0), (1.0, 1.0)) == (0, 0, 40, 40)
+    # fallback (impossible aspect): central crop clamped to the ratio range
+    assert random_resized_crop_params(rng, 100, 10, (1.0, 1.0), (1.0, 1.0)) == (0, 45, 10, 10)
+
+
+def test_eval_center_crop_known_geometry():
+    arr = _gradient(20, 30)  # W=20, H=30
+    # crop_pct 0.8 -> scale_size 20 = short side: no resize; centre crop 16: top round(14/2)=7, left 2
+    out = np.asarray(eval_resize_crop(Image.fromarray(arr), 16, crop_pct=0.8, crop_mode="center"))
+    np.testing.assert_array_equal(out, arr[7:23, 2:18])
+    # squash: 40x20 -> 20x20 (bicubic), then crop 2..18
+    img = Image.fromarray(_gradient(40, 20))
+    sq = eval_resize_crop(img, 16, crop_pct=0.8, crop_mode="squash")
+    ref = img.resize((20, 20), Image.Resampling.BICUBIC).crop((2, 2, 18, 18))
+    np.testing.assert_array_equal(np.asarray(sq), np.asarray(ref))
+    # center on a landscape image: short side 20 -> 20, long 40 -> 40 (no resize), crop left 12
+    c = np.asarray(eval_resize_crop(img, 16, crop_pct=0.8, crop_mode="center"))
+    np.testing.assert_array_equal(c, _gradient(40, 20)[2:18, 12:28])
+    assert eval_resize_crop(Image.fromarray(_gradient(33, 77)), 24, 0.875, "squash").size == (24, 24)
+
+
+@pytest.mark.parametrize("crop_mode,crop_pct", [("center", 0.875), ("squash", 0.93), ("center", 1.0)])
+def test_eval_transform_matches_timm(crop_mode, crop_pct):
+    timm_data = pytest.importorskip("timm.data")
+    tf = timm_data.create_transform(input_size=(3, 32, 32), is_training=False, crop_pct=crop_pct,
+                                    crop_mode=crop_mode, interpolation="bicubic")
+    ours = EvalTransform(make_config(size=32), Preprocess(crop_pct=crop_pct, crop_mode=crop_mode))
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (45, 61, 3), dtype=np.uint8))
+    ref = tf(img).numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(ours(img), ref, atol=1e-5)
+
+
+def test_rand_augment_parsing():
+    c = RA.parse_rand_augment("rand-m9-mstd0.5-inc1")
+    assert (c.num_ops, c.magnitude, c.magnitude_std, c.increasing, c.prob) == (2, 9.0, 0.5, True, 0.5)
+    assert list(c.ops) == RA.RAND_INCREASING_TRANSFORMS and len(c.ops) == 15
+    c = RA.parse_rand_augment("rand-n3-m7-p0.8-mstd101")
+    assert (c.num_ops, c.magnitude, c.prob, c.magnitude_std, c.increasing) == (3, 7.0, 0.8, float("inf"), False)
+    assert list(c.ops) == RA.RAND_TRANSFORMS
+    with pytest.raises(ValueError):
+        RA.parse_rand_augment("augmix-m5")
+    aa = pytest.importorskip("timm.data.auto_augment")
+    assert RA.RAND_INCREASING_TRANSFORMS == aa._RAND_INCREASING_TRANSFORMS
+    assert RA.RAND_TRANSFORMS == aa._RAND_TRANSFORMS
+
+
+@pytest.mark.parametrize("name", RA.RAND_INCREASING_TRANSFORMS)
+def test_rand_augment_ops_change_image_and_match_timm(name):
+    img = _noise()
+    ra = RA.RandAugment("rand-m9-mstd0.5-inc1", interpolation="bicubic")
+    out = ra.apply_op(name, img, np.random.default_rng(3))
+    assert out.size == img.size and out.mode == "RGB"
+    assert not np.array_equal(np.asarray(out), np.asarray(img)), name
+    aa = pytest.importorskip("timm.data.auto_augment")
+    args = RA._level_args(name, 9.0, np.random.default_rng(5))
+    ref = aa.NAME_TO_OP[name](img, *args, fillcolor=ra.fill, resample=Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(np.asarray(RA._apply_op(name, img, args, ra.fill, Image.Resampling.BICUBIC)),
+                                  np.asarray(ref))
+
+
+def test_posterize_zero_bits_is_black():
+    out = RA._apply_op("PosterizeIncreasing", _noise(), (0,), (0, 0, 0), Image.Resampling.BICUBIC)
+    assert np.asarray(out).max() == 0
+
+
+def test_rand_augment_changes_most_images():
+    ra = RA.RandAugment("rand-m9-mstd0.5-inc1")
+    img = _noise()
+    changed = sum(not np.array_equal(np.asarray(ra(img, np.random.default_rng(i))), np.asarray(img))
+                  for i in range(100))
+    assert 60 < changed < 90  # P(at least one of 2 ops applied) = 0.75
+
+
+def test_random_erasing_probability_and_area():
+    hits, areas = 0, []
+    for i in range(2000):
+        x = np.full((32, 32, 3), 7.0, np.float32)
+        random_erasing(x, np.random.default_rng(i), prob=0.25, mode="pixel")
+        erased = (x != 7.0).any(-1)
+        if erased.any():
+            hits += 1
+            areas.append(erased.mean())
+    assert abs(hits / 2000 - 0.25) < 0.03
+    assert 0.015 < min(areas) and max(areas) < 0.4
+
+
+def test_train_transform_deterministic_and_shape():
+    tf = TrainTransform(make_config(size=24))
+    img = _noise(60, 50)
+    a = tf(np.asarray(img), np.random.default_rng(11))
+    b = tf(img, np.random.default_rng(11))
+    c = tf(img, np.random.default_rng(12))
+    assert a.shape == (24, 24, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    cj = TrainTransform(make_config(size=24, rand_augment="", reprob=0.0))
+    assert cj.rand_augment is None and cj.color_jitter == 0.4
