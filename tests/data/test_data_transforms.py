@@ -127,3 +127,22 @@ def test_train_transform_deterministic_and_shape():
     assert not np.array_equal(a, c)
     cj = TrainTransform(make_config(size=24, rand_augment="", reprob=0.0))
     assert cj.rand_augment is None and cj.color_jitter == 0.4
+
+
+def test_preprocess_fallback_chain():
+    import ml_collections as mlc
+
+    from mambavision_jax.data import preprocess_settings
+
+    cfg = make_config()
+    cfg.model_name = "no_such_model"  # unknown to pretrained_cfg -> defaults
+    p = preprocess_settings(cfg)
+    assert (p.crop_pct, p.crop_mode, p.interpolation) == (1.0, "center", "bicubic")
+    assert p.mean == (0.485, 0.456, 0.406) and p.std == (0.229, 0.224, 0.225)
+    cfg.eval_preprocess = mlc.ConfigDict(dict(crop_pct=0.9, crop_mode="squash", interpolation="bicubic",
+                                              mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    p = preprocess_settings(cfg)
+    assert (p.crop_pct, p.crop_mode, p.mean, p.std) == (0.9, "squash", (0.5,) * 3, (0.25,) * 3)
+    cfg.eval_preprocess.crop_mode = "border"
+    with pytest.raises(ValueError, match="crop_mode"):
+        preprocess_settings(cfg)
