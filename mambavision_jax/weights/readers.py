@@ -14,7 +14,7 @@ import numpy as np
 from mambavision_jax.weights.params import IGNORED_SUFFIXES
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
-PICKLE_MAGIC = b"\x80"     # torch.save's legacy pickle format
+PICKLE_MAGIC = b"\x80"     # torch.save's legacy pickle format (then the protocol byte, 2-5)
 
 
 class CheckpointError(ValueError):
@@ -27,12 +27,12 @@ def detect_format(path: str) -> str:
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a file")
     with open(path, "rb") as f:
         head = f.read(9)
-    if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
-        return "torch"
-    if len(head) == 9:
+    if len(head) == 9:  # safetensors: little-endian u64 header size, then the JSON header
         (header_size,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < header_size < os.path.getsize(path):
             return "safetensors"
+    if head.startswith(ZIP_MAGIC) or (head[:1] == PICKLE_MAGIC and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "torch"
     raise CheckpointError(f"{path!r} is neither a PyTorch checkpoint (.pth/.pth.tar, torch.save) nor a "
                           f"safetensors file")
 

@@ -1,0 +1,165 @@
+"""Weights: key map round trips, both file formats, EMA, the converter CLI, head replacement, and errors."""
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import mambavision_jax as mvj
+from mambavision_jax.weights import CheckpointError, load_state_dict, to_torch_state_dict
+from official_reference import official_model, state_dict_numpy, torch, torch_logits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A small official architecture (same code paths as T: conv stages, Mamba and attention blocks, windows).
+ARCH = dict(depths=[1, 1, 2, 2], dim=16, in_dim=8, num_heads=[1, 2, 2, 4], window_size=[8, 8, 4, 2])
+NAME = "mamba_vision_T"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The randomised small official model, its EMA twin, test images and the official logits."""
+    model, ema_model = official_model(NAME, seed=3, **ARCH), official_model(NAME, seed=4, **ARCH)
+    images = np.random.default_rng(5).standard_normal((2, 64, 64, 3), dtype=np.float32)
+    return dict(model=model, ema_model=ema_model, images=images, logits=torch_logits(model, images),
+                ema_logits=torch_logits(ema_model, images), dir=tmp_path_factory.mktemp("ckpt"))
+
+
+def jax_logits(module, variables, images):
+    return np.asarray(jax.jit(module.apply)(variables, images))
+
+
+def assert_close(a, b):
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_key_map_round_trip(reference):
+    state = state_dict_numpy(reference["model"])
+    module = mvj.create_model(NAME, **ARCH)
+    back = to_torch_state_dict(load_state_dict(state, module))
+    assert back.keys() == state.keys()
+    for key in state:
+        np.testing.assert_array_equal(back[key], state[key], err_msg=key)
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "model", "bare", "module_prefix"])
+def test_torch_checkpoint_layouts(reference, layout):
+    state = reference["model"].state_dict()
+    if layout == "module_prefix":
+        payload = {"state_dict": {f"module.{k}": v for k, v in state.items()}}
+    else:
+        payload = state if layout == "bare" else {layout: state, "epoch": 3}
+    path = reference["dir"] / f"{layout}.pth.tar"
+    torch.save(payload, path)
+    module, variables = mvj.from_pretrained(NAME, str(path), **ARCH)
+    assert_close(jax_logits(module, variables, reference["images"]), reference["logits"])
+
+
+def test_ema_weights(reference):
+    path = reference["dir"] / "train_ckpt.pth.tar"
+    torch.save({"state_dict": reference["model"].state_dict(),
+                "state_dict_ema": reference["ema_model"].state_dict(), "epoch": 9}, path)
+    module, variables = mvj.from_pretrained(NAME, str(path), ema=True, **ARCH)
+    assert_close(jax_logits(module, variables, reference["images"]), reference["ema_logits"])
+    with pytest.raises(CheckpointError, match="state_dict_ema"):
+        mvj.from_pretrained(NAME, str(reference["dir"] / "state_dict.pth.tar"), ema=True, **ARCH)
+
+
+@pytest.mark.parametrize("prefix", ["model.", ""])
+def test_safetensors_without_torch(reference, prefix, monkeypatch):
+    path = reference["dir"] / f"model{prefix or '_bare'}.safetensors"
+    save_file({prefix + k: v for k, v in state_dict_numpy(reference["model"]).items()}, str(path))
+    monkeypatch.setitem(sys.modules, "torch", None)  # any torch import now fails
+    module, variables = mvj.from_pretrained(NAME, str(path), **ARCH)
+    assert_close(jax_logits(module, variables, reference["images"]), reference["logits"])
+
+
+def test_converted_directory_round_trip(reference):
+    from mambavision_jax.weights import save_converted
+
+    module, variables = mvj.from_pretrained(NAME, str(reference["dir"] / "state_dict.pth.tar"), **ARCH)
+    out = reference["dir"] / "converted_small"
+    save_converted(str(out), NAME, variables, ARCH)
+    module2, variables2 = mvj.from_pretrained(NAME, str(out))
+    assert module2 == module
+    assert_close(jax_logits(module2, variables2, reference["images"]), reference["logits"])
+    with pytest.raises(CheckpointError, match="holds mamba_vision_T, not mamba_vision_S"):
+        mvj.from_pretrained("mamba_vision_S", str(out))
+    with pytest.raises(FileExistsError):
+        save_converted(str(out), NAME, variables, ARCH)
+
+
+def test_converter_cli_tiny_with_ema(tmp_path):
+    official = official_model(NAME, seed=6)
+    ema = official_model(NAME, seed=7)
+    src = tmp_path / "mambavision_tiny_1k.pth.tar"
+    torch.save({"state_dict": official.state_dict(), "state_dict_ema": ema.state_dict()}, src)
+    images = np.random.default_rng(8).standard_normal((1, 224, 224, 3), dtype=np.float32)
+    for flag, reference_model in (([], official), (["--ema"], ema)):
+        out = tmp_path / f"converted{''.join(flag)}"
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "convert_torch_weights.py"), "--model",
+                                 "mambavision_tiny", "--input", str(src), "--output", str(out), *flag],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        assert "31,794,248 parameters" in result.stdout
+        module, variables = mvj.from_pretrained(None, str(out))
+        assert_close(jax_logits(module, variables, images), torch_logits(reference_model, images))
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "convert_torch_weights.py"), "--model",
+                          "mamba_vision_S", "--input", str(src), "--output", str(tmp_path / "bad")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1 and "missing keys" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_new_class_count_keeps_everything_but_the_head(reference, caplog):
+    path = str(reference["dir"] / "state_dict.pth.tar")
+    _, full = mvj.from_pretrained(NAME, path, **ARCH)
+    with caplog.at_level(logging.WARNING):
+        module, variables = mvj.from_pretrained(NAME, path, num_classes=3, **ARCH)
+    assert "initialising a new head" in caplog.text
+    assert variables["params"]["head"]["kernel"].shape == (128, 3)
+    np.testing.assert_array_equal(variables["params"]["levels_2"]["blocks_0"]["mixer"]["A_log"],
+                                  full["params"]["levels_2"]["blocks_0"]["mixer"]["A_log"])
+    features = module.apply(variables, reference["images"], method=module.forward_features)
+    full_module = mvj.create_model(NAME, **ARCH)
+    np.testing.assert_allclose(features, full_module.apply(full, reference["images"],
+                                                           method=full_module.forward_features), rtol=1e-6)
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda s: s.pop("levels.2.blocks.0.mixer.A_log"), "missing keys:\n  levels.2.blocks.0.mixer.A_log"),
+    (lambda s: s.update({"levels.2.blocks.0.mixer.extra": np.zeros(3, np.float32)}),
+     "unexpected keys:\n  levels.2.blocks.0.mixer.extra"),
+    (lambda s: s.update({"head.weight": np.zeros((1000, 7), np.float32)}),
+     "head.weight: checkpoint (1000, 7) vs model (1000, 128)"),
+])
+def test_bad_checkpoints_name_every_offending_key(reference, edit, named):
+    state = state_dict_numpy(reference["model"])
+    edit(state)
+    state["levels.0.blocks.0.conv1.bias"] = np.zeros(5, np.float32)  # a second, different problem
+    path = reference["dir"] / "bad.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError) as info:
+        mvj.from_pretrained(NAME, str(path), **ARCH)
+    message = str(info.value)
+    assert named in message and "levels.0.blocks.0.conv1.bias: checkpoint (5,) vs model (16,)" in message
+    assert "nothing was loaded" in message
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"just some text, not a checkpoint", "neither a PyTorch checkpoint"),
+    (b"PK\x03\x04 truncated zip", "could not read .* as a PyTorch checkpoint"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": broken json}", "could not read .* as safetensors"),
+])
+def test_unreadable_files(tmp_path, content, message):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        mvj.from_pretrained(NAME, str(path))
+
+
+def test_missing_file():
+    with pytest.raises(CheckpointError, match="does not exist"):
+        mvj.from_pretrained(NAME, "/nonexistent/weights.pth")
