@@ -2,11 +2,13 @@
 
 Layout: the kernels read the caller's arrays in place, with no transposes or padding:
   u, delta, y, du, ddelta: (batch, length, dim), any float dtype (computed in float32);
-  A: (dim, d_state) float32; B, C: (batch, length, d_state); D, delta_bias: (dim,) float32;
-  d_state must be a power of two here (the vjp wrapper pads it otherwise).
+  A: (dim, d_state) float32 (handed to the kernels transposed, (d_state, dim)); B, C: (batch, length, d_state);
+  D, delta_bias: (dim,) float32; d_state must be a power of two here (the vjp wrapper pads it otherwise).
 
 Grid: ``(cdiv(dim, block_d), batch)``; program (j, b) owns channels ``[j*block_d, (j+1)*block_d)`` of batch
-row b for the whole sequence, with the state ``h`` (block_d, d_state) float32 in registers. The refs are whole
+row b for the whole sequence, with the state ``h`` (d_state, block_d) float32 in registers: channels are the
+minor axis, so Triton spreads them over lanes and each lane keeps its channels' d_state values, making the
+per-step contractions over d_state (y, du, dΔ) thread-local, as in mamba_ssm. The refs are whole
 arrays (no BlockSpecs): every load/store is a contiguous row of ``block_d`` channels (or ``d_state`` values of
 B/C) at one time step, masked on ``channel < dim`` so any ``dim`` works with power-of-two ``block_d``.
 
@@ -17,13 +19,13 @@ end are clamped to ``length - 1``; the matching stores are masked, so any ``leng
 
 Forward, per step: Δ = softplus(delta + bias) (optional), a = exp2(Δ·A·log2e), h = a·h + (Δ·u)·B,
 y = Σ_n C·h + D·u. When training it also stores the state entering every chunk, ``states``
-(batch, n_chunks, dim, d_state) float32 (≈ d_state/K floats per (b, l, d) element).
+(batch, n_chunks, d_state, dim) float32 (≈ d_state/K floats per (b, l, d) element).
 
 Backward (mamba_ssm / axlearn style, recompute instead of store): chunks in reverse; per chunk, the K states
 are recomputed from the saved chunk-entry state (K separate values, Python-unrolled), then the K steps are
 walked backwards carrying ``g = a_{t+1}·dh_{t+1}``, with dh_t = g + C_t·dy_t. Outputs: du, dΔ (through
 softplus and bias) in the inputs' dtypes; float32 partial sums reduced outside the kernel:
-dA, dD, d(delta_bias) per batch row (batch, dim, d_state)/(batch, dim); dB, dC per channel block
+dA, dD, d(delta_bias) per batch row (batch, d_state, dim)/(batch, dim); dB, dC per channel block
 (n_blocks, batch, length, d_state).
 """
 
@@ -116,9 +118,9 @@ def _program(u_ref, block_d, chunk):
 
 
 def _load_params(A_ref, D_ref, bias_ref, rows):
-  n = A_ref.shape[1]
-  mask2 = jnp.broadcast_to(rows.dmask[:, None], (rows.block_d, n))
-  A = plt.load(A_ref.at[pl.ds(rows.d0, rows.block_d), :], mask=mask2, other=0.0).astype(_F32)
+  n = A_ref.shape[0]
+  mask2 = jnp.broadcast_to(rows.dmask[None, :], (n, rows.block_d))
+  A = plt.load(A_ref.at[:, pl.ds(rows.d0, rows.block_d)], mask=mask2, other=0.0).astype(_F32)
   D = plt.load(D_ref.at[pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
   bias = plt.load(bias_ref.at[pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
   return A, D, bias, mask2
@@ -128,7 +130,7 @@ def _discretise(delta_raw, bias, A, delta_softplus):
   """Returns (pre-softplus Δ, Δ, decay a = exp(Δ·A)) for one row."""
   pre = delta_raw + bias
   dt = _softplus(pre) if delta_softplus else pre
-  return pre, dt, jnp.exp2(dt[:, None] * (A * _LOG2E))
+  return pre, dt, jnp.exp2(dt[None, :] * (A * _LOG2E))
 
 
 def _forward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_ref, *states_ref,
@@ -145,16 +147,16 @@ def _forward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_re
     t0 = c * chunk
     prefetched = load(t0 + chunk)
     if states_ref:
-      plt.store(states_ref[0].at[rows.b, c, pl.ds(rows.d0, block_d), :], h, mask=mask2)
+      plt.store(states_ref[0].at[rows.b, c, :, pl.ds(rows.d0, block_d)], h, mask=mask2)
     for k, (t, valid) in enumerate(rows.times(t0)):
       _, dt, a = _discretise(deltas[k], bias, A, delta_softplus)
-      h = a * h + (dt * us[k])[:, None] * Bs[k][None, :]
-      y = jnp.sum(h * Cs[k][None, :], axis=1) + D * us[k]
+      h = a * h + Bs[k][:, None] * (dt * us[k])[None, :]
+      y = jnp.sum(h * Cs[k][:, None], axis=0) + D * us[k]
       plt.store(y_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], y.astype(y_ref.dtype),
                 mask=jnp.logical_and(rows.dmask, valid))
     return h, prefetched
 
-  h0 = jnp.zeros((block_d, A_ref.shape[1]), _F32)
+  h0 = jnp.zeros((A_ref.shape[0], block_d), _F32)
   jax.lax.fori_loop(0, n_chunks, body, (h0, load(0)))
 
 
@@ -163,7 +165,7 @@ def _backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, dy_
                      *, block_d, chunk, delta_softplus):
   rows, n_chunks = _program(u_ref, block_d, chunk)
   A, D, bias, mask2 = _load_params(A_ref, D_ref, bias_ref, rows)
-  n = A_ref.shape[1]
+  n = A_ref.shape[0]
   blk = pl.program_id(0)
 
   def load(t0):
@@ -176,27 +178,27 @@ def _backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, dy_
     t0 = c * chunk
     prefetched = load(jnp.maximum(t0 - chunk, 0))
     # Recompute the chunk's states from the saved entry state.
-    h_prev = [plt.load(states_ref.at[rows.b, c, pl.ds(rows.d0, block_d), :], mask=mask2, other=0.0)]
+    h_prev = [plt.load(states_ref.at[rows.b, c, :, pl.ds(rows.d0, block_d)], mask=mask2, other=0.0)]
     disc = []
     for k in range(chunk):
       pre, dt, a = _discretise(deltas[k], bias, A, delta_softplus)
       disc.append((pre, dt, a))
-      h_prev.append(a * h_prev[k] + (dt * us[k])[:, None] * Bs[k][None, :])
+      h_prev.append(a * h_prev[k] + Bs[k][:, None] * (dt * us[k])[None, :])
     # Walk back through the chunk.
     times = rows.times(t0)
     for k in reversed(range(chunk)):
       t, valid = times[k]
       pre, dt, a = disc[k]
       u, b_t, c_t, dy = us[k], Bs[k], Cs[k], dys[k]  # dy is 0 past the end: nothing flows from there.
-      dh = g + dy[:, None] * c_t[None, :]
-      dC = jnp.sum(dy[:, None] * h_prev[k + 1], axis=0)
-      dB = jnp.sum(dh * (dt * u)[:, None], axis=0)
+      dh = g + c_t[:, None] * dy[None, :]
+      dC = jnp.sum(h_prev[k + 1] * dy[None, :], axis=1)
+      dB = jnp.sum(dh * (dt * u)[None, :], axis=1)
       dh_a = dh * a
-      du = dy * D + dt * jnp.sum(dh * b_t[None, :], axis=1)
-      ddt = jnp.sum(dh_a * A * h_prev[k] + dh * u[:, None] * b_t[None, :], axis=1)
+      du = dy * D + dt * jnp.sum(dh * b_t[:, None], axis=0)
+      ddt = jnp.sum(dh_a * A * h_prev[k] + dh * b_t[:, None] * u[None, :], axis=0)
       if delta_softplus:
         ddt = ddt * jnp.where(pre > SOFTPLUS_THRESHOLD, 1.0, 1.0 / (1.0 + jnp.exp(-pre)))
-      dA = dA + dh_a * dt[:, None] * h_prev[k]
+      dA = dA + dh_a * dt[None, :] * h_prev[k]
       dD = dD + dy * u
       dbias = dbias + ddt
       g = dh_a
@@ -208,11 +210,11 @@ def _backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, dy_
       plt.store(dC_ref.at[blk, rows.b, t, :], dC, mask=state_mask)
     return g, dA, dD, dbias, prefetched
 
-  zeros_dn = jnp.zeros((block_d, n), _F32)
+  zeros_dn = jnp.zeros((n, block_d), _F32)
   zeros_d = jnp.zeros((block_d,), _F32)
   _, dA, dD, dbias, _ = jax.lax.fori_loop(
       0, n_chunks, body, (zeros_dn, zeros_dn, zeros_d, zeros_d, load((n_chunks - 1) * chunk)))
-  plt.store(dA_ref.at[rows.b, pl.ds(rows.d0, block_d), :], dA, mask=mask2)
+  plt.store(dA_ref.at[rows.b, :, pl.ds(rows.d0, block_d)], dA, mask=mask2)
   plt.store(dD_ref.at[rows.b, pl.ds(rows.d0, block_d)], dD, mask=rows.dmask)
   plt.store(dbias_ref.at[rows.b, pl.ds(rows.d0, block_d)], dbias, mask=rows.dmask)
 
@@ -232,14 +234,15 @@ def _call(kernel, out_shape, u, config, interpret, name):
 def scan_forward(u, delta, A, B, C, D, delta_bias, *, delta_softplus: bool, save_states: bool,
                  config: KernelConfig, interpret: bool = False):
   """Forward kernel. D and delta_bias are (dim,) arrays (zeros when absent). Returns ``y`` (u's dtype) and,
-  if ``save_states``, the chunk-entry states (batch, cdiv(length, chunk), dim, d_state) float32."""
+  if ``save_states``, the chunk-entry states (batch, cdiv(length, chunk), d_state, dim) float32."""
   batch, length, dim = u.shape
   out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
   if save_states:
-    out_shape.append(jax.ShapeDtypeStruct((batch, pl.cdiv(length, config.chunk), dim, A.shape[1]), _F32))
+    out_shape.append(jax.ShapeDtypeStruct((batch, pl.cdiv(length, config.chunk), A.shape[1], dim), _F32))
   kernel = functools.partial(_forward_kernel, block_d=config.block_d, chunk=config.chunk,
                              delta_softplus=delta_softplus)
-  outs = _call(kernel, out_shape, u, config, interpret, "selective_scan_fwd")(u, delta, A, B, C, D, delta_bias)
+  outs = _call(kernel, out_shape, u, config, interpret, "selective_scan_fwd")(u, delta, A.T, B, C, D,
+                                                                             delta_bias)
   return outs if save_states else (outs[0], None)
 
 
@@ -253,7 +256,7 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, states, dy, *, delta_softplu
   out_shape = [
       jax.ShapeDtypeStruct(u.shape, u.dtype),
       jax.ShapeDtypeStruct(delta.shape, delta.dtype),
-      jax.ShapeDtypeStruct((batch, dim, n), _F32),
+      jax.ShapeDtypeStruct((batch, n, dim), _F32),
       jax.ShapeDtypeStruct((batch, dim), _F32),
       jax.ShapeDtypeStruct((batch, dim), _F32),
       jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
@@ -262,5 +265,5 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, states, dy, *, delta_softplu
   kernel = functools.partial(_backward_kernel, block_d=config.block_d, chunk=config.chunk,
                              delta_softplus=delta_softplus)
   du, ddelta, dA, dD, dbias, dB, dC = _call(kernel, out_shape, u, config, interpret, "selective_scan_bwd")(
-      u, delta, A, B, C, D, delta_bias, dy, states)
-  return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), dbias.sum(0)
+      u, delta, A.T, B, C, D, delta_bias, dy, states)
+  return du, ddelta, dA.sum(0).T, dB.sum(0), dC.sum(0), dD.sum(0), dbias.sum(0)
