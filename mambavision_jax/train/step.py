@@ -85,9 +85,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, config, s
       aux = {"ce": ce}
       loss = ce
       if mesa > 0:
-        kd = mesa_kl(logits, teacher)
-        aux["mesa_kd"] = kd
-        loss = loss + mesa_weight * kd
+        mesa_term = mesa_weight * mesa_kl(logits, teacher)   # exactly 0 before the start ratio
+        aux["mesa_loss"] = mesa_term
+        loss = loss + mesa_term
       return loss, (logits, new_vars.get("batch_stats", {}), aux)
 
     (loss, (logits, new_bs, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -99,7 +99,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, config, s
       ema = lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype)
       new_state = new_state.replace(ema_params=jax.tree.map(ema, state.ema_params, params),
                                     ema_batch_stats=jax.tree.map(ema, state.ema_batch_stats, new_bs))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {
         "loss": loss,
         "top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32),
