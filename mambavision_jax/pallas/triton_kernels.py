@@ -55,7 +55,7 @@ class KernelConfig:
 
   block_d: int = 32
   chunk: int = 8
-  num_warps: int = 2
+  num_warps: int = 1
   num_stages: int = 1
 
   def __post_init__(self):
@@ -68,15 +68,16 @@ class KernelConfig:
 
 
 def default_config(batch: int, length: int, dim: int) -> KernelConfig:
-  """Heuristic: the widest channel block that still gives ≥ ~4 programs per SM of an H100 (132 SMs), since
-  each program is one latency-bound dependent chain; chunk 8 (4 for very short sequences)."""
+  """Heuristic (not yet GPU-tuned; benchmarks/scan.py --sweep): the widest channel block that still gives
+  ≥ 8 programs per SM of an H100 (132 SMs), since each program is one latency-bound dependent chain; one warp
+  per 32 channels (a lane per channel, its d_state values in registers); chunk 8 (4 for short sequences)."""
   block_d = 16
   for candidate in (64, 32):
-    if batch * pl.cdiv(dim, candidate) >= 4 * 132 and candidate <= max(16, pl.next_power_of_2(dim)):
+    if batch * pl.cdiv(dim, candidate) >= 8 * 132 and candidate <= pl.next_power_of_2(dim):
       block_d = candidate
       break
   chunk = 4 if length <= 16 else 8
-  return KernelConfig(block_d=block_d, chunk=chunk, num_warps=1 if block_d <= 16 else 2)
+  return KernelConfig(block_d=block_d, chunk=chunk, num_warps=max(1, block_d // 32))
 
 
 def _softplus(x):
