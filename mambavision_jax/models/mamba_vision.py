@@ -81,6 +81,32 @@ class DtProjection(nn.Module):
         return y, bias
 
 
+class DepthwiseConv1d(nn.Module):
+    """Non-causal depthwise conv1d, kernel 3, zero 'same' padding, no bias, on (B, L, C) tokens.
+
+    Written as three shifted multiply-adds (which XLA fuses with the neighbouring elementwise ops) instead of a
+    grouped convolution. ``kernel`` is (3, 1, C), the layout of ``nn.Conv(feature_group_count=C)``.
+    """
+
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bound = 1.0 / math.sqrt(D_CONV)  # torch's default Conv1d init for fan_in = 3
+        kernel = self.param("kernel", _uniform(bound), (D_CONV, 1, self.channels), jnp.float32)
+        w = kernel[:, 0, :].astype(self.dtype)
+        padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0)))
+        return padded[:, :-2] * w[0] + padded[:, 1:-1] * w[1] + padded[:, 2:] * w[2]
+
+
+def _uniform(bound: float):
+    """Initializer drawing from U(-bound, bound)."""
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
 class MambaVisionMixer(nn.Module):
     """The MambaVision token mixer on (B, L, C) tokens (d_state 8, d_conv 3, expand 1).
 
@@ -104,24 +130,20 @@ class MambaVisionMixer(nn.Module):
 
         xz = _dense(self.dim, "in_proj", self.dtype, use_bias=False)(tokens)
         x, z = xz[..., :half], xz[..., half:]
-        x = nn.silu(self._depthwise_conv("conv1d_x", half)(x))
-        z = nn.silu(self._depthwise_conv("conv1d_z", half)(z))
+        x = nn.silu(DepthwiseConv1d(half, self.dtype, name="conv1d_x")(x))
+        z = nn.silu(DepthwiseConv1d(half, self.dtype, name="conv1d_z")(z))
         x_dbl = _dense(dt_rank + 2 * D_STATE, "x_proj", self.dtype, use_bias=False)(x)
         dt, b, c = jnp.split(x_dbl, [dt_rank, dt_rank + D_STATE], axis=-1)
         dt, dt_bias = DtProjection(half, self.dtype, name="dt_proj")(dt)
         y = selective_scan(x, dt, -jnp.exp(a_log), b, c, skip, dt_bias, delta_softplus=True, impl=self.scan_impl)
         return _dense(self.dim, "out_proj", self.dtype, use_bias=False)(jnp.concatenate([y, z], axis=-1))
 
-    def _depthwise_conv(self, name: str, channels: int) -> nn.Conv:
-        return nn.Conv(channels, (D_CONV,), padding=((1, 1),), feature_group_count=channels, use_bias=False,
-                       dtype=self.dtype, param_dtype=jnp.float32, name=name)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention on (B, N, C) tokens: qkv with bias, no positional terms, scale hd^-0.5."""
 
     dim: int
     num_heads: int
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -129,8 +151,20 @@ class Attention(nn.Module):
         b, n, _ = tokens.shape
         head_dim = self.dim // self.num_heads
         qkv = _dense(3 * self.dim, "qkv", self.dtype)(tokens).reshape(b, n, 3, self.num_heads, head_dim)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (B, N, heads, hd)
+        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                           implementation=self._implementation(head_dim))  # (B, N, heads, hd)
         return _dense(self.dim, "proj", self.dtype)(out.reshape(b, n, self.dim))
+
+    def _implementation(self, head_dim: int) -> Optional[str]:
+        """``jax.nn.dot_product_attention`` implementation: "xla", "cudnn", or for "auto" cuDNN's fused kernel
+        where it applies (GPU, 16-bit compute, head_dim a multiple of 8) and XLA elsewhere."""
+        if self.attention_impl == "auto":
+            fused = (jax.default_backend() == "gpu" and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
+                     and head_dim % 8 == 0 and head_dim <= 128)
+            return "cudnn" if fused else "xla"
+        if self.attention_impl not in ("xla", "cudnn"):
+            raise ValueError(f"attention_impl must be 'auto', 'xla' or 'cudnn'; got {self.attention_impl!r}")
+        return self.attention_impl
 
 
 class Mlp(nn.Module):
@@ -160,13 +194,14 @@ class Block(nn.Module):
     drop: float = 0.0
     layer_scale: Optional[float] = None
     scan_impl: str = "auto"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         drop_path = DropPath(self.drop_path)
         if self.use_attention:
-            mixer = Attention(self.dim, self.num_heads, self.dtype, name="mixer")
+            mixer = Attention(self.dim, self.num_heads, self.attention_impl, self.dtype, name="mixer")
         else:
             mixer = MambaVisionMixer(self.dim, self.scan_impl, self.dtype, name="mixer")
         branch = mixer(self._layer_norm("norm1")(x))
@@ -206,6 +241,7 @@ class MambaVisionLayer(nn.Module):
     layer_scale: Optional[float] = None
     layer_scale_conv: Optional[float] = None
     scan_impl: str = "auto"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -220,7 +256,7 @@ class MambaVisionLayer(nn.Module):
             attention = attention_block_indices(self.depth)
             for j in range(self.depth):
                 tokens = Block(self.dim, self.num_heads, j in attention, self.mlp_ratio, self.drop_path[j],
-                               self.drop, self.layer_scale, self.scan_impl, self.dtype,
+                               self.drop, self.layer_scale, self.scan_impl, self.attention_impl, self.dtype,
                                name=f"blocks_{j}")(tokens, train)
             x = window_reverse(tokens, self.window_size, padded, size)
         if not self.downsample:
@@ -260,6 +296,7 @@ class MambaVision(nn.Module):
     num_classes: int = 1000
     in_chans: int = 3
     scan_impl: str = "auto"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -272,7 +309,8 @@ class MambaVision(nn.Module):
                 dim=self.dim * 2 ** i, depth=depth, num_heads=self.num_heads[i], window_size=self.window_size[i],
                 conv=i < 2, downsample=i < len(self.depths) - 1, drop_path=tuple(rates[start:start + depth]),
                 mlp_ratio=self.mlp_ratio, drop=self.drop_rate, layer_scale=self.layer_scale,
-                layer_scale_conv=self.layer_scale_conv, scan_impl=self.scan_impl, dtype=self.dtype,
+                layer_scale_conv=self.layer_scale_conv, scan_impl=self.scan_impl,
+                attention_impl=self.attention_impl, dtype=self.dtype,
                 name=f"levels_{i}"))
             start += depth
         self.levels = levels
