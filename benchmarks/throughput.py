@@ -1,0 +1,157 @@
+"""End-to-end throughput of MambaVision in JAX, optionally next to the official PyTorch model on the same card.
+
+    python benchmarks/throughput.py --models T,S,B,L [--batches 128,256] [--train-models T,B] \
+        [--compare-official] [--out results.json]
+
+Inference: eval mode, 16-bit compute (``--dtype``, bfloat16 by default; float32 params and BN statistics), 224x224,
+each batch size in ``--batches``. Training: forward + backward + AdamW step, bf16 compute, float32 master
+weights, batch ``--train-batch``, donated state, no host sync inside the step; the same work as the official
+anchor's step (cross-entropy on hard labels, AdamW). Compile time and the executable's memory (arguments +
+outputs + temporaries, from XLA's memory analysis) are reported separately from throughput; timings exclude
+warm-up and are medians of timed windows synchronised with ``block_until_ready``. ``--compare-official`` runs
+``.anchor/official_torch.py`` (see shared/anchor/README.md) in a subprocess after the JAX runs, so the ratio
+comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import mambavision_jax as mvj  # noqa: E402
+from timing import compile_seconds, median_seconds  # noqa: E402
+
+SHORT = {"T": "mamba_vision_T", "T2": "mamba_vision_T2", "S": "mamba_vision_S", "B": "mamba_vision_B",
+         "L": "mamba_vision_L", "L2": "mamba_vision_L2"}
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def random_images(batch, size, dtype, count, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), count)
+    return [jax.random.normal(k, (batch, size, size, 3), dtype) for k in keys]
+
+
+def inference(name, batch, dtype, size, overrides):
+    model = mvj.create_model(name, dtype=dtype, **overrides)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+    images = random_images(batch, size, dtype, 3)
+    compiled, compile_s, memory = compile_seconds(jax.jit(model.apply), variables, images[0])
+    seconds = median_seconds(compiled, [(variables, x) for x in images])
+    return dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+
+
+def training(name, batch, dtype, size, overrides):
+    model = mvj.create_model(name, dtype=dtype, **overrides)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+    tx = optax.adamw(1e-4, weight_decay=0.05)
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+
+    def step(state, images, labels, rng):
+        params, batch_stats, opt_state = state
+
+        def loss_fn(params):
+            logits, new = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                      rngs={"dropout": rng}, mutable=["batch_stats"])
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+            return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1)), new["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    images = random_images(batch, size, jnp.float32, 3)
+    labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, 1000)
+    rng = jax.random.PRNGKey(2)
+    jitted = jax.jit(step, donate_argnums=(0,))
+    compiled, compile_s, memory = compile_seconds(jitted, state, images[0], labels, rng)
+    holder = [state]
+
+    def run(images):
+        holder[0], loss = compiled(holder[0], images, labels, rng)
+        return loss
+
+    seconds = median_seconds(run, [(x,) for x in images], windows=5)
+    return dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+
+
+def official(models, train_models):
+    """Runs the anchor script; returns its JSON (img/s per model and batch)."""
+    env = dict(os.environ, MODELS=",".join(SHORT[m] for m in models), TRAIN_MODELS=str(len(train_models)),
+               MAMBA_CSRC=os.environ.get("MAMBA_CSRC", ".anchor/csrc/selective_scan"))
+    out_dir = os.environ.get("OUT", "/tmp")
+    env["OUT"] = out_dir
+    subprocess.run([sys.executable, ".anchor/official_torch.py"], env=env, check=True)
+    with open(os.path.join(out_dir, "official_torch.json")) as f:
+        return json.load(f)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="T,S,B,L")
+    parser.add_argument("--batches", default="128,256")
+    parser.add_argument("--train-models", default="T,B")
+    parser.add_argument("--train-batch", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--scan-impl", default="auto")
+    parser.add_argument("--attention-impl", default="auto")
+    parser.add_argument("--compare-official", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    models = [m for m in args.models.split(",") if m]
+    train_models = [m for m in args.train_models.split(",") if m]
+    overrides = dict(scan_impl=args.scan_impl, attention_impl=args.attention_impl)
+    dtype = DTYPES[args.dtype]
+    device = jax.devices()[0].device_kind
+    results = dict(device=device, jax=jax.__version__, dtype=args.dtype, overrides=overrides,
+                   date=time.strftime("%Y-%m-%d"), inference={}, training={})
+    out = args.out or os.path.join(os.environ.get("OUT", "."), "throughput.json")
+
+    def save():
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+
+    for m in models:
+        for batch in (int(b) for b in args.batches.split(",")):
+            r = inference(SHORT[m], batch, dtype, args.size, overrides)
+            results["inference"][f"{m}_bs{batch}"] = r
+            print(f"infer {m} bs{batch} {args.dtype}: {r['img_per_s']:.0f} img/s, compile {r['compile_s']:.1f}s, "
+                  f"mem {r.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB", flush=True)
+            save()
+    for m in train_models:
+        r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, overrides)
+        results["training"][f"{m}_bs{args.train_batch}"] = r
+        print(f"train {m} bs{args.train_batch} bf16 AdamW: {r['img_per_s']:.0f} img/s, compile {r['compile_s']:.1f}s,"
+              f" mem {r.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB", flush=True)
+        save()
+    if args.compare_official:
+        results["official"] = official(models, train_models)
+        save()
+    print_table(results)
+
+
+def print_table(results):
+    official_results = results.get("official", {})
+    print(f"\n{results['device']}, jax {results['jax']}, {results['date']}")
+    print(f"{'what':<22}{'ours img/s':>12}{'official':>10}{'ratio':>8}{'compile s':>11}{'mem GiB':>9}")
+    for kind, prefix in (("inference", "infer"), ("training", "train")):
+        for key, r in results[kind].items():
+            m, bs = key.split("_bs")
+            theirs = official_results.get(f"{prefix}_{SHORT[m]}_bs{bs}")
+            ratio = f"{r['img_per_s'] / theirs:.2f}" if theirs else "-"
+            print(f"{prefix + ' ' + key:<22}{r['img_per_s']:>12.0f}{theirs or '-':>10}{ratio:>8}"
+                  f"{r['compile_s']:>11.1f}{r.get('peak_bytes_estimate', 0) / 2**30:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()

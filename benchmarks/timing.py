@@ -1,0 +1,48 @@
+"""Timing helpers shared by the benchmarks: warm-up excluded, median of repeated timed windows, each window
+synchronised with ``block_until_ready``."""
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+
+def median_seconds(fn: Callable[..., Any], input_sets: Sequence[tuple], min_window_s: float = 0.2,
+                   windows: int = 7) -> float:
+    """Median seconds per call of ``fn(*args)`` over ``windows`` timed windows.
+
+    Each window cycles through all ``input_sets`` (several sets keep caches honest) for at least
+    ``min_window_s``; the first call of each set (compilation, autotuning) is excluded.
+    """
+    for args in input_sets:
+        jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*input_sets[0]))
+    once = max(time.perf_counter() - start, 1e-6)
+    reps = max(1, int(min_window_s / once / len(input_sets)))
+    samples = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        out = None
+        for _ in range(reps):
+            for args in input_sets:
+                out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / (reps * len(input_sets)))
+    return float(np.median(samples))
+
+
+def compile_seconds(jitted: Callable[..., Any], *args) -> tuple[Any, float, dict]:
+    """``(compiled, seconds to lower and compile, memory analysis in bytes)`` for a ``jax.jit`` function."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    memory = {}
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        for key in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                    "alias_size_in_bytes"):
+            memory[key] = int(getattr(analysis, key, 0) or 0)
+        memory["peak_bytes_estimate"] = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
+                                         + memory["temp_size_in_bytes"] - memory["alias_size_in_bytes"])
+    return compiled, seconds, memory
