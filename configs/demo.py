@@ -17,9 +17,10 @@ _spec.loader.exec_module(common)
 def get_config():
   c = common.get_config("mamba_vision_T")
   c.seed = 0
-  # 32x32 input -> stage maps 8x8, 4x4, 2x2, 1x1; windows sized to the maps.
+  # 64x64 input -> stage maps 16x16, 8x8, 4x4, 2x2; the stage-3/4 windows (4, 2) cover their whole map, as the
+  # official 224 models do (14, 7). Stage 3 = 1 Mamba-mixer block + 1 attention block, stage 4 = 1 attention.
   c.model = ml_collections.ConfigDict(dict(
-      depths=(1, 1, 2, 1), dim=32, in_dim=16, num_heads=(1, 2, 4, 4), window_size=(8, 4, 2, 1),
+      depths=(1, 1, 2, 1), dim=32, in_dim=16, num_heads=(1, 2, 4, 4), window_size=(8, 8, 4, 2),
       drop_path_rate=0.0, mlp_ratio=2.0))
   c.compute_dtype = "auto"
 
@@ -27,7 +28,7 @@ def get_config():
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.num_classes = 10
-  c.data.image_size = 32
+  c.data.image_size = 64
   c.data.num_workers = 2
   c.data.prefetch = 2
 
