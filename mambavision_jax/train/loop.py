@@ -222,7 +222,6 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
 
   pending: list[tuple[int, dict]] = []
   window_t0 = time.perf_counter()
-  last_good = latest
 
   def flush():
     """Pulls pending step metrics to host, stops on a non-finite value, writes one averaged train row."""
@@ -268,7 +267,6 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
         writer.advance(cur)
       if do_ckpt:
         ckpt.save(cur, state)            # only after flush() checked every step up to `cur` finite
-        last_good = cur
       if do_eval:
         final_eval = _eval_all(eval_step, state, data, config, mesh)
         writer.write(cur, "eval", final_eval)
@@ -280,7 +278,6 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     batches.close()
   ckpt.close()
   writer.close()
-  del last_good
   return final_eval
 
 
