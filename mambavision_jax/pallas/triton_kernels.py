@@ -74,16 +74,11 @@ class KernelConfig:
 
 
 def default_config(batch: int, length: int, dim: int) -> KernelConfig:
-  """Heuristic (not yet GPU-tuned; benchmarks/scan.py --sweep): the widest channel block that still gives
-  ≥ 8 programs per SM of an H100 (132 SMs), since each program is one latency-bound dependent chain; one warp
-  per 32 channels (a lane per channel, its d_state values in registers); chunk 8 (4 for short sequences)."""
-  block_d = 16
-  for candidate in (64, 32):
-    if batch * pl.cdiv(dim, candidate) >= 8 * 132 and candidate <= pl.next_power_of_2(dim):
-      block_d = candidate
-      break
-  chunk = 4 if length <= 16 else 8
-  return KernelConfig(block_d=block_d, chunk=chunk, num_warps=max(1, block_d // 32))
+  """Lanes layout, one warp of 32 channels (a lane per channel, its d_state values in registers), chunks of
+  4 steps (2 for very short sequences). On an H200 (benchmarks/NOTES_scan.md) the tile layout spent
+  ~0.55 µs per time step whatever the shape (layout conversions in the dependent chain)."""
+  del batch, dim
+  return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4, num_warps=1, layout="lanes")
 
 
 def _softplus(x):
