@@ -147,19 +147,22 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
         b, n, _ = tokens.shape
         head_dim = self.dim // self.num_heads
         qkv = _dense(3 * self.dim, "qkv", self.dtype)(tokens).reshape(b, n, 3, self.num_heads, head_dim)
         out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                           implementation=self._implementation(head_dim))  # (B, N, heads, hd)
+                                           implementation=self._implementation(head_dim, train))  # (B,N,h,hd)
         return _dense(self.dim, "proj", self.dtype)(out.reshape(b, n, self.dim))
 
-    def _implementation(self, head_dim: int) -> Optional[str]:
+    def _implementation(self, head_dim: int, train: bool) -> Optional[str]:
         """``jax.nn.dot_product_attention`` implementation: "xla", "cudnn", or for "auto" cuDNN's fused kernel
-        where it applies (GPU, 16-bit compute, head_dim a multiple of 8) and XLA elsewhere."""
+        where it applies (GPU inference in 16-bit, head_dim a multiple of 8) and XLA elsewhere. Training stays
+        on XLA: cuDNN's fused backward refuses MambaVision's stage-4 sequences ("Unsupported sequence length Q
+        49, KV 49", jax 0.11.2 on an H200)."""
         if self.attention_impl == "auto":
-            fused = (jax.default_backend() == "gpu" and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
+            fused = (not train and jax.default_backend() == "gpu"
+                     and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
                      and head_dim % 8 == 0 and head_dim <= 128)
             return "cudnn" if fused else "xla"
         if self.attention_impl not in ("xla", "cudnn"):
@@ -204,7 +207,8 @@ class Block(nn.Module):
             mixer = Attention(self.dim, self.num_heads, self.attention_impl, self.dtype, name="mixer")
         else:
             mixer = MambaVisionMixer(self.dim, self.scan_impl, self.dtype, name="mixer")
-        branch = mixer(self._layer_norm("norm1")(x))
+        normed = self._layer_norm("norm1")(x)
+        branch = mixer(normed, train) if self.use_attention else mixer(normed)
         x = x + drop_path(self._scale("gamma_1", branch), deterministic=not train)
         branch = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, name="mlp")(
             self._layer_norm("norm2")(x), train)
