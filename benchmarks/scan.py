@@ -184,15 +184,14 @@ def timing(impls, shapes, dtypes, n_sets, seed, bw, interpret, log, configs=None
 
 
 def _cfg_str(cfg):
-  return f"{cfg.layout[0]}d{cfg.block_d}k{cfg.chunk}w{cfg.num_warps}s{cfg.num_stages}"
+  return f"d{cfg.block_d}k{cfg.chunk}w{cfg.num_warps}s{cfg.num_stages}"
 
 
 def sweep_configs():
-  """The tile layout at its old defaults, and lanes variants: chunk 2/4/8 at one warp of 32 channels, half a
-  warp's worth of channels, and 2/4 warps (kept small: each config compiles twice)."""
-  configs = [KernelConfig(block_d=b, chunk=8, num_warps=1) for b in (16, 32)]
-  configs += [KernelConfig(block_d=32, chunk=k, num_warps=1, layout="lanes") for k in (2, 4, 8)]
-  configs += [KernelConfig(block_d=b, chunk=4, num_warps=w, layout="lanes") for b, w in ((16, 1), (64, 2), (128, 4))]
+  """Chunk 2/4/8 at one warp of 32 channels, half a warp's worth of channels, and 2/4 warps (kept small: each
+  config compiles twice)."""
+  configs = [KernelConfig(block_d=32, chunk=k, num_warps=1) for k in (2, 4, 8)]
+  configs += [KernelConfig(block_d=b, chunk=4, num_warps=w) for b, w in ((16, 1), (64, 2), (128, 4))]
   return configs
 
 

@@ -6,11 +6,12 @@ Layout: the kernels read the caller's arrays in place, with no transposes or pad
   D, delta_bias: (dim,) float32; d_state must be a power of two here (the vjp wrapper pads it otherwise).
 
 Grid: ``(cdiv(dim, block_d), batch)``; program (j, b) owns channels ``[j*block_d, (j+1)*block_d)`` of batch
-row b for the whole sequence, with the state ``h`` (d_state, block_d) float32 in registers: channels are the
-minor axis, so Triton spreads them over lanes and each lane keeps its channels' d_state values, making the
-per-step contractions over d_state (y, du, dΔ) thread-local, as in mamba_ssm. The refs are whole
-arrays (no BlockSpecs): every load/store is a contiguous row of ``block_d`` channels (or ``d_state`` values of
-B/C) at one time step, masked on ``channel < dim`` so any ``dim`` works with power-of-two ``block_d``.
+row b for the whole sequence. The state is held as d_state separate (block_d,) float32 vectors and B_t, C_t
+are read as scalars, so a lane owns a channel with its d_state values in registers and every per-step op is
+lane-local: no layout conversions in the dependent chain (a (d_state, block_d) tile formulation of the same
+kernel measured 2.3-5.5x slower on an H200, benchmarks/NOTES_scan.md). Only the backward's dB/dC sums cross
+lanes. The refs are whole arrays (no BlockSpecs): every vector load/store is a contiguous row of ``block_d``
+channels at one time step, masked on ``channel < dim`` so any ``dim`` works with power-of-two ``block_d``.
 
 Time runs as a ``fori_loop`` over chunks of ``chunk`` (K) steps. The K rows of u, Δ, B, C (and dy in the
 backward) of the *next* chunk are loaded at the top of each iteration and handed over in the loop carry, so
@@ -51,20 +52,14 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
   """Launch parameters. ``block_d``: channels per program (power of two); ``chunk``: time steps whose row loads
-  are issued together (and prefetched one chunk ahead); ``num_warps``/``num_stages``: Triton's.
-  ``layout``: "tile" keeps the state as one (d_state, block_d) tensor; "lanes" as d_state separate
-  (block_d,) vectors with B_t, C_t read as scalars, so every per-step op is lane-local (no layout
-  conversions) and only the dB/dC sums of the backward cross lanes."""
+  are issued together (and prefetched one chunk ahead); ``num_warps``/``num_stages``: Triton's."""
 
   block_d: int = 32
   chunk: int = 8
   num_warps: int = 1
   num_stages: int = 1
-  layout: str = "tile"
 
   def __post_init__(self):
-    if self.layout not in ("tile", "lanes"):
-      raise ValueError(f"KernelConfig.layout must be 'tile' or 'lanes', got {self.layout!r}")
     for name in ("block_d", "chunk", "num_warps"):
       value = getattr(self, name)
       if value < 1 or value & (value - 1):
@@ -74,11 +69,10 @@ class KernelConfig:
 
 
 def default_config(batch: int, length: int, dim: int) -> KernelConfig:
-  """Lanes layout, one warp of 32 channels (a lane per channel, its d_state values in registers), chunks of
-  4 steps (2 for very short sequences). On an H200 (benchmarks/NOTES_scan.md) the tile layout spent
-  ~0.55 µs per time step whatever the shape (layout conversions in the dependent chain)."""
+  """One warp of 32 channels (a lane per channel, its d_state values in registers), chunks of 4 steps (2 for
+  very short sequences): measured on an H200, benchmarks/NOTES_scan.md."""
   del batch, dim
-  return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4, num_warps=1, layout="lanes")
+  return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4, num_warps=1)
 
 
 def _softplus(x):
@@ -105,10 +99,6 @@ class _Rows:
       out.append(plt.load(ref.at[self.b, t, pl.ds(self.d0, self.block_d)], mask=mask, other=0.0).astype(_F32))
     return out
 
-  def states(self, ref, t0):
-    """K rows ``ref[b, t, :]`` of B or C (float32)."""
-    return [ref[self.b, t, :].astype(_F32) for t, _ in self.times(t0)]
-
   def scalars(self, ref, t0):
     """K lists of the d_state scalars ``ref[b, t, n]`` of B or C (float32)."""
     n = ref.shape[-1]
@@ -124,110 +114,8 @@ def _program(u_ref, block_d, chunk):
   return rows, pl.cdiv(length, chunk)
 
 
-def _load_params(A_ref, D_ref, bias_ref, rows):
-  n = A_ref.shape[0]
-  mask2 = jnp.broadcast_to(rows.dmask[None, :], (n, rows.block_d))
-  A = plt.load(A_ref.at[:, pl.ds(rows.d0, rows.block_d)], mask=mask2, other=0.0).astype(_F32)
-  D = plt.load(D_ref.at[pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
-  bias = plt.load(bias_ref.at[pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
-  return A, D, bias, mask2
-
-
-def _discretise(delta_raw, bias, A, delta_softplus):
-  """Returns (pre-softplus Δ, Δ, decay a = exp(Δ·A)) for one row."""
-  pre = delta_raw + bias
-  dt = _softplus(pre) if delta_softplus else pre
-  return pre, dt, jnp.exp2(dt[None, :] * (A * _LOG2E))
-
-
-def _forward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_ref, *states_ref,
-                    block_d, chunk, delta_softplus):
-  rows, n_chunks = _program(u_ref, block_d, chunk)
-  A, D, bias, mask2 = _load_params(A_ref, D_ref, bias_ref, rows)
-
-  def load(t0):
-    return (rows.channels(u_ref, t0), rows.channels(delta_ref, t0), rows.states(B_ref, t0),
-            rows.states(C_ref, t0))
-
-  def body(c, carry):
-    h, (us, deltas, Bs, Cs) = carry
-    t0 = c * chunk
-    prefetched = load(t0 + chunk)
-    if states_ref:
-      plt.store(states_ref[0].at[rows.b, c, :, pl.ds(rows.d0, block_d)], h, mask=mask2)
-    for k, (t, valid) in enumerate(rows.times(t0)):
-      _, dt, a = _discretise(deltas[k], bias, A, delta_softplus)
-      h = a * h + Bs[k][:, None] * (dt * us[k])[None, :]
-      y = jnp.sum(h * Cs[k][:, None], axis=0) + D * us[k]
-      plt.store(y_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], y.astype(y_ref.dtype),
-                mask=jnp.logical_and(rows.dmask, valid))
-    return h, prefetched
-
-  h0 = jnp.zeros((A_ref.shape[0], block_d), _F32)
-  jax.lax.fori_loop(0, n_chunks, body, (h0, load(0)))
-
-
-def _backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, dy_ref, states_ref,
-                     du_ref, ddelta_ref, dA_ref, dD_ref, dbias_ref, dB_ref, dC_ref,
-                     *, block_d, chunk, delta_softplus):
-  rows, n_chunks = _program(u_ref, block_d, chunk)
-  A, D, bias, mask2 = _load_params(A_ref, D_ref, bias_ref, rows)
-  n = A_ref.shape[0]
-  blk = pl.program_id(0)
-
-  def load(t0):
-    return (rows.channels(u_ref, t0), rows.channels(delta_ref, t0), rows.states(B_ref, t0),
-            rows.states(C_ref, t0), rows.channels(dy_ref, t0, valid_only=True))
-
-  def body(i, carry):
-    g, dA, dD, dbias, (us, deltas, Bs, Cs, dys) = carry
-    c = n_chunks - 1 - i
-    t0 = c * chunk
-    prefetched = load(jnp.maximum(t0 - chunk, 0))
-    # Recompute the chunk's states from the saved entry state.
-    h_prev = [plt.load(states_ref.at[rows.b, c, :, pl.ds(rows.d0, block_d)], mask=mask2, other=0.0)]
-    disc = []
-    for k in range(chunk):
-      pre, dt, a = _discretise(deltas[k], bias, A, delta_softplus)
-      disc.append((pre, dt, a))
-      h_prev.append(a * h_prev[k] + Bs[k][:, None] * (dt * us[k])[None, :])
-    # Walk back through the chunk.
-    times = rows.times(t0)
-    for k in reversed(range(chunk)):
-      t, valid = times[k]
-      pre, dt, a = disc[k]
-      u, b_t, c_t, dy = us[k], Bs[k], Cs[k], dys[k]  # dy is 0 past the end: nothing flows from there.
-      dh = g + c_t[:, None] * dy[None, :]
-      dC = jnp.sum(h_prev[k + 1] * dy[None, :], axis=1)
-      dB = jnp.sum(dh * (dt * u)[None, :], axis=1)
-      dh_a = dh * a
-      du = dy * D + dt * jnp.sum(dh * b_t[:, None], axis=0)
-      ddt = jnp.sum(dh_a * A * h_prev[k] + dh * b_t[:, None] * u[None, :], axis=0)
-      if delta_softplus:
-        ddt = ddt * jnp.where(pre > SOFTPLUS_THRESHOLD, 1.0, 1.0 / (1.0 + jnp.exp(-pre)))
-      dA = dA + dh_a * dt[None, :] * h_prev[k]
-      dD = dD + dy * u
-      dbias = dbias + ddt
-      g = dh_a
-      row_mask = jnp.logical_and(rows.dmask, valid)
-      plt.store(du_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], du.astype(du_ref.dtype), mask=row_mask)
-      plt.store(ddelta_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], ddt.astype(ddelta_ref.dtype), mask=row_mask)
-      state_mask = jnp.broadcast_to(valid, (n,))
-      plt.store(dB_ref.at[blk, rows.b, t, :], dB, mask=state_mask)
-      plt.store(dC_ref.at[blk, rows.b, t, :], dC, mask=state_mask)
-    return g, dA, dD, dbias, prefetched
-
-  zeros_dn = jnp.zeros((n, block_d), _F32)
-  zeros_d = jnp.zeros((block_d,), _F32)
-  _, dA, dD, dbias, _ = jax.lax.fori_loop(
-      0, n_chunks, body, (zeros_dn, zeros_dn, zeros_d, zeros_d, load((n_chunks - 1) * chunk)))
-  plt.store(dA_ref.at[rows.b, :, pl.ds(rows.d0, block_d)], dA, mask=mask2)
-  plt.store(dD_ref.at[rows.b, pl.ds(rows.d0, block_d)], dD, mask=rows.dmask)
-  plt.store(dbias_ref.at[rows.b, pl.ds(rows.d0, block_d)], dbias, mask=rows.dmask)
-
-
 def _lane_params(A_ref, D_ref, bias_ref, rows):
-  """A as d_state (block_d,) vectors, plus D and the bias, for the lanes layout."""
+  """A as d_state (block_d,) vectors, plus D and the bias (float32, zero outside ``dim``)."""
   A = [plt.load(A_ref.at[jnp.int32(i), pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
        for i in range(A_ref.shape[0])]
   D = plt.load(D_ref.at[pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
@@ -236,7 +124,7 @@ def _lane_params(A_ref, D_ref, bias_ref, rows):
 
 
 def _lane_step(delta_raw, bias, A, h, u, B, delta_softplus):
-  """One recurrence step in the lanes layout: returns (pre-softplus Δ, Δ, decays, new state)."""
+  """One recurrence step on (block_d,) rows: returns (pre-softplus Δ, Δ, decays, new state)."""
   pre = delta_raw + bias
   dt = _softplus(pre) if delta_softplus else pre
   a = [jnp.exp2(dt * (A_i * _LOG2E)) for A_i in A]
@@ -244,7 +132,7 @@ def _lane_step(delta_raw, bias, A, h, u, B, delta_softplus):
   return pre, dt, a, tuple(a_i * h_i + dtu * B_i for a_i, h_i, B_i in zip(a, h, B))
 
 
-def _lanes_forward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_ref, *states_ref,
+def _forward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_ref, *states_ref,
                           block_d, chunk, delta_softplus):
   rows, n_chunks = _program(u_ref, block_d, chunk)
   A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
@@ -273,7 +161,7 @@ def _lanes_forward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref
   jax.lax.fori_loop(0, n_chunks, body, (h0, load(0)))
 
 
-def _lanes_backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, dy_ref, states_ref,
+def _backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, dy_ref, states_ref,
                            du_ref, ddelta_ref, dA_ref, dD_ref, dbias_ref, dB_ref, dC_ref,
                            *, block_d, chunk, delta_softplus):
   rows, n_chunks = _program(u_ref, block_d, chunk)
@@ -335,10 +223,6 @@ def _lanes_backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_re
   plt.store(dbias_ref.at[rows.b, pl.ds(rows.d0, block_d)], dbias, mask=rows.dmask)
 
 
-_FORWARD = {"tile": _forward_kernel, "lanes": _lanes_forward_kernel}
-_BACKWARD = {"tile": _backward_kernel, "lanes": _lanes_backward_kernel}
-
-
 def _call(kernel, out_shape, u, config, interpret, name):
   batch, _, dim = u.shape
   return pl.pallas_call(
@@ -359,7 +243,7 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, *, delta_softplus: bool, save
   out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
   if save_states:
     out_shape.append(jax.ShapeDtypeStruct((batch, pl.cdiv(length, config.chunk), A.shape[1], dim), _F32))
-  kernel = functools.partial(_FORWARD[config.layout], block_d=config.block_d, chunk=config.chunk,
+  kernel = functools.partial(_forward_kernel, block_d=config.block_d, chunk=config.chunk,
                              delta_softplus=delta_softplus)
   outs = _call(kernel, out_shape, u, config, interpret, "selective_scan_fwd")(u, delta, A.T, B, C, D,
                                                                              delta_bias)
@@ -382,7 +266,7 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, states, dy, *, delta_softplu
       jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
       jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
   ]
-  kernel = functools.partial(_BACKWARD[config.layout], block_d=config.block_d, chunk=config.chunk,
+  kernel = functools.partial(_backward_kernel, block_d=config.block_d, chunk=config.chunk,
                              delta_softplus=delta_softplus)
   du, ddelta, dA, dD, dbias, dB, dC = _call(kernel, out_shape, u, config, interpret, "selective_scan_bwd")(
       u, delta, A.T, B, C, D, delta_bias, dy, states)

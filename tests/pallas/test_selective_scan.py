@@ -5,7 +5,6 @@ The seed is fresh per run (printed in every failure message); set SCAN_TEST_SEED
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import zlib
@@ -15,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mambavision_jax.pallas import (IMPLS, KernelConfig, default_config, resolve_impl, selective_scan,
-                                    selective_scan_pallas)
+from mambavision_jax.pallas import IMPLS, KernelConfig, resolve_impl, selective_scan, selective_scan_pallas
 from mambavision_jax.pallas.testing import ARG_NAMES, make_inputs, reference_float64, rel_err
 
 SEED = int(os.environ.get("SCAN_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
@@ -77,10 +75,9 @@ def test_matches_float64_reference(impl, case):
 
 @pytest.mark.parametrize("config", [KernelConfig(block_d=16, chunk=4), KernelConfig(block_d=64, chunk=16),
                                     KernelConfig(block_d=32, chunk=1),
-                                    KernelConfig(block_d=32, chunk=4, layout="lanes"),
-                                    KernelConfig(block_d=64, chunk=8, num_warps=2, layout="lanes")])
+                                    KernelConfig(block_d=64, chunk=8, num_warps=2)])
 def test_pallas_configs(config):
-  """Channel-block and chunk tails: dim 40 with blocks 16/32/64; L 197 with chunks 1/4/8/16; both layouts."""
+  """Channel-block and chunk tails: dim 40 with blocks 16/32/64; L 197 with chunks 1/4/8/16."""
   _check("pallas", (2, 197, 40, 8, jnp.float32, True, True, True), config)
 
 
@@ -89,15 +86,13 @@ def test_pallas_configs(config):
 
 @pytest.mark.parametrize("batch,length,dim", [(2, 196, 160), (2, 49, 320), (2, 197, 40)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("layout", ["tile", "lanes"])
-def test_lowers_for_cuda(batch, length, dim, dtype, layout):
+def test_lowers_for_cuda(batch, length, dim, dtype):
   n = 8
   spec = lambda shape, t=dtype: jax.ShapeDtypeStruct(shape, t)
   args = (spec((batch, length, dim)), spec((batch, length, dim)), spec((dim, n), jnp.float32),
           spec((batch, length, n)), spec((batch, length, n)), spec((dim,), jnp.float32),
           spec((dim,), jnp.float32))
-  config = dataclasses.replace(default_config(batch, length, dim), layout=layout)
-  fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
+  fwd = lambda *a: selective_scan(*a, delta_softplus=True, impl="pallas")
   grad = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=tuple(range(7)))
   for fn, expected in ((fwd, 1), (grad, 2)):  # grad: forward (saving states) + backward kernel
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
