@@ -12,7 +12,7 @@ __all__ = ["IMPLS", "selective_scan", "resolve_impl"]
 IMPLS = ("auto", "sequential", "associative", "pallas", "pallas_triton")
 
 # Non-GPU choice of "auto". Measured on the 2-core CPU host (jax 0.10.2, jitted, d_state 8, softplus + bias + D;
-# medians of 5, ms, sequential vs associative; see benchmarks/NOTES_scan.md): sequential wins everywhere.
+# medians of 5, ms, sequential vs associative; see benchmarks/NOTES.md): sequential wins everywhere.
 #   b8  L196 d160: fwd 2.3 vs 12.7, fwd+bwd 12.6 vs 45.3    b8  L49 d320: fwd 0.8 vs 2.4, fwd+bwd 5.6 vs 31.5
 #   b32 L196 d160: fwd 6.4 vs 95.8, fwd+bwd 102 vs 275      b32 L49 d320: fwd 3.8 vs 36.3, fwd+bwd 48.8 vs 127
 _CPU_AUTO = "sequential"

@@ -9,7 +9,7 @@ Grid: ``(cdiv(dim, block_d), batch)``; program (j, b) owns channels ``[j*block_d
 row b for the whole sequence. The state is held as d_state separate (block_d,) float32 vectors and B_t, C_t
 are read as scalars, so a lane owns a channel with its d_state values in registers and every per-step op is
 lane-local: no layout conversions in the dependent chain (a (d_state, block_d) tile formulation of the same
-kernel measured 2.3-5.5x slower on an H200, benchmarks/NOTES_scan.md). Only the backward's dB/dC sums cross
+kernel measured 2.3-2.9x slower at T stage 3 on an H200, benchmarks/NOTES.md). Only the backward's dB/dC sums cross
 lanes. The refs are whole arrays (no BlockSpecs): every vector load/store is a contiguous row of ``block_d``
 channels at one time step, masked on ``channel < dim`` so any ``dim`` works with power-of-two ``block_d``.
 
@@ -70,7 +70,7 @@ class KernelConfig:
 
 def default_config(batch: int, length: int, dim: int) -> KernelConfig:
   """One warp of 32 channels (a lane per channel, its d_state values in registers), chunks of 4 steps (2 for
-  very short sequences): measured on an H200, benchmarks/NOTES_scan.md."""
+  very short sequences): measured on an H200, benchmarks/NOTES.md."""
   del batch, dim
   return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4, num_warps=1)
 
