@@ -35,27 +35,21 @@ def torch_key(collection: str, path: tuple[str, ...]) -> str:
     return ".".join(modules + [_LEAF_TO_TORCH.get(leaf, leaf)])
 
 
+# Flax kernel axes as a permutation of the torch weight axes, by rank: conv2d, depthwise conv1d, linear.
+_KERNEL_PERMUTATION = {4: (2, 3, 1, 0), 3: (2, 1, 0), 2: (1, 0)}
+
+
 def torch_to_flax_array(leaf: str, value: np.ndarray) -> np.ndarray:
     """Torch layout -> Flax layout for a leaf named ``leaf`` (see the module table)."""
-    if leaf == "kernel":
-        if value.ndim == 4:
-            return value.transpose(2, 3, 1, 0)
-        if value.ndim == 3:
-            return value.transpose(2, 1, 0)
-        if value.ndim == 2:
-            return value.T
+    if leaf == "kernel" and value.ndim in _KERNEL_PERMUTATION:
+        return value.transpose(_KERNEL_PERMUTATION[value.ndim])
     return value
 
 
 def flax_to_torch_array(leaf: str, value: np.ndarray) -> np.ndarray:
     """Flax layout -> torch layout; the inverse of :func:`torch_to_flax_array`."""
-    if leaf == "kernel":
-        if value.ndim == 4:
-            return value.transpose(3, 2, 0, 1)
-        if value.ndim == 3:
-            return value.transpose(2, 1, 0)
-        if value.ndim == 2:
-            return value.T
+    if leaf == "kernel" and value.ndim in _KERNEL_PERMUTATION:
+        return value.transpose(np.argsort(_KERNEL_PERMUTATION[value.ndim]))
     return value
 
 
