@@ -8,6 +8,7 @@ Face ``model.safetensors`` (no PyTorch needed). The output directory holds an Or
 variables and ``mambavision.json`` (model name and preprocessing). The conversion is strict: a checkpoint with
 missing, unexpected or mis-shaped keys is refused with every offending key named, and nothing is written.
 """
+
 import argparse
 import sys
 
@@ -28,14 +29,15 @@ def main(argv=None) -> int:
 
     try:
         module, variables = mvj.from_pretrained(args.model, args.input, ema=args.ema)
-        save_converted(args.output, args.model, variables, source=args.input, ema=args.ema,
-                       overwrite=args.overwrite)
+        save_converted(args.output, args.model, variables, source=args.input, ema=args.ema, overwrite=args.overwrite)
     except (ValueError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     count = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(variables["params"]))
-    print(f"wrote {args.output}: {mvj.models.resolve_name(args.model)}, {count:,} parameters"
-          f"{' (EMA)' if args.ema else ''}")
+    print(
+        f"wrote {args.output}: {mvj.models.resolve_name(args.model)}, {count:,} parameters"
+        f"{' (EMA)' if args.ema else ''}"
+    )
     return 0
 
 

@@ -8,61 +8,68 @@ Running the same command again with the same --workdir resumes from the latest c
 Multi-process (multi-host) runs call jax.distributed.initialize() when --multihost is given or the environment
 looks like a multi-process launch (JAX_COORDINATOR_ADDRESS, SLURM with >1 task, OpenMPI with >1 rank).
 """
+
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard logs.")
-_MULTIHOST = flags.DEFINE_bool("multihost", None,
-                               "Call jax.distributed.initialize(). Default: detect from the environment.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", None, "Call jax.distributed.initialize(). Default: detect from the environment."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _is_multiprocess_env() -> bool:
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
-    return True
-  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
-    return True
-  return False
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+        return True
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return True
+    return False
 
 
 def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:   # Orbax logs every save step at INFO; keep the console readable.
-    logging.set_verbosity(logging.WARNING)
-  import jax
-  multihost = _MULTIHOST.value if _MULTIHOST.value is not None else _is_multiprocess_env()
-  if multihost:
-    jax.distributed.initialize()
-  from mambavision_jax.train import loop
+    del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save step at INFO; keep the console readable.
+        logging.set_verbosity(logging.WARNING)
+    import jax
 
-  config = _CONFIG.value
-  workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
-  mode = config.get("mode", "train")
-  try:
-    if mode == "train":
-      loop.train_and_evaluate(config, workdir)
-    elif mode == "eval":
-      loop.evaluate(config, workdir)
-    else:
-      raise app.UsageError(f"config.mode must be 'train' or 'eval', got {mode!r}")
-  except loop.NonFiniteLossError as e:
-    print(f"ERROR: {e}", file=sys.stderr, flush=True)
-    sys.exit(3)
+    multihost = _MULTIHOST.value if _MULTIHOST.value is not None else _is_multiprocess_env()
+    if multihost:
+        jax.distributed.initialize()
+    from mambavision_jax.train import loop
+
+    config = _CONFIG.value
+    workdir = os.path.abspath(_WORKDIR.value)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    logging.info(
+        "process %d/%d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    mode = config.get("mode", "train")
+    try:
+        if mode == "train":
+            loop.train_and_evaluate(config, workdir)
+        elif mode == "eval":
+            loop.evaluate(config, workdir)
+        else:
+            raise app.UsageError(f"config.mode must be 'train' or 'eval', got {mode!r}")
+    except loop.NonFiniteLossError as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -30,251 +30,283 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mambavision_jax.pallas import KernelConfig, default_config, selective_scan, selective_scan_pallas  # noqa: E402
 from mambavision_jax.pallas.testing import ARG_NAMES, make_inputs, reference_float64, rel_err  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 N_STATE = 8
 SHAPES = {  # tag: (batch, length, dim)
-    "T_stage3": (128, 196, 160), "T_stage4": (128, 49, 320),
-    "B_stage3": (128, 196, 256), "B_stage4": (128, 49, 512),
-    "L_stage3": (128, 196, 392), "L_stage4": (128, 49, 784),
+    "T_stage3": (128, 196, 160),
+    "T_stage4": (128, 49, 320),
+    "B_stage3": (128, 196, 256),
+    "B_stage4": (128, 49, 512),
+    "L_stage3": (128, 196, 392),
+    "L_stage4": (128, 49, 784),
 }
 QUICK_SHAPES = {"tiny_L196": (2, 196, 24), "tiny_L49": (2, 49, 40)}
 TOL = {"float32": (1e-5, 1e-4), "bfloat16": (2e-2, 3e-2)}
 
 
 def scan_fn(impl, config=None, interpret=False):
-  """(args) -> y, MambaVision's call (softplus, bias, D)."""
-  if impl == "pallas":
-    return lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config, interpret=interpret)
-  return lambda *a: selective_scan(*a, delta_softplus=True, impl=impl)
+    """(args) -> y, MambaVision's call (softplus, bias, D)."""
+    if impl == "pallas":
+        return lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config, interpret=interpret)
+    return lambda *a: selective_scan(*a, delta_softplus=True, impl=impl)
 
 
 def fwd_and_fwdbwd(impl, config=None, interpret=False):
-  f = scan_fn(impl, config, interpret)
+    f = scan_fn(impl, config, interpret)
 
-  def fwdbwd(args, dy):
-    y, vjp = jax.vjp(f, *args)
-    return y, vjp(dy)
+    def fwdbwd(args, dy):
+        y, vjp = jax.vjp(f, *args)
+        return y, vjp(dy)
 
-  return jax.jit(lambda args, dy: f(*args)), jax.jit(fwdbwd)
+    return jax.jit(lambda args, dy: f(*args)), jax.jit(fwdbwd)
 
 
 INNER_REPS = 8
 
 
 def in_jit_repeated(single):
-  """``jit(sets)`` calling ``single(args, dy)`` on every input set INNER_REPS times inside one XLA program, so
-  the host's per-call dispatch (tens of µs, more than the kernel itself at these shapes) is amortised as it is
-  inside a model's jit. A scalar carried into ``D`` keeps XLA from hoisting or merging the calls; every output
-  feeds the carry (small ones whole, large ones by one element) so nothing is dead-code eliminated."""
+    """``jit(sets)`` calling ``single(args, dy)`` on every input set INNER_REPS times inside one XLA program, so
+    the host's per-call dispatch (tens of µs, more than the kernel itself at these shapes) is amortised as it is
+    inside a model's jit. A scalar carried into ``D`` keeps XLA from hoisting or merging the calls; every output
+    feeds the carry (small ones whole, large ones by one element) so nothing is dead-code eliminated."""
 
-  def run(sets):
-    def body(_, carry):
-      for args, dy in sets:
-        args = tuple(a + carry.astype(a.dtype) if i == 5 else a for i, a in enumerate(args))
-        for leaf in jax.tree.leaves(single(args, dy)):
-          big = leaf.size >= dy.size
-          carry = carry + 0.0 * (leaf.ravel()[0] if big else jnp.sum(leaf)).astype(jnp.float32)
-      return carry
+    def run(sets):
+        def body(_, carry):
+            for args, dy in sets:
+                args = tuple(a + carry.astype(a.dtype) if i == 5 else a for i, a in enumerate(args))
+                for leaf in jax.tree.leaves(single(args, dy)):
+                    big = leaf.size >= dy.size
+                    carry = carry + 0.0 * (leaf.ravel()[0] if big else jnp.sum(leaf)).astype(jnp.float32)
+            return carry
 
-    return jax.lax.fori_loop(0, INNER_REPS, body, jnp.float32(0))
+        return jax.lax.fori_loop(0, INNER_REPS, body, jnp.float32(0))
 
-  return jax.jit(run)
+    return jax.jit(run)
 
 
-def time_us(fn, input_sets, min_window_s=0.02, windows=7):
-  """Median per-call time (µs) over `windows` timed windows, each cycling all input sets >= min_window_s."""
-  for a in input_sets:
-    jax.block_until_ready(fn(*a))
-  t = time.perf_counter()
-  jax.block_until_ready(fn(*input_sets[0]))
-  reps = max(1, int(min_window_s / max(time.perf_counter() - t, 1e-6) / len(input_sets)))
-  samples = []
-  for _ in range(windows):
-    t = time.perf_counter()
-    out = None
-    for _ in range(reps):
-      for a in input_sets:
-        out = fn(*a)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t) / (reps * len(input_sets)))
-  return 1e6 * float(np.median(samples))
+def time_us(fn, input_sets, windows=7):
+    """Median µs per call of ``fn`` (see :func:`timing.median_seconds`)."""
+    return 1e6 * median_seconds(fn, input_sets, min_window_s=0.02, windows=windows)
 
 
 def copy_bandwidth(n_bytes):
-  """Device-to-device bandwidth (bytes/s) of a large elementwise copy (x + 1: read + write)."""
-  x = jnp.zeros((n_bytes // 4,), jnp.float32)
-  f = jax.jit(lambda v: v + 1.0)
-  return 2 * n_bytes / (time_us(f, [(x,)], windows=5) * 1e-6)
+    """Device-to-device bandwidth (bytes/s) of a large elementwise copy (x + 1: read + write)."""
+    x = jnp.zeros((n_bytes // 4,), jnp.float32)
+    f = jax.jit(lambda v: v + 1.0)
+    return 2 * n_bytes / (time_us(f, [(x,)], windows=5) * 1e-6)
 
 
 def bytes_moved(batch, length, dim, dtype, chunk):
-  """Minimal HBM traffic: fwd reads u, Δ, B, C and writes y; fwd+bwd adds the saved chunk states (written,
-  read), dy read, u, Δ, B, C re-read, and du, dΔ, dB, dC written."""
-  item = jnp.dtype(dtype).itemsize
-  row, bc = batch * length * dim * item, batch * length * N_STATE * item
-  states = batch * -(-length // chunk) * dim * N_STATE * 4
-  fwd = 3 * row + 2 * bc
-  return fwd, fwd + 2 * states + (2 * row + 2 * bc) + row + (2 * row + 2 * bc)
+    """Minimal HBM traffic: fwd reads u, Δ, B, C and writes y; fwd+bwd adds the saved chunk states (written,
+    read), dy read, u, Δ, B, C re-read, and du, dΔ, dB, dC written."""
+    item = jnp.dtype(dtype).itemsize
+    row, bc = batch * length * dim * item, batch * length * N_STATE * item
+    states = batch * -(-length // chunk) * dim * N_STATE * 4
+    fwd = 3 * row + 2 * bc
+    return fwd, fwd + 2 * states + (2 * row + 2 * bc) + row + (2 * row + 2 * bc)
 
 
 def input_sets(shape, dtype, count, seed):
-  batch, length, dim = shape
-  out = []
-  for i in range(count):
-    rng = np.random.default_rng([seed, i])
-    args = make_inputs(rng, batch, length, dim, N_STATE, dtype)
-    dy = jnp.asarray(rng.normal(0.0, 1.0, (batch, length, dim)), dtype)
-    out.append((args, dy))
-  return out
+    batch, length, dim = shape
+    out = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        args = make_inputs(rng, batch, length, dim, N_STATE, dtype)
+        dy = jnp.asarray(rng.normal(0.0, 1.0, (batch, length, dim)), dtype)
+        out.append((args, dy))
+    return out
 
 
 def numerics(impls, shapes, interpret, seed, log):
-  rows = []
-  for (tag, (_, length, dim)), dtype in itertools.product(shapes.items(), ("float32", "bfloat16")):
-    batch = min(8, shapes[tag][0])
-    rng = np.random.default_rng([seed, 99])
-    args = make_inputs(rng, batch, length, dim, N_STATE, jnp.dtype(dtype))
-    dy = jnp.asarray(rng.normal(0.0, 1.0, (batch, length, dim)), dtype)
-    y_ref, g_ref = reference_float64(args, dy, softplus=True)
-    fwd_tol, grad_tol = TOL[dtype]
-    for impl in impls:
-      y, grads = fwd_and_fwdbwd(impl, interpret=interpret)[1](args, dy)
-      errs = {"y": rel_err(y, y_ref), **{f"d{n}": rel_err(g, r) for n, g, r in zip(ARG_NAMES, grads, g_ref)}}
-      ok = errs["y"] <= fwd_tol and all(v <= grad_tol for k, v in errs.items() if k != "y")
-      rows.append({"shape": tag, "batch": batch, "dtype": dtype, "impl": impl, "ok": ok, "rel_err": errs})
-      log(f"numerics {tag} b{batch} {dtype:8s} {impl:12s} {'OK  ' if ok else 'FAIL'} " +
-          " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
-  return rows
+    rows = []
+    for (tag, (_, length, dim)), dtype in itertools.product(shapes.items(), ("float32", "bfloat16")):
+        batch = min(8, shapes[tag][0])
+        rng = np.random.default_rng([seed, 99])
+        args = make_inputs(rng, batch, length, dim, N_STATE, jnp.dtype(dtype))
+        dy = jnp.asarray(rng.normal(0.0, 1.0, (batch, length, dim)), dtype)
+        y_ref, g_ref = reference_float64(args, dy, softplus=True)
+        fwd_tol, grad_tol = TOL[dtype]
+        for impl in impls:
+            y, grads = fwd_and_fwdbwd(impl, interpret=interpret)[1](args, dy)
+            errs = {"y": rel_err(y, y_ref), **{f"d{n}": rel_err(g, r) for n, g, r in zip(ARG_NAMES, grads, g_ref)}}
+            ok = errs["y"] <= fwd_tol and all(v <= grad_tol for k, v in errs.items() if k != "y")
+            rows.append({"shape": tag, "batch": batch, "dtype": dtype, "impl": impl, "ok": ok, "rel_err": errs})
+            log(
+                f"numerics {tag} b{batch} {dtype:8s} {impl:12s} {'OK  ' if ok else 'FAIL'} "
+                + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+            )
+    return rows
 
 
 def timing(impls, shapes, dtypes, n_sets, seed, bw, interpret, log, configs=None, deadline=None):
-  """One row per (shape, dtype, impl[, config]); errors are recorded, not raised."""
-  rows = []
-  for (tag, shape), dtype in itertools.product(shapes.items(), dtypes):
-    sets = input_sets(shape, jnp.dtype(dtype), n_sets, seed)
-    for impl in impls:
-      for config in (configs or [None]) if impl == "pallas" else [None]:
-        if deadline is not None and time.time() > deadline:
-          log("time budget exhausted; skipping the rest")
-          return rows
-        cfg = config or (default_config(*shape) if impl == "pallas" else None)
-        row = {"shape": tag, "batch": shape[0], "length": shape[1], "dim": shape[2], "dtype": dtype,
-               "impl": impl, "config": None if cfg is None else vars(cfg)}
-        try:
-          f = scan_fn(impl, cfg, interpret)
-          fwd = in_jit_repeated(lambda args, dy: f(*args))
-          fwdbwd = in_jit_repeated(lambda args, dy: jax.vjp(f, *args)[1](dy))
-          calls = INNER_REPS * len(sets)
-          row["fwd_us"] = time_us(fwd, [(sets,)]) / calls
-          row["fwdbwd_us"] = time_us(fwdbwd, [(sets,)]) / calls
-          fb, fbb = bytes_moved(*shape, dtype, cfg.chunk if cfg else 8)
-          row["fwd_bw_frac"] = fb / (row["fwd_us"] * 1e-6) / bw
-          row["fwdbwd_bw_frac"] = fbb / (row["fwdbwd_us"] * 1e-6) / bw
-          log(f"{tag:9s} {dtype:8s} {impl:12s} {'' if cfg is None else _cfg_str(cfg):14s} "
-              f"fwd {row['fwd_us']:9.1f} us ({row['fwd_bw_frac']:.0%} bw)  "
-              f"fwd+bwd {row['fwdbwd_us']:9.1f} us ({row['fwdbwd_bw_frac']:.0%} bw)")
-        except Exception as e:  # pylint: disable=broad-except
-          row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-          log(f"{tag} {dtype} {impl} {cfg}: ERROR {row['error']}")
-        rows.append(row)
-  return rows
+    """One row per (shape, dtype, impl[, config]); errors are recorded, not raised."""
+    rows = []
+    for (tag, shape), dtype in itertools.product(shapes.items(), dtypes):
+        sets = input_sets(shape, jnp.dtype(dtype), n_sets, seed)
+        for impl in impls:
+            for config in (configs or [None]) if impl == "pallas" else [None]:
+                if deadline is not None and time.time() > deadline:
+                    log("time budget exhausted; skipping the rest")
+                    return rows
+                cfg = config or (default_config(*shape) if impl == "pallas" else None)
+                row = {
+                    "shape": tag,
+                    "batch": shape[0],
+                    "length": shape[1],
+                    "dim": shape[2],
+                    "dtype": dtype,
+                    "impl": impl,
+                    "config": None if cfg is None else vars(cfg),
+                }
+                try:
+                    f = scan_fn(impl, cfg, interpret)
+                    fwd = in_jit_repeated(lambda args, dy, f=f: f(*args))
+                    fwdbwd = in_jit_repeated(lambda args, dy, f=f: jax.vjp(f, *args)[1](dy))
+                    calls = INNER_REPS * len(sets)
+                    row["fwd_us"] = time_us(fwd, [(sets,)]) / calls
+                    row["fwdbwd_us"] = time_us(fwdbwd, [(sets,)]) / calls
+                    fb, fbb = bytes_moved(*shape, dtype, cfg.chunk if cfg else 8)
+                    row["fwd_bw_frac"] = fb / (row["fwd_us"] * 1e-6) / bw
+                    row["fwdbwd_bw_frac"] = fbb / (row["fwdbwd_us"] * 1e-6) / bw
+                    log(
+                        f"{tag:9s} {dtype:8s} {impl:12s} {'' if cfg is None else _cfg_str(cfg):14s} "
+                        f"fwd {row['fwd_us']:9.1f} us ({row['fwd_bw_frac']:.0%} bw)  "
+                        f"fwd+bwd {row['fwdbwd_us']:9.1f} us ({row['fwdbwd_bw_frac']:.0%} bw)"
+                    )
+                except Exception as e:  # pylint: disable=broad-except
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    log(f"{tag} {dtype} {impl} {cfg}: ERROR {row['error']}")
+                rows.append(row)
+    return rows
 
 
 def _cfg_str(cfg):
-  return f"d{cfg.block_d}k{cfg.chunk}w{cfg.num_warps}s{cfg.num_stages}"
+    return f"d{cfg.block_d}k{cfg.chunk}w{cfg.num_warps}s{cfg.num_stages}"
 
 
 def sweep_configs():
-  """Chunk 2/4/8 at one warp of 32 channels, half a warp's worth of channels, and 2/4 warps (kept small: each
-  config compiles twice)."""
-  configs = [KernelConfig(block_d=32, chunk=k, num_warps=1) for k in (2, 4, 8)]
-  configs += [KernelConfig(block_d=b, chunk=4, num_warps=w) for b, w in ((16, 1), (64, 2), (128, 4))]
-  return configs
+    """Chunk 2/4/8 at one warp of 32 channels, half a warp's worth of channels, and 2/4 warps (kept small: each
+    config compiles twice)."""
+    configs = [KernelConfig(block_d=32, chunk=k, num_warps=1) for k in (2, 4, 8)]
+    configs += [KernelConfig(block_d=b, chunk=4, num_warps=w) for b, w in ((16, 1), (64, 2), (128, 4))]
+    return configs
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--impls", default="pallas,associative,sequential")
-  p.add_argument("--dtypes", default="float32,bfloat16")
-  p.add_argument("--shapes", default=",".join(SHAPES), help="subset of " + ",".join(SHAPES))
-  p.add_argument("--sweep", action="store_true")
-  p.add_argument("--sweep-shapes", default="T_stage3,T_stage4")
-  p.add_argument("--sweep-dtypes", default="float32")
-  p.add_argument("--sets", type=int, default=4, help="input sets cycled per timed window (defeats L2)")
-  p.add_argument("--budget-s", type=float, default=540, help="stop timing after this many seconds")
-  p.add_argument("--quick", action="store_true", help="tiny shapes, 2 input sets (CPU smoke test)")
-  p.add_argument("--interpret", action="store_true", help="run pallas in interpret mode (CPU)")
-  p.add_argument("--skip-numerics", action="store_true")
-  p.add_argument("--seed", type=int, default=None)
-  p.add_argument("--out", default=None)
-  a = p.parse_args()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impls", default="pallas,associative,sequential")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="subset of " + ",".join(SHAPES))
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-shapes", default="T_stage3,T_stage4")
+    p.add_argument("--sweep-dtypes", default="float32")
+    p.add_argument("--sets", type=int, default=4, help="input sets cycled per timed window (defeats L2)")
+    p.add_argument("--budget-s", type=float, default=540, help="stop timing after this many seconds")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 input sets (CPU smoke test)")
+    p.add_argument("--interpret", action="store_true", help="run pallas in interpret mode (CPU)")
+    p.add_argument("--skip-numerics", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
 
-  start = time.time()
-  deadline = start + a.budget_s
-  seed = a.seed if a.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
-  impls = [i for i in a.impls.split(",") if i]
-  if "pallas" in impls and jax.default_backend() != "gpu" and not a.interpret:
-    print("pallas needs a GPU (or --interpret); dropping it")
-    impls.remove("pallas")
-  shapes = QUICK_SHAPES if a.quick else {k: SHAPES[k] for k in a.shapes.split(",")}
-  sweep_shapes = QUICK_SHAPES if a.quick else {k: SHAPES[k] for k in a.sweep_shapes.split(",")}
-  out_path = a.out or (os.path.join(os.environ["OUT"], "scan.json") if os.environ.get("OUT") else None)
-  log = lambda s: print(s, flush=True)
+    start = time.time()
+    deadline = start + a.budget_s
+    seed = a.seed if a.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+    impls = [i for i in a.impls.split(",") if i]
+    if "pallas" in impls and jax.default_backend() != "gpu" and not a.interpret:
+        print("pallas needs a GPU (or --interpret); dropping it")
+        impls.remove("pallas")
+    shapes = QUICK_SHAPES if a.quick else {k: SHAPES[k] for k in a.shapes.split(",")}
+    sweep_shapes = QUICK_SHAPES if a.quick else {k: SHAPES[k] for k in a.sweep_shapes.split(",")}
+    out_path = a.out or (os.path.join(os.environ["OUT"], "scan.json") if os.environ.get("OUT") else None)
+    log = lambda s: print(s, flush=True)
 
-  device = jax.devices()[0]
-  bw = copy_bandwidth(2**24 if a.quick else 2**30)
-  report = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__, "seed": seed,
-            "copy_bw_GBps": bw / 1e9, "impls": impls, "numerics": [], "results": [], "sweep": [],
-            "sweep_best": {}}
-  log(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}, seed {seed}, "
-      f"copy bandwidth {bw / 1e9:.1f} GB/s")
+    device = jax.devices()[0]
+    bw = copy_bandwidth(2**24 if a.quick else 2**30)
+    report = {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "seed": seed,
+        "copy_bw_GBps": bw / 1e9,
+        "impls": impls,
+        "numerics": [],
+        "results": [],
+        "sweep": [],
+        "sweep_best": {},
+    }
+    log(
+        f"device {device.device_kind} ({device.platform}), jax {jax.__version__}, seed {seed}, "
+        f"copy bandwidth {bw / 1e9:.1f} GB/s"
+    )
 
-  def save():
-    if out_path:
-      with open(out_path, "w") as f:
-        json.dump(report, f, indent=1)
+    def save():
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump(report, f, indent=1)
 
-  if not a.skip_numerics:
-    num_shapes = QUICK_SHAPES if a.quick else {k: SHAPES[k] for k in ("T_stage3", "T_stage4")}
-    report["numerics"] = numerics(impls, num_shapes, a.interpret, seed, log)
+    if not a.skip_numerics:
+        num_shapes = QUICK_SHAPES if a.quick else {k: SHAPES[k] for k in ("T_stage3", "T_stage4")}
+        report["numerics"] = numerics(impls, num_shapes, a.interpret, seed, log)
+        save()
+    n_sets = 2 if a.quick else a.sets
+    report["results"] = timing(
+        impls, shapes, a.dtypes.split(","), n_sets, seed, bw, a.interpret, log, deadline=deadline
+    )
     save()
-  n_sets = 2 if a.quick else a.sets
-  report["results"] = timing(impls, shapes, a.dtypes.split(","), n_sets, seed, bw, a.interpret, log,
-                             deadline=deadline)
-  save()
-  if a.sweep and "pallas" in impls:
-    report["sweep"] = timing(["pallas"], sweep_shapes, a.sweep_dtypes.split(","), n_sets, seed, bw,
-                             a.interpret, log, configs=sweep_configs(), deadline=deadline)
-    for key in ("fwd_us", "fwdbwd_us"):
-      for tag in sweep_shapes:
-        for dtype in a.sweep_dtypes.split(","):
-          ok = [r for r in report["sweep"] if r["shape"] == tag and r["dtype"] == dtype and key in r]
-          if ok:
-            best = min(ok, key=lambda r: r[key])
-            report["sweep_best"][f"{tag}/{dtype}/{key}"] = {"config": best["config"], key: best[key]}
-    save()
+    if a.sweep and "pallas" in impls:
+        report["sweep"] = timing(
+            ["pallas"],
+            sweep_shapes,
+            a.sweep_dtypes.split(","),
+            n_sets,
+            seed,
+            bw,
+            a.interpret,
+            log,
+            configs=sweep_configs(),
+            deadline=deadline,
+        )
+        for key in ("fwd_us", "fwdbwd_us"):
+            for tag in sweep_shapes:
+                for dtype in a.sweep_dtypes.split(","):
+                    ok = [r for r in report["sweep"] if r["shape"] == tag and r["dtype"] == dtype and key in r]
+                    if ok:
+                        best = min(ok, key=lambda r: r[key])
+                        report["sweep_best"][f"{tag}/{dtype}/{key}"] = {"config": best["config"], key: best[key]}
+        save()
 
-  # Compact summary (the device tool returns only the tail of the output).
-  print("\n== numerics: " + ("all OK" if all(r["ok"] for r in report["numerics"]) else
-                             "FAILURES: " + ", ".join(f"{r['shape']}/{r['dtype']}/{r['impl']}"
-                                                      for r in report["numerics"] if not r["ok"])))
-  print(f"== {device.device_kind}, copy bw {bw / 1e9:.1f} GB/s; times in us (fraction of copy bw)")
-  print(f"{'shape':9s} {'dtype':8s} " + " ".join(f"{i + ' fwd':>17s} {i + ' f+b':>17s}" for i in impls))
-  for tag, dtype in itertools.product(shapes, a.dtypes.split(",")):
-    cells = []
-    for impl in impls:
-      r = next((r for r in report["results"] if (r["shape"], r["dtype"], r["impl"]) == (tag, dtype, impl)), {})
-      for key in ("fwd", "fwdbwd"):
-        cells.append(f"{r[key + '_us']:9.1f} ({r[key + '_bw_frac']:4.0%})" if key + "_us" in r else f"{'-':>17s}")
-    print(f"{tag:9s} {dtype:8s} " + " ".join(f"{c:>17s}" for c in cells))
-  for k, v in report["sweep_best"].items():
-    key = k.rsplit("/", 1)[1]
-    print(f"sweep best {k}: {v[key]:.1f} us with {_cfg_str(KernelConfig(**v['config']))}")
-  print(f"total {time.time() - start:.0f} s" + (f"; JSON: {out_path}" if out_path else ""))
+    # Compact summary (the device tool returns only the tail of the output).
+    print(
+        "\n== numerics: "
+        + (
+            "all OK"
+            if all(r["ok"] for r in report["numerics"])
+            else "FAILURES: "
+            + ", ".join(f"{r['shape']}/{r['dtype']}/{r['impl']}" for r in report["numerics"] if not r["ok"])
+        )
+    )
+    print(f"== {device.device_kind}, copy bw {bw / 1e9:.1f} GB/s; times in us (fraction of copy bw)")
+    print(f"{'shape':9s} {'dtype':8s} " + " ".join(f"{i + ' fwd':>17s} {i + ' f+b':>17s}" for i in impls))
+    for tag, dtype in itertools.product(shapes, a.dtypes.split(",")):
+        cells = []
+        for impl in impls:
+            r = next((r for r in report["results"] if (r["shape"], r["dtype"], r["impl"]) == (tag, dtype, impl)), {})
+            for key in ("fwd", "fwdbwd"):
+                cells.append(
+                    f"{r[key + '_us']:9.1f} ({r[key + '_bw_frac']:4.0%})" if key + "_us" in r else f"{'-':>17s}"
+                )
+        print(f"{tag:9s} {dtype:8s} " + " ".join(f"{c:>17s}" for c in cells))
+    for k, v in report["sweep_best"].items():
+        key = k.rsplit("/", 1)[1]
+        print(f"sweep best {k}: {v[key]:.1f} us with {_cfg_str(KernelConfig(**v['config']))}")
+    print(f"total {time.time() - start:.0f} s" + (f"; JSON: {out_path}" if out_path else ""))
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -12,6 +12,7 @@ warm-up and are medians of timed windows synchronised with ``block_until_ready``
 ``.anchor/official_torch.py`` (see shared/anchor/README.md) in a subprocess after the JAX runs, so the ratio
 comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
 """
+
 import argparse
 import json
 import os
@@ -21,7 +22,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -30,8 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mambavision_jax as mvj  # noqa: E402
 from timing import compile_seconds, median_seconds  # noqa: E402
 
-SHORT = {"T": "mamba_vision_T", "T2": "mamba_vision_T2", "S": "mamba_vision_S", "B": "mamba_vision_B",
-         "L": "mamba_vision_L", "L2": "mamba_vision_L2"}
+SHORT = {
+    "T": "mamba_vision_T",
+    "T2": "mamba_vision_T2",
+    "S": "mamba_vision_S",
+    "B": "mamba_vision_B",
+    "L": "mamba_vision_L",
+    "L2": "mamba_vision_L2",
+}
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
 
@@ -59,8 +65,13 @@ def training(name, batch, dtype, size, overrides):
         params, batch_stats, opt_state = state
 
         def loss_fn(params):
-            logits, new = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                      rngs={"dropout": rng}, mutable=["batch_stats"])
+            logits, new = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                images,
+                train=True,
+                rngs={"dropout": rng},
+                mutable=["batch_stats"],
+            )
             logp = jax.nn.log_softmax(logits.astype(jnp.float32))
             return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1)), new["batch_stats"]
 
@@ -85,8 +96,12 @@ def training(name, batch, dtype, size, overrides):
 
 def official(models, train_models):
     """Runs the anchor script; returns its JSON (img/s per model and batch)."""
-    env = dict(os.environ, MODELS=",".join(SHORT[m] for m in models), TRAIN_MODELS=str(len(train_models)),
-               MAMBA_CSRC=os.environ.get("MAMBA_CSRC", ".anchor/csrc/selective_scan"))
+    env = dict(
+        os.environ,
+        MODELS=",".join(SHORT[m] for m in models),
+        TRAIN_MODELS=str(len(train_models)),
+        MAMBA_CSRC=os.environ.get("MAMBA_CSRC", ".anchor/csrc/selective_scan"),
+    )
     out_dir = os.environ.get("OUT", "/tmp")
     env["OUT"] = out_dir
     subprocess.run([sys.executable, ".anchor/official_torch.py"], env=env, check=True)
@@ -105,8 +120,11 @@ def main():
     parser.add_argument("--scan-impl", default="auto")
     parser.add_argument("--attention-impl", default="auto")
     parser.add_argument("--compare-official", action="store_true")
-    parser.add_argument("--official-json", default=None,
-                        help="official_torch.json from a run of the anchor earlier in the same device call")
+    parser.add_argument(
+        "--official-json",
+        default=None,
+        help="official_torch.json from a run of the anchor earlier in the same device call",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -115,8 +133,15 @@ def main():
     overrides = dict(scan_impl=args.scan_impl, attention_impl=args.attention_impl)
     dtype = DTYPES[args.dtype]
     device = jax.devices()[0].device_kind
-    results = dict(device=device, jax=jax.__version__, dtype=args.dtype, overrides=overrides,
-                   date=time.strftime("%Y-%m-%d"), inference={}, training={})
+    results = dict(
+        device=device,
+        jax=jax.__version__,
+        dtype=args.dtype,
+        overrides=overrides,
+        date=time.strftime("%Y-%m-%d"),
+        inference={},
+        training={},
+    )
     out = args.out or os.path.join(os.environ.get("OUT", "."), "throughput.json")
 
     def save():
@@ -127,14 +152,20 @@ def main():
         for batch in (int(b) for b in args.batches.split(",")):
             r = inference(SHORT[m], batch, dtype, args.size, overrides)
             results["inference"][f"{m}_bs{batch}"] = r
-            print(f"infer {m} bs{batch} {args.dtype}: {r['img_per_s']:.0f} img/s, compile {r['compile_s']:.1f}s, "
-                  f"mem {r.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB", flush=True)
+            print(
+                f"infer {m} bs{batch} {args.dtype}: {r['img_per_s']:.0f} img/s, compile {r['compile_s']:.1f}s, "
+                f"mem {r.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB",
+                flush=True,
+            )
             save()
     for m in train_models:
         r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, overrides)
         results["training"][f"{m}_bs{args.train_batch}"] = r
-        print(f"train {m} bs{args.train_batch} bf16 AdamW: {r['img_per_s']:.0f} img/s, compile {r['compile_s']:.1f}s,"
-              f" mem {r.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB", flush=True)
+        print(
+            f"train {m} bs{args.train_batch} bf16 AdamW: {r['img_per_s']:.0f} img/s, compile {r['compile_s']:.1f}s,"
+            f" mem {r.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB",
+            flush=True,
+        )
         save()
     if args.official_json:
         with open(args.official_json) as f:
@@ -154,8 +185,10 @@ def print_table(results):
             m, bs = key.split("_bs")
             theirs = official_results.get(f"{prefix}_{SHORT[m]}_bs{bs}")
             ratio = f"{r['img_per_s'] / theirs:.2f}" if theirs else "-"
-            print(f"{prefix + ' ' + key:<22}{r['img_per_s']:>12.0f}{theirs or '-':>10}{ratio:>8}"
-                  f"{r['compile_s']:>11.1f}{r.get('peak_bytes_estimate', 0) / 2**30:>9.2f}")
+            print(
+                f"{prefix + ' ' + key:<22}{r['img_per_s']:>12.0f}{theirs or '-':>10}{ratio:>8}"
+                f"{r['compile_s']:>11.1f}{r.get('peak_bytes_estimate', 0) / 2**30:>9.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Timing helpers shared by the benchmarks: warm-up excluded, median of repeated timed windows, each window
 synchronised with ``block_until_ready``."""
+
 import time
 from typing import Any, Callable, Sequence
 
@@ -7,8 +8,9 @@ import jax
 import numpy as np
 
 
-def median_seconds(fn: Callable[..., Any], input_sets: Sequence[tuple], min_window_s: float = 0.2,
-                   windows: int = 7) -> float:
+def median_seconds(
+    fn: Callable[..., Any], input_sets: Sequence[tuple], min_window_s: float = 0.2, windows: int = 7
+) -> float:
     """Median seconds per call of ``fn(*args)`` over ``windows`` timed windows.
 
     Each window cycles through all ``input_sets`` (several sets keep caches honest) for at least
@@ -40,9 +42,12 @@ def compile_seconds(jitted: Callable[..., Any], *args) -> tuple[Any, float, dict
     memory = {}
     analysis = compiled.memory_analysis()
     if analysis is not None:
-        for key in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                    "alias_size_in_bytes"):
+        for key in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes"):
             memory[key] = int(getattr(analysis, key, 0) or 0)
-        memory["peak_bytes_estimate"] = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
-                                         + memory["temp_size_in_bytes"] - memory["alias_size_in_bytes"])
+        memory["peak_bytes_estimate"] = (
+            memory["argument_size_in_bytes"]
+            + memory["output_size_in_bytes"]
+            + memory["temp_size_in_bytes"]
+            - memory["alias_size_in_bytes"]
+        )
     return compiled, seconds, memory

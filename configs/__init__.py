@@ -1,1 +1,2 @@
-"""Training configs (``get_config()`` -> ml_collections.ConfigDict). ``common.py`` holds the official recipe."""
+"""Training configs (``get_config()`` -> ml_collections.ConfigDict); the official recipe lives in
+``mambavision_jax/train/recipe.py``."""

@@ -1,12 +1,7 @@
-"""mamba_vision_L on ImageNet-1K with the official recipe (deltas live in configs/common.py VARIANTS)."""
-import importlib.util
-import os
+"""mamba_vision_L on ImageNet-1K with the official recipe (per-variant deltas: mambavision_jax/train/recipe.py)."""
 
-_spec = importlib.util.spec_from_file_location(
-    "mambavision_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from mambavision_jax.train.recipe import recipe
 
 
 def get_config():
-  return common.get_config("mamba_vision_L")
+    return recipe("mamba_vision_L")

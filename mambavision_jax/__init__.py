@@ -4,6 +4,7 @@
 >>> model, variables = mvj.from_pretrained("mamba_vision_T", "mambavision_tiny_1k.pth.tar")
 >>> logits = model.apply(variables, images)  # images: (B, 224, 224, 3) float, normalised, NHWC
 """
+
 from mambavision_jax.models import MambaVision, create_model, list_models, pretrained_cfg
 from mambavision_jax.weights import CheckpointError, from_pretrained
 

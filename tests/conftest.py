@@ -3,6 +3,7 @@
 ``tests/ref_shims`` holds test-only stand-ins that the official model needs on CPU: a pure-PyTorch
 ``mamba_ssm.ops.selective_scan_interface`` and a fix that lets PyPI's torchvision import beside CPU torch.
 """
+
 import os
 import sys
 

@@ -1,6 +1,7 @@
 """The official PyTorch MambaVision (PyPI ``mambavision==1.2.0``) with every parameter and BN statistic
 randomised, for logit-parity tests. A freshly initialised model hides mistakes (gammas 1e-5, zero dt bias, unit
 BN statistics), so every tensor is redrawn at a scale that keeps activations O(1)."""
+
 import math
 
 import numpy as np
@@ -61,5 +62,6 @@ def torch_logits(model, images_nhwc: np.ndarray) -> np.ndarray:
 
 def state_dict_numpy(model) -> dict:
     """The model's state_dict as float numpy arrays (num_batches_tracked dropped)."""
-    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()
-            if not k.endswith("num_batches_tracked")}
+    return {
+        k: v.detach().float().numpy() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")
+    }

@@ -3,17 +3,39 @@
 Host side (numpy/PIL/grain): ``build_train_iterator``, ``build_eval_iterator``, ``num_examples``,
 ``steps_per_epoch``. Device side (pure JAX, jit-able): ``mixup_cutmix``, ``smoothed_one_hot``.
 """
+
 from .config_utils import IMAGENET_MEAN, IMAGENET_STD, Preprocess, preprocess_settings
-from .errors import (CorruptImageError, DataError, DatasetNotFoundError, DatasetNotPreparedError,
-                     UnknownDatasetError)
+from .errors import CorruptImageError, DataError, DatasetNotFoundError, DatasetNotPreparedError, UnknownDatasetError
 from .mixup import mixup_cutmix, mixup_cutmix_with_lam, smoothed_one_hot
-from .pipeline import (DataIterator, build_eval_iterator, build_train_iterator, num_examples, skipped_files,
-                       steps_per_epoch)
+from .pipeline import (
+    DataIterator,
+    build_eval_iterator,
+    build_train_iterator,
+    num_examples,
+    skipped_files,
+    steps_per_epoch,
+)
 from .sources import DATASETS, build_source
 
 __all__ = [
-    "build_train_iterator", "build_eval_iterator", "num_examples", "steps_per_epoch", "mixup_cutmix",
-    "mixup_cutmix_with_lam", "smoothed_one_hot", "skipped_files", "build_source", "DATASETS", "DataIterator",
-    "preprocess_settings", "Preprocess", "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "UnknownDatasetError",
-    "DatasetNotFoundError", "DatasetNotPreparedError", "CorruptImageError",
+    "build_train_iterator",
+    "build_eval_iterator",
+    "num_examples",
+    "steps_per_epoch",
+    "mixup_cutmix",
+    "mixup_cutmix_with_lam",
+    "smoothed_one_hot",
+    "skipped_files",
+    "build_source",
+    "DATASETS",
+    "DataIterator",
+    "preprocess_settings",
+    "Preprocess",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DataError",
+    "UnknownDatasetError",
+    "DatasetNotFoundError",
+    "DatasetNotPreparedError",
+    "CorruptImageError",
 ]

@@ -3,6 +3,7 @@
 One place resolves: batch sizes (per host / global), normalisation mean/std, and eval crop settings, with the
 fallback chain  config.eval_preprocess  ->  mambavision_jax.pretrained_cfg(config.model_name)  ->  ImageNet defaults.
 """
+
 from __future__ import annotations
 
 import dataclasses

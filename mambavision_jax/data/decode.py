@@ -1,4 +1,5 @@
 """Turning a stored image (uint8 array or encoded bytes) into an RGB ``PIL.Image``."""
+
 from __future__ import annotations
 
 import io
@@ -12,9 +13,7 @@ def to_pil_rgb(image) -> Image.Image:
     (JPEG/PNG/...). Returns an RGB PIL image (fully loaded). Raises on undecodable input."""
     if isinstance(image, Image.Image):
         img = image
-    elif isinstance(image, (bytes, bytearray, memoryview)) or (
-        isinstance(image, np.ndarray) and image.dtype == object
-    ):
+    elif isinstance(image, (bytes, bytearray, memoryview)) or (isinstance(image, np.ndarray) and image.dtype == object):
         data = image.item() if isinstance(image, np.ndarray) else image
         img = Image.open(io.BytesIO(bytes(data)))
         img.load()

@@ -4,6 +4,7 @@ Train (timm ``transforms_imagenet_train`` order): RandomResizedCrop -> hflip -> 
 rand_augment is '') -> normalise -> RandomErasing (in normalised space).
 Eval: resize (crop_mode/crop_pct, bicubic) -> center crop -> normalise.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ images: (B, H, W, C) any float dtype (NHWC); labels: int (B,); soft targets: flo
 The partner of example i is example B-1-i (``flip(0)``, as timm). The cutmix box is built with iota masks, so
 shapes are static under jit. Hyper-parameters (alphas, prob, ...) must be Python numbers (static).
 """
+
 from __future__ import annotations
 
 import jax
@@ -37,9 +38,18 @@ def _cutmix_mask(key, lam, height: int, width: int):
     return mask, 1.0 - area / float(height * width)
 
 
-def mixup_cutmix_with_lam(rng, images, labels, *, num_classes: int, mixup_alpha: float = 0.8,
-                          cutmix_alpha: float = 1.0, prob: float = 1.0, switch_prob: float = 0.5,
-                          label_smoothing: float = 0.1):
+def mixup_cutmix_with_lam(
+    rng,
+    images,
+    labels,
+    *,
+    num_classes: int,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    label_smoothing: float = 0.1,
+):
     """Like ``mixup_cutmix`` but also returns (lam, use_cutmix) (scalars; lam = 1 when not applied)."""
     k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(rng, 5)
     _, height, width, _ = images.shape
@@ -71,13 +81,31 @@ def mixup_cutmix_with_lam(rng, images, labels, *, num_classes: int, mixup_alpha:
     return out, targets, lam, jnp.logical_and(apply, use_cut)
 
 
-def mixup_cutmix(rng, images, labels, *, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
-                 prob: float = 1.0, switch_prob: float = 0.5, label_smoothing: float = 0.1):
+def mixup_cutmix(
+    rng,
+    images,
+    labels,
+    *,
+    num_classes: int,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    label_smoothing: float = 0.1,
+):
     """timm Mixup, batch mode. With probability ``prob``: if both alphas > 0 pick cutmix with ``switch_prob`` else
     the enabled one; lam ~ Beta(alpha, alpha); cutmix pastes a box of the flipped batch and lam becomes
     1 - box_area/(H*W); mixup blends lam*x + (1-lam)*x.flip(0). Targets = lam*smooth(y) + (1-lam)*smooth(y.flip(0)).
     Returns (images same shape/dtype, soft targets float32 (B, num_classes))."""
     out, targets, _, _ = mixup_cutmix_with_lam(
-        rng, images, labels, num_classes=num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-        prob=prob, switch_prob=switch_prob, label_smoothing=label_smoothing)
+        rng,
+        images,
+        labels,
+        num_classes=num_classes,
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        prob=prob,
+        switch_prob=switch_prob,
+        label_smoothing=label_smoothing,
+    )
     return out, targets

@@ -10,16 +10,16 @@ only on (config, step, process_index, process_count): resuming = ``build_train_i
 Eval: one ordered pass, ``ceil(N / G_eval)`` batches on every host (same count on all hosts), host slices as above,
 positions past ``N`` padded with zeros and ``mask`` 0.
 """
+
 from __future__ import annotations
 
-import functools
 import math
 import threading
 
 import grain
 import numpy as np
 
-from .config_utils import cfg_get, global_batch_size, image_size, local_batch_size, preprocess_settings
+from .config_utils import cfg_get, global_batch_size, image_size, local_batch_size
 from .example_transforms import EvalTransform, NormalizeOnly, TrainTransform
 from .prefetch import Prefetcher
 from .source_folder import all_skipped_files
@@ -48,15 +48,18 @@ def num_examples(config, split: str) -> int:
 def _steps_per_epoch(n: int, global_batch: int, name: str) -> int:
     spe = n // global_batch
     if spe <= 0:
-        raise ValueError(f"dataset {name!r} train split has {n} examples, fewer than one global batch "
-                         f"({global_batch}); lower batch_size_per_device")
+        raise ValueError(
+            f"dataset {name!r} train split has {n} examples, fewer than one global batch "
+            f"({global_batch}); lower batch_size_per_device"
+        )
     return spe
 
 
 def steps_per_epoch(config) -> int:
     """``num_examples(train) // global batch`` (global batch = batch_size_per_device * jax.device_count())."""
-    return _steps_per_epoch(num_examples(config, _train_split(config)), global_batch_size(config),
-                            cfg_get(config.data, "name"))
+    return _steps_per_epoch(
+        num_examples(config, _train_split(config)), global_batch_size(config), cfg_get(config.data, "name")
+    )
 
 
 class DataIterator:
@@ -157,19 +160,20 @@ def build_train_iterator(config, *, start_step: int, process_index: int, process
         return {"image": image, "label": np.int32(label)}
 
     if hasattr(source, "load_normalized_batch"):  # synthetic: whole batches in one gather, no per-example work
+
         def batches():
             step = int(start_step)
             while True:
                 epoch, pos = divmod(step, spe)
                 start = pos * glob + process_index * local
-                image, label = source.load_normalized_batch(perms(epoch)[start:start + local], *_mean_std(transform))
+                image, label = source.load_normalized_batch(perms(epoch)[start : start + local], *_mean_std(transform))
                 yield {"image": image, "label": label}
                 step += 1
+
         it = batches()
     else:
         ds = grain.MapDataset.range(int(start_step) * local, _STREAM_LEN).map(load)
-        it = iter(ds.to_iter_dataset(_read_options(config, local)).batch(local, drop_remainder=True,
-                                                                          batch_fn=_stack))
+        it = iter(ds.to_iter_dataset(_read_options(config, local)).batch(local, drop_remainder=True, batch_fn=_stack))
     return DataIterator(it, source, start_step, int(cfg_get(config.data, "prefetch", 2)))
 
 

@@ -1,4 +1,5 @@
 """Background-thread prefetch of a batch iterator (host side), so decoding overlaps the device step."""
+
 from __future__ import annotations
 
 import queue

@@ -5,10 +5,10 @@ drawn uniformly *with replacement* from the op list, applied with probability ``
 ~ N(m, mstd) clipped to [0, mmax or 10]. Geometric ops fill with the dataset mean (uint8) and resample with the
 train interpolation (bilinear/bicubic at random for 'random').
 """
+
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import numpy as np
@@ -19,14 +19,39 @@ from .transforms import RANDOM_INTERP, PIL_INTERP
 LEVEL_DENOM = 10.0
 
 RAND_TRANSFORMS = [
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
-    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 ]
 # timm _RAND_INCREASING_TRANSFORMS (Cutout is done by random erasing instead).
 RAND_INCREASING_TRANSFORMS = [
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
-    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
-    "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 ]
 
 
@@ -76,6 +101,7 @@ def parse_rand_augment(spec: str) -> RandAugmentConfig:
 
 
 # ---- level -> argument (timm LEVEL_TO_ARG), with random negation drawn from rng ----
+
 
 def _neg(v, rng):
     return -v if rng.random() > 0.5 else v

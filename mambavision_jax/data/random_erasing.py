@@ -1,4 +1,5 @@
 """timm RandomErasing on a normalised float32 HWC array (applied after normalisation)."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,15 @@ import math
 import numpy as np
 
 
-def random_erasing(image: np.ndarray, rng: np.random.Generator, prob: float = 0.25, mode: str = "pixel",
-                   min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3) -> np.ndarray:
+def random_erasing(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    prob: float = 0.25,
+    mode: str = "pixel",
+    min_area: float = 0.02,
+    max_area: float = 1 / 3,
+    min_aspect: float = 0.3,
+) -> np.ndarray:
     """With probability ``prob`` erase one rectangle of area ~U(min_area, max_area)*H*W and log-uniform aspect in
     [min_aspect, 1/min_aspect] (10 attempts, as timm). ``image``: float32 (H, W, C), modified in place and returned.
 
@@ -34,6 +42,6 @@ def random_erasing(image: np.ndarray, rng: np.random.Generator, prob: float = 0.
                 fill = np.float32(0.0)
             else:
                 raise ValueError(f"unknown random-erasing mode {mode!r}; valid: 'pixel', 'rand', 'const'")
-            image[top:top + h, left:left + w, :] = fill
+            image[top : top + h, left : left + w, :] = fill
             break
     return image

@@ -4,6 +4,7 @@ Deterministic stratified 80/20 split (random_state 0): split 'train' -> 1437 exa
 'test'/'val'/'validation'/'eval' -> 360. Pixels 0..16 are scaled to uint8 0..255 and upsampled (bicubic) to an
 RGB (image_size, image_size, 3) image before the usual transforms.
 """
+
 from __future__ import annotations
 
 import functools

@@ -5,6 +5,7 @@ is no train dir), so train and val share one mapping. Corrupt files are named: `
 ``CorruptImageError(path)``; ``'skip'`` substitutes the next decodable index (deterministic) and records the path in
 ``skip_log`` (also logged once per file at WARNING).
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,8 +60,7 @@ def _split_dir(root: str, split: str) -> str:
         if os.path.isdir(p):
             return p
     raise DatasetNotFoundError(
-        f"folder dataset: no directory for split {split!r} under {root!r} "
-        f"(expected {root}/{split}/<class>/*.jpg)"
+        f"folder dataset: no directory for split {split!r} under {root!r} (expected {root}/{split}/<class>/*.jpg)"
     )
 
 
@@ -89,12 +89,14 @@ class FolderSource:
         for c in _list_classes(split_dir):
             if c not in index:
                 raise DatasetNotFoundError(
-                    f"folder dataset: class dir {os.path.join(split_dir, c)!r} is not among the train classes")
+                    f"folder dataset: class dir {os.path.join(split_dir, c)!r} is not among the train classes"
+                )
             cdir = os.path.join(split_dir, c)
             names = sorted(n for n in os.listdir(cdir) if n.lower().endswith(IMAGE_EXTENSIONS))
             if not names:
                 raise DatasetNotFoundError(
-                    f"folder dataset: class directory {cdir!r} has no {'/'.join(IMAGE_EXTENSIONS)} files")
+                    f"folder dataset: class directory {cdir!r} has no {'/'.join(IMAGE_EXTENSIONS)} files"
+                )
             files.extend((os.path.join(cdir, n), index[c]) for n in names)
         if not files:
             raise DatasetNotFoundError(f"folder dataset: no images under {split_dir!r}")

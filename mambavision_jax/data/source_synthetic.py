@@ -2,6 +2,7 @@
 index, generated directly at the target size. Images come from a fixed pool of ``POOL`` random images
 (image of index i = pool[i % POOL]; label of i = hash(seed, split, i) % num_classes), pre-normalised once, so the
 pipeline builds a batch with one gather (``load_normalized_batch``, no grain, no augmentation)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,9 @@ class SyntheticSource:
     def labels(self, indices) -> np.ndarray:
         """int32 labels of ``indices`` (splitmix64 hash of (seed, split, index)), vectorised."""
         with np.errstate(over="ignore"):
-            z = (np.asarray(indices, np.uint64) + np.uint64(self._seed * 2 + self._split_tag)
-                 * np.uint64(0x9E3779B97F4A7C15))
+            z = np.asarray(indices, np.uint64) + np.uint64(self._seed * 2 + self._split_tag) * np.uint64(
+                0x9E3779B97F4A7C15
+            )
             z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
             z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
             z = z ^ (z >> np.uint64(31))

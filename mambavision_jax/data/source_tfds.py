@@ -2,6 +2,7 @@
 
 Records are {'image': uint8 (H, W, 3) (or encoded bytes if a decoder was skipped), 'label': int, 'file_name'}.
 """
+
 from __future__ import annotations
 
 import numpy as np

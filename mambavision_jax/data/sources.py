@@ -3,6 +3,7 @@
 Every source has ``__len__``, ``num_classes``, ``skip_augmentation`` and ``load(index) -> (image, int label)``
 where image is a PIL RGB image or a uint8 (H, W, 3) array.
 """
+
 from __future__ import annotations
 
 from .config_utils import cfg_get, image_size
@@ -25,8 +26,13 @@ def build_source(config, split: str):
     elif name == "digits":
         src = DigitsSource(split, size)
     elif name == "synthetic":
-        src = SyntheticSource(split, size, int(cfg_get(config.data, "synthetic_examples", 1024)),
-                              int(cfg_get(config.data, "num_classes", 1000)), int(cfg_get(config, "seed", 0)))
+        src = SyntheticSource(
+            split,
+            size,
+            int(cfg_get(config.data, "synthetic_examples", 1024)),
+            int(cfg_get(config.data, "num_classes", 1000)),
+            int(cfg_get(config, "seed", 0)),
+        )
     else:
         raise UnknownDatasetError(f"unknown config.data.name {name!r}; valid: {', '.join(DATASETS)}")
     want = cfg_get(config.data, "num_classes")

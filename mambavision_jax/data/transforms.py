@@ -3,6 +3,7 @@
 All images are PIL RGB; arrays are uint8 or float32 HWC. ``rng`` is always a ``np.random.Generator`` so a whole
 per-example augmentation chain is reproducible from its seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,16 +60,23 @@ def random_resized_crop_params(rng: np.random.Generator, width: int, height: int
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_resized_crop(img: Image.Image, rng: np.random.Generator, size: int, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3), interpolation: str = "bicubic") -> Image.Image:
+def random_resized_crop(
+    img: Image.Image,
+    rng: np.random.Generator,
+    size: int,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    interpolation: str = "bicubic",
+) -> Image.Image:
     """Crop a random region (``random_resized_crop_params``) and resize it to (size, size)."""
     top, left, h, w = random_resized_crop_params(rng, img.width, img.height, scale, ratio)
     resample = pick_interpolation(interpolation, rng)
     return img.resize((size, size), resample, box=(left, top, left + w, top + h))
 
 
-def eval_resize_crop(img: Image.Image, size: int, crop_pct: float = 1.0, crop_mode: str = "center",
-                     interpolation: str = "bicubic") -> Image.Image:
+def eval_resize_crop(
+    img: Image.Image, size: int, crop_pct: float = 1.0, crop_mode: str = "center", interpolation: str = "bicubic"
+) -> Image.Image:
     """timm eval transform geometry. scale_size = floor(size / crop_pct);
     'center': resize the short side to scale_size (aspect kept, long side int(scale_size * long / short)),
     'squash': resize both sides to scale_size; then center-crop (size, size) (torchvision rounding)."""

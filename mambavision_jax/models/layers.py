@@ -2,6 +2,7 @@
 
 All tensors are channels-last. Images and feature maps are NHWC; token sequences are (batch, length, channels).
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -34,8 +35,9 @@ def batch_norm(name: str, epsilon: float, dtype: Dtype, train: bool) -> nn.Batch
 
     Statistics and affine parameters are float32 whatever the compute dtype.
     """
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name
+    )
 
 
 def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:

@@ -5,6 +5,7 @@ The module tree mirrors the official PyTorch model one to one (``patch_embed``, 
 (:mod:`mambavision_jax.weights.params`). Everything is channels-last: images and maps NHWC, token sequences
 (batch, length, channels). Parameters and BatchNorm statistics are float32; ``dtype`` sets the compute dtype.
 """
+
 import math
 from typing import Any, Optional, Sequence
 
@@ -21,14 +22,28 @@ D_CONV = 3
 
 
 def _dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.truncated_normal(0.02), name=name)
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.truncated_normal(0.02),
+        name=name,
+    )
 
 
 def _conv(features: int, stride: int, name: str, dtype: Dtype, use_bias: bool) -> nn.Conv:
     """3x3 convolution with symmetric padding 1, as ``nn.Conv2d(k=3, padding=1)``."""
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), use_bias=use_bias,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+    return nn.Conv(
+        features,
+        (3, 3),
+        strides=(stride, stride),
+        padding=((1, 1), (1, 1)),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 class PatchEmbed(nn.Module):
@@ -74,8 +89,7 @@ class DtProjection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param("kernel", nn.initializers.truncated_normal(0.02), (x.shape[-1], self.features),
-                            jnp.float32)
+        kernel = self.param("kernel", nn.initializers.truncated_normal(0.02), (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         y = jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
         return y, bias
@@ -102,8 +116,10 @@ class DepthwiseConv1d(nn.Module):
 
 def _uniform(bound: float):
     """Initializer drawing from U(-bound, bound)."""
+
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
+
     return init
 
 
@@ -123,9 +139,11 @@ class MambaVisionMixer(nn.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         half = self.dim // 2
         dt_rank = math.ceil(self.dim / 16)
-        a_log = self.param("A_log", lambda _, s: jnp.log(jnp.broadcast_to(jnp.arange(1, D_STATE + 1,
-                                                                                     dtype=jnp.float32), s)),
-                           (half, D_STATE))
+        a_log = self.param(
+            "A_log",
+            lambda _, s: jnp.log(jnp.broadcast_to(jnp.arange(1, D_STATE + 1, dtype=jnp.float32), s)),
+            (half, D_STATE),
+        )
         skip = self.param("D", nn.initializers.ones, (half,), jnp.float32)
 
         xz = _dense(self.dim, "in_proj", self.dtype, use_bias=False)(tokens)
@@ -137,6 +155,7 @@ class MambaVisionMixer(nn.Module):
         dt, dt_bias = DtProjection(half, self.dtype, name="dt_proj")(dt)
         y = selective_scan(x, dt, -jnp.exp(a_log), b, c, skip, dt_bias, delta_softplus=True, impl=self.scan_impl)
         return _dense(self.dim, "out_proj", self.dtype, use_bias=False)(jnp.concatenate([y, z], axis=-1))
+
 
 class Attention(nn.Module):
     """Multi-head self-attention on (B, N, C) tokens: qkv with bias, no positional terms, scale hd^-0.5."""
@@ -151,8 +170,9 @@ class Attention(nn.Module):
         b, n, _ = tokens.shape
         head_dim = self.dim // self.num_heads
         qkv = _dense(3 * self.dim, "qkv", self.dtype)(tokens).reshape(b, n, 3, self.num_heads, head_dim)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                           implementation=self._implementation(head_dim, train))  # (B,N,h,hd)
+        out = jax.nn.dot_product_attention(
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self._implementation(head_dim, train)
+        )  # (B,N,h,hd)
         return _dense(self.dim, "proj", self.dtype)(out.reshape(b, n, self.dim))
 
     def _implementation(self, head_dim: int, train: bool) -> Optional[str]:
@@ -161,9 +181,13 @@ class Attention(nn.Module):
         on XLA: cuDNN's fused backward refuses MambaVision's stage-4 sequences ("Unsupported sequence length Q
         49, KV 49", jax 0.11.2 on an H200)."""
         if self.attention_impl == "auto":
-            fused = (not train and jax.default_backend() == "gpu"
-                     and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
-                     and head_dim % 8 == 0 and head_dim <= 128)
+            fused = (
+                not train
+                and jax.default_backend() == "gpu"
+                and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
+                and head_dim % 8 == 0
+                and head_dim <= 128
+            )
             return "cudnn" if fused else "xla"
         if self.attention_impl not in ("xla", "cudnn"):
             raise ValueError(f"attention_impl must be 'auto', 'xla' or 'cudnn'; got {self.attention_impl!r}")
@@ -211,7 +235,8 @@ class Block(nn.Module):
         branch = mixer(normed, train) if self.use_attention else mixer(normed)
         x = x + drop_path(self._scale("gamma_1", branch), deterministic=not train)
         branch = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, name="mlp")(
-            self._layer_norm("norm2")(x), train)
+            self._layer_norm("norm2")(x), train
+        )
         return x + drop_path(self._scale("gamma_2", branch), deterministic=not train)
 
     def _layer_norm(self, name: str) -> nn.LayerNorm:
@@ -252,16 +277,27 @@ class MambaVisionLayer(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
         if self.conv:
             for j in range(self.depth):
-                x = ConvBlock(self.dim, self.drop_path[j], self.layer_scale_conv, self.dtype,
-                              name=f"blocks_{j}")(x, train)
+                x = ConvBlock(self.dim, self.drop_path[j], self.layer_scale_conv, self.dtype, name=f"blocks_{j}")(
+                    x, train
+                )
         else:
             size = x.shape[1:3]
             tokens, padded = window_partition(x, self.window_size)
             attention = attention_block_indices(self.depth)
             for j in range(self.depth):
-                tokens = Block(self.dim, self.num_heads, j in attention, self.mlp_ratio, self.drop_path[j],
-                               self.drop, self.layer_scale, self.scan_impl, self.attention_impl, self.dtype,
-                               name=f"blocks_{j}")(tokens, train)
+                tokens = Block(
+                    self.dim,
+                    self.num_heads,
+                    j in attention,
+                    self.mlp_ratio,
+                    self.drop_path[j],
+                    self.drop,
+                    self.layer_scale,
+                    self.scan_impl,
+                    self.attention_impl,
+                    self.dtype,
+                    name=f"blocks_{j}",
+                )(tokens, train)
             x = window_reverse(tokens, self.window_size, padded, size)
         if not self.downsample:
             return x, None
@@ -309,19 +345,35 @@ class MambaVision(nn.Module):
         self.patch_embed = PatchEmbed(self.in_dim, self.dim, self.dtype)
         levels, start = [], 0
         for i, depth in enumerate(self.depths):
-            levels.append(MambaVisionLayer(
-                dim=self.dim * 2 ** i, depth=depth, num_heads=self.num_heads[i], window_size=self.window_size[i],
-                conv=i < 2, downsample=i < len(self.depths) - 1, drop_path=tuple(rates[start:start + depth]),
-                mlp_ratio=self.mlp_ratio, drop=self.drop_rate, layer_scale=self.layer_scale,
-                layer_scale_conv=self.layer_scale_conv, scan_impl=self.scan_impl,
-                attention_impl=self.attention_impl, dtype=self.dtype,
-                name=f"levels_{i}"))
+            levels.append(
+                MambaVisionLayer(
+                    dim=self.dim * 2**i,
+                    depth=depth,
+                    num_heads=self.num_heads[i],
+                    window_size=self.window_size[i],
+                    conv=i < 2,
+                    downsample=i < len(self.depths) - 1,
+                    drop_path=tuple(rates[start : start + depth]),
+                    mlp_ratio=self.mlp_ratio,
+                    drop=self.drop_rate,
+                    layer_scale=self.layer_scale,
+                    layer_scale_conv=self.layer_scale_conv,
+                    scan_impl=self.scan_impl,
+                    attention_impl=self.attention_impl,
+                    dtype=self.dtype,
+                    name=f"levels_{i}",
+                )
+            )
             start += depth
         self.levels = levels
         self.norm = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
         if self.num_classes > 0:
-            self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                                 kernel_init=nn.initializers.truncated_normal(0.02))
+            self.head = nn.Dense(
+                self.num_classes,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nn.initializers.truncated_normal(0.02),
+            )
 
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         """(B, H, W, in_chans) float images -> (B, num_classes) logits (pooled features if num_classes == 0)."""
@@ -352,13 +404,22 @@ class MambaVision(nn.Module):
 
     def _check_images(self, images: jax.Array) -> None:
         if images.ndim != 4:
-            raise ValueError(f"MambaVision expects a batch of NHWC images of rank 4 (B, H, W, {self.in_chans}); "
-                             f"got shape {tuple(images.shape)}.")
+            raise ValueError(
+                f"MambaVision expects a batch of NHWC images of rank 4 (B, H, W, {self.in_chans}); "
+                f"got shape {tuple(images.shape)}."
+            )
         if images.shape[-1] != self.in_chans:
-            hint = " It looks like NCHW: transpose to NHWC with x.transpose(0, 2, 3, 1)." \
-                if images.shape[1] == self.in_chans else ""
-            raise ValueError(f"MambaVision expects {self.in_chans} channels in the last axis (NHWC); got shape "
-                             f"{tuple(images.shape)}.{hint}")
+            hint = (
+                " It looks like NCHW: transpose to NHWC with x.transpose(0, 2, 3, 1)."
+                if images.shape[1] == self.in_chans
+                else ""
+            )
+            raise ValueError(
+                f"MambaVision expects {self.in_chans} channels in the last axis (NHWC); got shape "
+                f"{tuple(images.shape)}.{hint}"
+            )
         if not jnp.issubdtype(images.dtype, jnp.floating):
-            raise ValueError(f"MambaVision expects floating-point images normalised with the model's mean/std; "
-                             f"got dtype {images.dtype}. Convert uint8 images with (x / 255 - mean) / std.")
+            raise ValueError(
+                f"MambaVision expects floating-point images normalised with the model's mean/std; "
+                f"got dtype {images.dtype}. Convert uint8 images with (x / 255 - mean) / std."
+            )

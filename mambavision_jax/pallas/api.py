@@ -19,57 +19,59 @@ _CPU_AUTO = "sequential"
 
 
 def resolve_impl(impl: str) -> str:
-  """Maps ``impl`` to a concrete implementation name ("sequential", "associative" or "pallas")."""
-  if impl not in IMPLS:
-    raise ValueError(f"unknown selective_scan impl {impl!r}; valid: {', '.join(IMPLS)}")
-  if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else _CPU_AUTO
-  return "pallas" if impl == "pallas_triton" else impl
+    """Maps ``impl`` to a concrete implementation name ("sequential", "associative" or "pallas")."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown selective_scan impl {impl!r}; valid: {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else _CPU_AUTO
+    return "pallas" if impl == "pallas_triton" else impl
 
 
 def _check_shapes(u, delta, A, B, C, D, delta_bias):
-  def fail(name, arr, expected):
-    raise ValueError(f"selective_scan: {name} must have shape {expected}, got {tuple(arr.shape)} "
-                     f"(u: {tuple(u.shape)}, A: {tuple(A.shape)})")
+    def fail(name, arr, expected):
+        raise ValueError(
+            f"selective_scan: {name} must have shape {expected}, got {tuple(arr.shape)} "
+            f"(u: {tuple(u.shape)}, A: {tuple(A.shape)})"
+        )
 
-  if u.ndim != 3:
-    raise ValueError(f"selective_scan: u must be (batch, length, dim), got shape {tuple(u.shape)}")
-  batch, length, dim = u.shape
-  if A.ndim != 2 or A.shape[0] != dim:
-    fail("A", A, "(dim, d_state)")
-  n = A.shape[1]
-  if delta.shape != u.shape:
-    fail("delta", delta, (batch, length, dim))
-  for name, arr in (("B", B), ("C", C)):
-    if arr.shape != (batch, length, n):
-      fail(name, arr, (batch, length, n))
-  for name, arr in (("D", D), ("delta_bias", delta_bias)):
-    if arr is not None and arr.shape != (dim,):
-      fail(name, arr, (dim,))
+    if u.ndim != 3:
+        raise ValueError(f"selective_scan: u must be (batch, length, dim), got shape {tuple(u.shape)}")
+    batch, length, dim = u.shape
+    if A.ndim != 2 or A.shape[0] != dim:
+        fail("A", A, "(dim, d_state)")
+    n = A.shape[1]
+    if delta.shape != u.shape:
+        fail("delta", delta, (batch, length, dim))
+    for name, arr in (("B", B), ("C", C)):
+        if arr.shape != (batch, length, n):
+            fail(name, arr, (batch, length, n))
+    for name, arr in (("D", D), ("delta_bias", delta_bias)):
+        if arr is not None and arr.shape != (dim,):
+            fail(name, arr, (dim,))
 
 
-def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus=False, impl="auto",
-                   interpret=False):
-  """Selective scan with mamba_ssm semantics (``z=None``), differentiable in every array argument.
+def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus=False, impl="auto", interpret=False):
+    """Selective scan with mamba_ssm semantics (``z=None``), differentiable in every array argument.
 
-  Args:
-    u, delta: (batch, length, dim), float32/bfloat16/float16.
-    A: (dim, d_state) float32.
-    B, C: (batch, length, d_state), shared by all channels.
-    D, delta_bias: (dim,) or None.
-    delta_softplus: apply softplus (``x > 20 → x``) to ``delta + delta_bias``.
-    impl: "auto" (Pallas on GPU, else the faster pure-JAX scan on CPU), "sequential" (``lax.scan``),
-      "associative" (``lax.associative_scan``), "pallas" / "pallas_triton" (Pallas Triton kernels).
-    interpret: run the Pallas kernels in interpret mode (CPU testing).
+    Args:
+      u, delta: (batch, length, dim), float32/bfloat16/float16.
+      A: (dim, d_state) float32.
+      B, C: (batch, length, d_state), shared by all channels.
+      D, delta_bias: (dim,) or None.
+      delta_softplus: apply softplus (``x > 20 → x``) to ``delta + delta_bias``.
+      impl: "auto" (Pallas on GPU, else the faster pure-JAX scan on CPU), "sequential" (``lax.scan``),
+        "associative" (``lax.associative_scan``), "pallas" / "pallas_triton" (Pallas Triton kernels).
+      interpret: run the Pallas kernels in interpret mode (CPU testing).
 
-  Returns:
-    y: (batch, length, dim) in u's dtype, with
-    ``h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t`` (h_{-1} = 0, float32) and ``y_t = C_t·h_t + D·u_t``.
-  """
-  impl = resolve_impl(impl)
-  _check_shapes(u, delta, A, B, C, D, delta_bias)
-  if impl == "pallas":
-    return selective_scan_pallas(u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus,
-                                 interpret=interpret)
-  fn = reference.scan_sequential if impl == "sequential" else reference.scan_associative
-  return fn(u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus)
+    Returns:
+      y: (batch, length, dim) in u's dtype, with
+      ``h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t`` (h_{-1} = 0, float32) and ``y_t = C_t·h_t + D·u_t``.
+    """
+    impl = resolve_impl(impl)
+    _check_shapes(u, delta, A, B, C, D, delta_bias)
+    if impl == "pallas":
+        return selective_scan_pallas(
+            u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus, interpret=interpret
+        )
+    fn = reference.scan_sequential if impl == "sequential" else reference.scan_associative
+    return fn(u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus)

@@ -18,62 +18,66 @@ SOFTPLUS_THRESHOLD = 20.0
 
 
 def softplus(x: jax.Array) -> jax.Array:
-  """mamba_ssm's softplus: ``log1p(exp(x))``, and ``x`` itself for ``x > 20`` (no overflow)."""
-  safe = jnp.minimum(x, SOFTPLUS_THRESHOLD)
-  return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(safe)))
+    """mamba_ssm's softplus: ``log1p(exp(x))``, and ``x`` itself for ``x > 20`` (no overflow)."""
+    safe = jnp.minimum(x, SOFTPLUS_THRESHOLD)
+    return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(safe)))
 
 
 def delta_transform(delta, delta_bias, delta_softplus: bool):
-  """Δ prologue shared by every implementation: float32 ``delta (+ bias)``, then optional softplus.
+    """Δ prologue shared by every implementation: float32 ``delta (+ bias)``, then optional softplus.
 
-  ``delta``: (..., dim) any float dtype; ``delta_bias``: (dim,) or None. Returns float32 (..., dim).
-  """
-  dt = delta.astype(jnp.float32)
-  if delta_bias is not None:
-    dt = dt + delta_bias.astype(jnp.float32)
-  if delta_softplus:
-    dt = softplus(dt)
-  return dt
+    ``delta``: (..., dim) any float dtype; ``delta_bias``: (dim,) or None. Returns float32 (..., dim).
+    """
+    dt = delta.astype(jnp.float32)
+    if delta_bias is not None:
+        dt = dt + delta_bias.astype(jnp.float32)
+    if delta_softplus:
+        dt = softplus(dt)
+    return dt
 
 
 def _epilogue(y, u, D):
-  """Adds the ``D·u`` skip and casts to u's dtype. ``y``: (batch, length, dim) float32."""
-  if D is not None:
-    y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
-  return y.astype(u.dtype)
+    """Adds the ``D·u`` skip and casts to u's dtype. ``y``: (batch, length, dim) float32."""
+    if D is not None:
+        y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
+    return y.astype(u.dtype)
 
 
 def scan_sequential(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus=False):
-  """``jax.lax.scan`` over time; only the (batch, dim, d_state) state is carried (no (b,l,d,n) tensor)."""
-  dt = delta_transform(delta, delta_bias, delta_softplus)
-  A32 = A.astype(jnp.float32)
-  batch, _, dim = u.shape
-  # Time-major views: (length, batch, ...).
-  xs = (jnp.swapaxes(dt, 0, 1), jnp.swapaxes(u.astype(jnp.float32), 0, 1),
-        jnp.swapaxes(B.astype(jnp.float32), 0, 1), jnp.swapaxes(C.astype(jnp.float32), 0, 1))
+    """``jax.lax.scan`` over time; only the (batch, dim, d_state) state is carried (no (b,l,d,n) tensor)."""
+    dt = delta_transform(delta, delta_bias, delta_softplus)
+    A32 = A.astype(jnp.float32)
+    batch, _, dim = u.shape
+    # Time-major views: (length, batch, ...).
+    xs = (
+        jnp.swapaxes(dt, 0, 1),
+        jnp.swapaxes(u.astype(jnp.float32), 0, 1),
+        jnp.swapaxes(B.astype(jnp.float32), 0, 1),
+        jnp.swapaxes(C.astype(jnp.float32), 0, 1),
+    )
 
-  def step(h, x):
-    dt_t, u_t, b_t, c_t = x  # (batch, dim), (batch, dim), (batch, n), (batch, n)
-    decay = jnp.exp(dt_t[:, :, None] * A32)
-    h = decay * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
-    return h, jnp.einsum("bdn,bn->bd", h, c_t)
+    def step(h, x):
+        dt_t, u_t, b_t, c_t = x  # (batch, dim), (batch, dim), (batch, n), (batch, n)
+        decay = jnp.exp(dt_t[:, :, None] * A32)
+        h = decay * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
+        return h, jnp.einsum("bdn,bn->bd", h, c_t)
 
-  h0 = jnp.zeros((batch, dim, A.shape[1]), jnp.float32)
-  _, ys = jax.lax.scan(step, h0, xs)
-  return _epilogue(jnp.swapaxes(ys, 0, 1), u, D)
+    h0 = jnp.zeros((batch, dim, A.shape[1]), jnp.float32)
+    _, ys = jax.lax.scan(step, h0, xs)
+    return _epilogue(jnp.swapaxes(ys, 0, 1), u, D)
 
 
 def scan_associative(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus=False):
-  """``jax.lax.associative_scan`` over (decay, input) pairs; materialises (batch, length, dim, d_state)."""
-  dt = delta_transform(delta, delta_bias, delta_softplus)
-  decay = jnp.exp(dt[..., None] * A.astype(jnp.float32))
-  inp = (dt * u.astype(jnp.float32))[..., None] * B.astype(jnp.float32)[:, :, None, :]
+    """``jax.lax.associative_scan`` over (decay, input) pairs; materialises (batch, length, dim, d_state)."""
+    dt = delta_transform(delta, delta_bias, delta_softplus)
+    decay = jnp.exp(dt[..., None] * A.astype(jnp.float32))
+    inp = (dt * u.astype(jnp.float32))[..., None] * B.astype(jnp.float32)[:, :, None, :]
 
-  def combine(left, right):
-    a_l, b_l = left
-    a_r, b_r = right
-    return a_l * a_r, a_r * b_l + b_r
+    def combine(left, right):
+        a_l, b_l = left
+        a_r, b_r = right
+        return a_l * a_r, a_r * b_l + b_r
 
-  _, h = jax.lax.associative_scan(combine, (decay, inp), axis=1)
-  y = jnp.einsum("bldn,bln->bld", h, C.astype(jnp.float32))
-  return _epilogue(y, u, D)
+    _, h = jax.lax.associative_scan(combine, (decay, inp), axis=1)
+    y = jnp.einsum("bldn,bln->bld", h, C.astype(jnp.float32))
+    return _epilogue(y, u, D)

@@ -51,223 +51,277 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """Launch parameters. ``block_d``: channels per program (power of two); ``chunk``: time steps whose row loads
-  are issued together (and prefetched one chunk ahead); ``num_warps``/``num_stages``: Triton's."""
+    """Launch parameters. ``block_d``: channels per program (power of two); ``chunk``: time steps whose row loads
+    are issued together (and prefetched one chunk ahead); ``num_warps``/``num_stages``: Triton's."""
 
-  block_d: int = 32
-  chunk: int = 8
-  num_warps: int = 1
-  num_stages: int = 1
+    block_d: int = 32
+    chunk: int = 8
+    num_warps: int = 1
+    num_stages: int = 1
 
-  def __post_init__(self):
-    for name in ("block_d", "chunk", "num_warps"):
-      value = getattr(self, name)
-      if value < 1 or value & (value - 1):
-        raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
-    if self.num_stages < 1:
-      raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
+    def __post_init__(self):
+        for name in ("block_d", "chunk", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+        if self.num_stages < 1:
+            raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
 
 
 def default_config(batch: int, length: int, dim: int) -> KernelConfig:
-  """One warp of 32 channels (a lane per channel, its d_state values in registers), chunks of 4 steps (2 for
-  very short sequences): measured on an H200, benchmarks/NOTES.md."""
-  del batch, dim
-  return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4, num_warps=1)
+    """One warp of 32 channels (a lane per channel, its d_state values in registers), chunks of 4 steps (2 for
+    very short sequences): measured on an H200, benchmarks/NOTES.md."""
+    del batch, dim
+    return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4, num_warps=1)
 
 
 def _softplus(x):
-  return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
+    return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
 
 
 class _Rows:
-  """Loads the K time-step rows of one chunk for program (channel block, batch row)."""
+    """Loads the K time-step rows of one chunk for program (channel block, batch row)."""
 
-  def __init__(self, batch_idx, d0, dmask, block_d, length, chunk):
-    self.b, self.d0, self.dmask = batch_idx, d0, dmask
-    self.block_d, self.length, self.chunk = block_d, length, chunk
+    def __init__(self, batch_idx, d0, dmask, block_d, length, chunk):
+        self.b, self.d0, self.dmask = batch_idx, d0, dmask
+        self.block_d, self.length, self.chunk = block_d, length, chunk
 
-  def times(self, t0):
-    """Clamped row index and validity of each step of the chunk starting at ``t0``."""
-    return [(jnp.minimum(t0 + k, self.length - 1), t0 + k < self.length) for k in range(self.chunk)]
+    def times(self, t0):
+        """Clamped row index and validity of each step of the chunk starting at ``t0``."""
+        return [(jnp.minimum(t0 + k, self.length - 1), t0 + k < self.length) for k in range(self.chunk)]
 
-  def channels(self, ref, t0, valid_only=False):
-    """K rows ``ref[b, t, d0:d0+block_d]`` (float32, zero outside ``dim``; also outside ``length`` if
-    ``valid_only``)."""
-    out = []
-    for t, valid in self.times(t0):
-      mask = jnp.logical_and(self.dmask, valid) if valid_only else self.dmask
-      out.append(plt.load(ref.at[self.b, t, pl.ds(self.d0, self.block_d)], mask=mask, other=0.0).astype(_F32))
-    return out
+    def channels(self, ref, t0, valid_only=False):
+        """K rows ``ref[b, t, d0:d0+block_d]`` (float32, zero outside ``dim``; also outside ``length`` if
+        ``valid_only``)."""
+        out = []
+        for t, valid in self.times(t0):
+            mask = jnp.logical_and(self.dmask, valid) if valid_only else self.dmask
+            out.append(plt.load(ref.at[self.b, t, pl.ds(self.d0, self.block_d)], mask=mask, other=0.0).astype(_F32))
+        return out
 
-  def scalars(self, ref, t0):
-    """K lists of the d_state scalars ``ref[b, t, n]`` of B or C (float32)."""
-    n = ref.shape[-1]
-    return [[ref[self.b, t, i].astype(_F32) for i in range(n)] for t, _ in self.times(t0)]
+    def scalars(self, ref, t0):
+        """K lists of the d_state scalars ``ref[b, t, n]`` of B or C (float32)."""
+        n = ref.shape[-1]
+        return [[ref[self.b, t, i].astype(_F32) for i in range(n)] for t, _ in self.times(t0)]
 
 
 def _program(u_ref, block_d, chunk):
-  """Program coordinates shared by both kernels."""
-  _, length, dim = u_ref.shape
-  d0 = pl.program_id(0) * block_d
-  dmask = d0 + jnp.arange(block_d) < dim
-  rows = _Rows(pl.program_id(1), d0, dmask, block_d, length, chunk)
-  return rows, pl.cdiv(length, chunk)
+    """Program coordinates shared by both kernels."""
+    _, length, dim = u_ref.shape
+    d0 = pl.program_id(0) * block_d
+    dmask = d0 + jnp.arange(block_d) < dim
+    rows = _Rows(pl.program_id(1), d0, dmask, block_d, length, chunk)
+    return rows, pl.cdiv(length, chunk)
 
 
 def _lane_params(A_ref, D_ref, bias_ref, rows):
-  """A as d_state (block_d,) vectors, plus D and the bias (float32, zero outside ``dim``)."""
-  A = [plt.load(A_ref.at[jnp.int32(i), pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
-       for i in range(A_ref.shape[0])]
-  D = plt.load(D_ref.at[pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
-  bias = plt.load(bias_ref.at[pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
-  return A, D, bias
+    """A as d_state (block_d,) vectors, plus D and the bias (float32, zero outside ``dim``)."""
+    A = [
+        plt.load(A_ref.at[jnp.int32(i), pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
+        for i in range(A_ref.shape[0])
+    ]
+    D = plt.load(D_ref.at[pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
+    bias = plt.load(bias_ref.at[pl.ds(rows.d0, rows.block_d)], mask=rows.dmask, other=0.0).astype(_F32)
+    return A, D, bias
 
 
 def _lane_step(delta_raw, bias, A, h, u, B, delta_softplus):
-  """One recurrence step on (block_d,) rows: returns (pre-softplus Δ, Δ, decays, new state)."""
-  pre = delta_raw + bias
-  dt = _softplus(pre) if delta_softplus else pre
-  a = [jnp.exp2(dt * (A_i * _LOG2E)) for A_i in A]
-  dtu = dt * u
-  return pre, dt, a, tuple(a_i * h_i + dtu * B_i for a_i, h_i, B_i in zip(a, h, B))
+    """One recurrence step on (block_d,) rows: returns (pre-softplus Δ, Δ, decays, new state)."""
+    pre = delta_raw + bias
+    dt = _softplus(pre) if delta_softplus else pre
+    a = [jnp.exp2(dt * (A_i * _LOG2E)) for A_i in A]
+    dtu = dt * u
+    return pre, dt, a, tuple(a_i * h_i + dtu * B_i for a_i, h_i, B_i in zip(a, h, B))
 
 
-def _forward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_ref, *states_ref,
-                          block_d, chunk, delta_softplus):
-  rows, n_chunks = _program(u_ref, block_d, chunk)
-  A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
+def _forward_kernel(
+    u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_ref, *states_ref, block_d, chunk, delta_softplus
+):
+    rows, n_chunks = _program(u_ref, block_d, chunk)
+    A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
 
-  def load(t0):
-    return (rows.channels(u_ref, t0), rows.channels(delta_ref, t0), rows.scalars(B_ref, t0),
-            rows.scalars(C_ref, t0))
+    def load(t0):
+        return (
+            rows.channels(u_ref, t0),
+            rows.channels(delta_ref, t0),
+            rows.scalars(B_ref, t0),
+            rows.scalars(C_ref, t0),
+        )
 
-  def body(c, carry):
-    h, (us, deltas, Bs, Cs) = carry
-    t0 = c * chunk
-    prefetched = load(t0 + chunk)
-    if states_ref:
-      for i, h_i in enumerate(h):
-        plt.store(states_ref[0].at[rows.b, c, jnp.int32(i), pl.ds(rows.d0, block_d)], h_i, mask=rows.dmask)
-    for k, (t, valid) in enumerate(rows.times(t0)):
-      _, _, _, h = _lane_step(deltas[k], bias, A, h, us[k], Bs[k], delta_softplus)
-      y = D * us[k]
-      for h_i, C_i in zip(h, Cs[k]):
-        y = y + C_i * h_i
-      plt.store(y_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], y.astype(y_ref.dtype),
-                mask=jnp.logical_and(rows.dmask, valid))
-    return h, prefetched
+    def body(c, carry):
+        h, (us, deltas, Bs, Cs) = carry
+        t0 = c * chunk
+        prefetched = load(t0 + chunk)
+        if states_ref:
+            for i, h_i in enumerate(h):
+                plt.store(states_ref[0].at[rows.b, c, jnp.int32(i), pl.ds(rows.d0, block_d)], h_i, mask=rows.dmask)
+        for k, (t, valid) in enumerate(rows.times(t0)):
+            _, _, _, h = _lane_step(deltas[k], bias, A, h, us[k], Bs[k], delta_softplus)
+            y = D * us[k]
+            for h_i, C_i in zip(h, Cs[k]):
+                y = y + C_i * h_i
+            plt.store(
+                y_ref.at[rows.b, t, pl.ds(rows.d0, block_d)],
+                y.astype(y_ref.dtype),
+                mask=jnp.logical_and(rows.dmask, valid),
+            )
+        return h, prefetched
 
-  h0 = tuple(jnp.zeros((block_d,), _F32) for _ in A)
-  jax.lax.fori_loop(0, n_chunks, body, (h0, load(0)))
+    h0 = tuple(jnp.zeros((block_d,), _F32) for _ in A)
+    jax.lax.fori_loop(0, n_chunks, body, (h0, load(0)))
 
 
-def _backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, dy_ref, states_ref,
-                           du_ref, ddelta_ref, dA_ref, dD_ref, dbias_ref, dB_ref, dC_ref,
-                           *, block_d, chunk, delta_softplus):
-  rows, n_chunks = _program(u_ref, block_d, chunk)
-  A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
-  n = len(A)
-  blk = pl.program_id(0)
+def _backward_kernel(
+    u_ref,
+    delta_ref,
+    A_ref,
+    B_ref,
+    C_ref,
+    D_ref,
+    bias_ref,
+    dy_ref,
+    states_ref,
+    du_ref,
+    ddelta_ref,
+    dA_ref,
+    dD_ref,
+    dbias_ref,
+    dB_ref,
+    dC_ref,
+    *,
+    block_d,
+    chunk,
+    delta_softplus,
+):
+    rows, n_chunks = _program(u_ref, block_d, chunk)
+    A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
+    n = len(A)
+    blk = pl.program_id(0)
 
-  def load(t0):
-    return (rows.channels(u_ref, t0), rows.channels(delta_ref, t0), rows.scalars(B_ref, t0),
-            rows.scalars(C_ref, t0), rows.channels(dy_ref, t0, valid_only=True))
+    def load(t0):
+        return (
+            rows.channels(u_ref, t0),
+            rows.channels(delta_ref, t0),
+            rows.scalars(B_ref, t0),
+            rows.scalars(C_ref, t0),
+            rows.channels(dy_ref, t0, valid_only=True),
+        )
 
-  def body(i, carry):
-    g, dA, dD, dbias, (us, deltas, Bs, Cs, dys) = carry
-    c = n_chunks - 1 - i
-    t0 = c * chunk
-    prefetched = load(jnp.maximum(t0 - chunk, 0))
-    h = [tuple(plt.load(states_ref.at[rows.b, c, jnp.int32(j), pl.ds(rows.d0, block_d)], mask=rows.dmask,
-                        other=0.0) for j in range(n))]
-    disc = []
-    for k in range(chunk):  # recompute the chunk's states from its saved entry state
-      pre, dt, a, h_next = _lane_step(deltas[k], bias, A, h[k], us[k], Bs[k], delta_softplus)
-      disc.append((pre, dt, a))
-      h.append(h_next)
-    times = rows.times(t0)
-    for k in reversed(range(chunk)):  # walk back; dy is 0 past the end, so nothing flows from there
-      t, valid = times[k]
-      pre, dt, a = disc[k]
-      u, B_t, C_t, dy = us[k], Bs[k], Cs[k], dys[k]
-      dtu = dt * u
-      dh = [g_j + C_j * dy for g_j, C_j in zip(g, C_t)]
-      du = dy * D
-      ddt = jnp.zeros_like(dt)
-      new_g, new_dA = [], []
-      for j in range(n):
-        plt.store(dC_ref.at[blk, rows.b, t, jnp.int32(j)], jnp.sum(h[k + 1][j] * dy), mask=valid)
-        plt.store(dB_ref.at[blk, rows.b, t, jnp.int32(j)], jnp.sum(dh[j] * dtu), mask=valid)
-        dh_a = dh[j] * a[j]
-        du = du + dt * dh[j] * B_t[j]
-        ddt = ddt + dh_a * A[j] * h[k][j] + dh[j] * B_t[j] * u
-        new_dA.append(dA[j] + dh_a * dt * h[k][j])
-        new_g.append(dh_a)
-      if delta_softplus:
-        ddt = ddt * jnp.where(pre > SOFTPLUS_THRESHOLD, 1.0, 1.0 / (1.0 + jnp.exp(-pre)))
-      g, dA = tuple(new_g), tuple(new_dA)
-      dD = dD + dy * u
-      dbias = dbias + ddt
-      row_mask = jnp.logical_and(rows.dmask, valid)
-      plt.store(du_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], du.astype(du_ref.dtype), mask=row_mask)
-      plt.store(ddelta_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], ddt.astype(ddelta_ref.dtype), mask=row_mask)
-    return g, dA, dD, dbias, prefetched
+    def body(i, carry):
+        g, dA, dD, dbias, (us, deltas, Bs, Cs, dys) = carry
+        c = n_chunks - 1 - i
+        t0 = c * chunk
+        prefetched = load(jnp.maximum(t0 - chunk, 0))
+        h = [
+            tuple(
+                plt.load(states_ref.at[rows.b, c, jnp.int32(j), pl.ds(rows.d0, block_d)], mask=rows.dmask, other=0.0)
+                for j in range(n)
+            )
+        ]
+        disc = []
+        for k in range(chunk):  # recompute the chunk's states from its saved entry state
+            pre, dt, a, h_next = _lane_step(deltas[k], bias, A, h[k], us[k], Bs[k], delta_softplus)
+            disc.append((pre, dt, a))
+            h.append(h_next)
+        times = rows.times(t0)
+        for k in reversed(range(chunk)):  # walk back; dy is 0 past the end, so nothing flows from there
+            t, valid = times[k]
+            pre, dt, a = disc[k]
+            u, B_t, C_t, dy = us[k], Bs[k], Cs[k], dys[k]
+            dtu = dt * u
+            dh = [g_j + C_j * dy for g_j, C_j in zip(g, C_t)]
+            du = dy * D
+            ddt = jnp.zeros_like(dt)
+            new_g, new_dA = [], []
+            for j in range(n):
+                plt.store(dC_ref.at[blk, rows.b, t, jnp.int32(j)], jnp.sum(h[k + 1][j] * dy), mask=valid)
+                plt.store(dB_ref.at[blk, rows.b, t, jnp.int32(j)], jnp.sum(dh[j] * dtu), mask=valid)
+                dh_a = dh[j] * a[j]
+                du = du + dt * dh[j] * B_t[j]
+                ddt = ddt + dh_a * A[j] * h[k][j] + dh[j] * B_t[j] * u
+                new_dA.append(dA[j] + dh_a * dt * h[k][j])
+                new_g.append(dh_a)
+            if delta_softplus:
+                ddt = ddt * jnp.where(pre > SOFTPLUS_THRESHOLD, 1.0, 1.0 / (1.0 + jnp.exp(-pre)))
+            g, dA = tuple(new_g), tuple(new_dA)
+            dD = dD + dy * u
+            dbias = dbias + ddt
+            row_mask = jnp.logical_and(rows.dmask, valid)
+            plt.store(du_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], du.astype(du_ref.dtype), mask=row_mask)
+            plt.store(ddelta_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], ddt.astype(ddelta_ref.dtype), mask=row_mask)
+        return g, dA, dD, dbias, prefetched
 
-  zeros = jnp.zeros((block_d,), _F32)
-  zeros_n = tuple(zeros for _ in range(n))
-  _, dA, dD, dbias, _ = jax.lax.fori_loop(
-      0, n_chunks, body, (zeros_n, zeros_n, zeros, zeros, load((n_chunks - 1) * chunk)))
-  for j in range(n):
-    plt.store(dA_ref.at[rows.b, jnp.int32(j), pl.ds(rows.d0, block_d)], dA[j], mask=rows.dmask)
-  plt.store(dD_ref.at[rows.b, pl.ds(rows.d0, block_d)], dD, mask=rows.dmask)
-  plt.store(dbias_ref.at[rows.b, pl.ds(rows.d0, block_d)], dbias, mask=rows.dmask)
+    zeros = jnp.zeros((block_d,), _F32)
+    zeros_n = tuple(zeros for _ in range(n))
+    _, dA, dD, dbias, _ = jax.lax.fori_loop(
+        0, n_chunks, body, (zeros_n, zeros_n, zeros, zeros, load((n_chunks - 1) * chunk))
+    )
+    for j in range(n):
+        plt.store(dA_ref.at[rows.b, jnp.int32(j), pl.ds(rows.d0, block_d)], dA[j], mask=rows.dmask)
+    plt.store(dD_ref.at[rows.b, pl.ds(rows.d0, block_d)], dD, mask=rows.dmask)
+    plt.store(dbias_ref.at[rows.b, pl.ds(rows.d0, block_d)], dbias, mask=rows.dmask)
 
 
 def _call(kernel, out_shape, u, config, interpret, name):
-  batch, _, dim = u.shape
-  return pl.pallas_call(
-      kernel,
-      out_shape=out_shape,
-      grid=(pl.cdiv(dim, config.block_d), batch),
-      compiler_params=plt.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
-      interpret=interpret,
-      name=name,
-  )
+    batch, _, dim = u.shape
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(pl.cdiv(dim, config.block_d), batch),
+        compiler_params=plt.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name=name,
+    )
 
 
-def scan_forward(u, delta, A, B, C, D, delta_bias, *, delta_softplus: bool, save_states: bool,
-                 config: KernelConfig, interpret: bool = False):
-  """Forward kernel. D and delta_bias are (dim,) arrays (zeros when absent). Returns ``y`` (u's dtype) and,
-  if ``save_states``, the chunk-entry states (batch, cdiv(length, chunk), d_state, dim) float32."""
-  batch, length, dim = u.shape
-  out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
-  if save_states:
-    out_shape.append(jax.ShapeDtypeStruct((batch, pl.cdiv(length, config.chunk), A.shape[1], dim), _F32))
-  kernel = functools.partial(_forward_kernel, block_d=config.block_d, chunk=config.chunk,
-                             delta_softplus=delta_softplus)
-  outs = _call(kernel, out_shape, u, config, interpret, "selective_scan_fwd")(u, delta, A.T, B, C, D,
-                                                                             delta_bias)
-  return outs if save_states else (outs[0], None)
+def scan_forward(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    delta_bias,
+    *,
+    delta_softplus: bool,
+    save_states: bool,
+    config: KernelConfig,
+    interpret: bool = False,
+):
+    """Forward kernel. D and delta_bias are (dim,) arrays (zeros when absent). Returns ``y`` (u's dtype) and,
+    if ``save_states``, the chunk-entry states (batch, cdiv(length, chunk), d_state, dim) float32."""
+    batch, length, dim = u.shape
+    out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
+    if save_states:
+        out_shape.append(jax.ShapeDtypeStruct((batch, pl.cdiv(length, config.chunk), A.shape[1], dim), _F32))
+    kernel = functools.partial(
+        _forward_kernel, block_d=config.block_d, chunk=config.chunk, delta_softplus=delta_softplus
+    )
+    outs = _call(kernel, out_shape, u, config, interpret, "selective_scan_fwd")(u, delta, A.T, B, C, D, delta_bias)
+    return outs if save_states else (outs[0], None)
 
 
-def scan_backward(u, delta, A, B, C, D, delta_bias, states, dy, *, delta_softplus: bool,
-                  config: KernelConfig, interpret: bool = False):
-  """Backward kernel. Returns du, ddelta (inputs' dtypes), and float32 gradients dA (dim, d_state),
-  dB, dC (batch, length, d_state), dD, d(delta_bias) (dim,), with the partial sums already reduced."""
-  batch, length, dim = u.shape
-  n = A.shape[1]
-  n_blocks = pl.cdiv(dim, config.block_d)
-  out_shape = [
-      jax.ShapeDtypeStruct(u.shape, u.dtype),
-      jax.ShapeDtypeStruct(delta.shape, delta.dtype),
-      jax.ShapeDtypeStruct((batch, n, dim), _F32),
-      jax.ShapeDtypeStruct((batch, dim), _F32),
-      jax.ShapeDtypeStruct((batch, dim), _F32),
-      jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
-      jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
-  ]
-  kernel = functools.partial(_backward_kernel, block_d=config.block_d, chunk=config.chunk,
-                             delta_softplus=delta_softplus)
-  du, ddelta, dA, dD, dbias, dB, dC = _call(kernel, out_shape, u, config, interpret, "selective_scan_bwd")(
-      u, delta, A.T, B, C, D, delta_bias, dy, states)
-  return du, ddelta, dA.sum(0).T, dB.sum(0), dC.sum(0), dD.sum(0), dbias.sum(0)
+def scan_backward(
+    u, delta, A, B, C, D, delta_bias, states, dy, *, delta_softplus: bool, config: KernelConfig, interpret: bool = False
+):
+    """Backward kernel. Returns du, ddelta (inputs' dtypes), and float32 gradients dA (dim, d_state),
+    dB, dC (batch, length, d_state), dD, d(delta_bias) (dim,), with the partial sums already reduced."""
+    batch, length, dim = u.shape
+    n = A.shape[1]
+    n_blocks = pl.cdiv(dim, config.block_d)
+    out_shape = [
+        jax.ShapeDtypeStruct(u.shape, u.dtype),
+        jax.ShapeDtypeStruct(delta.shape, delta.dtype),
+        jax.ShapeDtypeStruct((batch, n, dim), _F32),
+        jax.ShapeDtypeStruct((batch, dim), _F32),
+        jax.ShapeDtypeStruct((batch, dim), _F32),
+        jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
+        jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
+    ]
+    kernel = functools.partial(
+        _backward_kernel, block_d=config.block_d, chunk=config.chunk, delta_softplus=delta_softplus
+    )
+    du, ddelta, dA, dD, dbias, dB, dC = _call(kernel, out_shape, u, config, interpret, "selective_scan_bwd")(
+        u, delta, A.T, B, C, D, delta_bias, dy, states
+    )
+    return du, ddelta, dA.sum(0).T, dB.sum(0), dC.sum(0), dD.sum(0), dbias.sum(0)

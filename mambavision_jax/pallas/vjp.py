@@ -21,40 +21,80 @@ __all__ = ["selective_scan_pallas"]
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-  y, _ = triton_kernels.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus,
-                                     save_states=False, config=config, interpret=interpret)
-  return y
+    y, _ = triton_kernels.scan_forward(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        delta_bias,
+        delta_softplus=delta_softplus,
+        save_states=False,
+        config=config,
+        interpret=interpret,
+    )
+    return y
 
 
 def _scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-  y, states = triton_kernels.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus,
-                                          save_states=True, config=config, interpret=interpret)
-  return y, (u, delta, A, B, C, D, delta_bias, states)
+    y, states = triton_kernels.scan_forward(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        delta_bias,
+        delta_softplus=delta_softplus,
+        save_states=True,
+        config=config,
+        interpret=interpret,
+    )
+    return y, (u, delta, A, B, C, D, delta_bias, states)
 
 
 def _scan_bwd(delta_softplus, config, interpret, residuals, dy):
-  u, delta, A, B, C, D, delta_bias, states = residuals
-  du, ddelta, dA, dB, dC, dD, dbias = triton_kernels.scan_backward(
-      u, delta, A, B, C, D, delta_bias, states, dy, delta_softplus=delta_softplus, config=config,
-      interpret=interpret)
-  return (du, ddelta, dA.astype(A.dtype), dB.astype(B.dtype), dC.astype(C.dtype), dD.astype(D.dtype),
-          dbias.astype(delta_bias.dtype))
+    u, delta, A, B, C, D, delta_bias, states = residuals
+    du, ddelta, dA, dB, dC, dD, dbias = triton_kernels.scan_backward(
+        u, delta, A, B, C, D, delta_bias, states, dy, delta_softplus=delta_softplus, config=config, interpret=interpret
+    )
+    return (
+        du,
+        ddelta,
+        dA.astype(A.dtype),
+        dB.astype(B.dtype),
+        dC.astype(C.dtype),
+        dD.astype(D.dtype),
+        dbias.astype(delta_bias.dtype),
+    )
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def selective_scan_pallas(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus=False,
-                          interpret=False, config: KernelConfig | None = None):
-  """Pallas-Triton selective scan, differentiable. ``config=None`` picks :func:`default_config`."""
-  batch, length, dim = u.shape
-  if config is None:
-    config = triton_kernels.default_config(batch, length, dim)
-  D = jnp.zeros((dim,), jnp.float32) if D is None else D
-  delta_bias = jnp.zeros((dim,), jnp.float32) if delta_bias is None else delta_bias
-  n = A.shape[1]
-  n_pad = pl.next_power_of_2(n) - n
-  if n_pad:
-    A = jnp.pad(A, ((0, 0), (0, n_pad)))
-    B, C = (jnp.pad(x, ((0, 0), (0, 0), (0, n_pad))) for x in (B, C))
-  return _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret)
+def selective_scan_pallas(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    delta_bias=None,
+    *,
+    delta_softplus=False,
+    interpret=False,
+    config: KernelConfig | None = None,
+):
+    """Pallas-Triton selective scan, differentiable. ``config=None`` picks :func:`default_config`."""
+    batch, length, dim = u.shape
+    if config is None:
+        config = triton_kernels.default_config(batch, length, dim)
+    D = jnp.zeros((dim,), jnp.float32) if D is None else D
+    delta_bias = jnp.zeros((dim,), jnp.float32) if delta_bias is None else delta_bias
+    n = A.shape[1]
+    n_pad = pl.next_power_of_2(n) - n
+    if n_pad:
+        A = jnp.pad(A, ((0, 0), (0, n_pad)))
+        B, C = (jnp.pad(x, ((0, 0), (0, 0), (0, n_pad))) for x in (B, C))
+    return _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret)

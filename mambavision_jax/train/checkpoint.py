@@ -6,6 +6,7 @@ iterator with ``start_step=s`` continues exactly. Orbax writes each step into a 
 it when complete, so a kill mid-save leaves only complete checkpoints visible to ``latest_step()``.
 Callers must only save states whose losses were checked finite (see ``loop.py``).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,36 +16,36 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
+    def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
 
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    def save(self, step: int, state, *, force: bool = True) -> bool:
+        return self.manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
 
-  def save(self, step: int, state, *, force: bool = True) -> bool:
-    return self.manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
+    def restore(self, abstract_state, step: int | None = None):
+        """Restores ``step`` (default: latest) into the shardings carried by ``abstract_state``'s leaves."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}")
+        return self.manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
 
-  def restore(self, abstract_state, step: int | None = None):
-    """Restores ``step`` (default: latest) into the shardings carried by ``abstract_state``'s leaves."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {self.directory}")
-    return self.manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
+    def wait(self):
+        self.manager.wait_until_finished()
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
-  def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
 
 
 def abstract_with_shardings(abstract_state, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)

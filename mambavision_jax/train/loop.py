@@ -1,4 +1,5 @@
 """Training and evaluation loops: ``train_and_evaluate(config, workdir)`` and ``evaluate(config, workdir)``."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -24,287 +25,331 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-  """Raised when a train step produced a non-finite loss or gradient norm."""
+    """Raised when a train step produced a non-finite loss or gradient norm."""
 
 
 # ----------------------------------------------------------------------------------------------- model / data
 
+
 def compute_dtype(config):
-  name = config.get("compute_dtype", "auto") or "auto"
-  if name == "auto":
-    return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    name = config.get("compute_dtype", "auto") or "auto"
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
 def _model_overrides(config) -> dict:
-  overrides = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
-  overrides["num_classes"] = config.data.num_classes
-  # None means "model default" (timm's create_model drops None kwargs the same way).
-  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None}
+    overrides = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    overrides["num_classes"] = config.data.num_classes
+    # None means "model default" (timm's create_model drops None kwargs the same way).
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None}
 
 
 def build_model(config):
-  import mambavision_jax as mvj
-  return mvj.create_model(config.model_name, dtype=compute_dtype(config), **_model_overrides(config))
+    import mambavision_jax as mvj
+
+    return mvj.create_model(config.model_name, dtype=compute_dtype(config), **_model_overrides(config))
 
 
 def load_pretrained(config):
-  """``from_pretrained`` with the config's overrides. Returns (module, variables)."""
-  import mambavision_jax as mvj
-  return mvj.from_pretrained(config.model_name, config.init_from, dtype=compute_dtype(config),
-                             **_model_overrides(config))
+    """``from_pretrained`` with the config's overrides. Returns (module, variables)."""
+    import mambavision_jax as mvj
+
+    return mvj.from_pretrained(
+        config.model_name, config.init_from, dtype=compute_dtype(config), **_model_overrides(config)
+    )
 
 
 def merge_pretrained(fresh, pretrained, logger=print):
-  """Takes each leaf from ``pretrained`` where path and shape match ``fresh``; keeps the fresh leaf otherwise
-  (e.g. a classifier head whose class count differs)."""
-  from flax import traverse_util
-  f = traverse_util.flatten_dict(jax.device_get(fresh))
-  p = traverse_util.flatten_dict(jax.device_get(pretrained))
-  out, replaced = {}, []
-  for k, v in f.items():
-    if k in p and np.shape(p[k]) == np.shape(v):
-      out[k] = np.asarray(p[k]).astype(np.asarray(v).dtype)
-    else:
-      out[k] = v
-      replaced.append("/".join(k))
-  if replaced:
-    logger(f"Fine-tune: kept fresh initialisation for {len(replaced)} leaves not matching the pretrained "
-           f"weights: {replaced[:8]}{' ...' if len(replaced) > 8 else ''}")
-  return traverse_util.unflatten_dict(out)
+    """Takes each leaf from ``pretrained`` where path and shape match ``fresh``; keeps the fresh leaf otherwise
+    (e.g. a classifier head whose class count differs)."""
+    from flax import traverse_util
+
+    f = traverse_util.flatten_dict(jax.device_get(fresh))
+    p = traverse_util.flatten_dict(jax.device_get(pretrained))
+    out, replaced = {}, []
+    for k, v in f.items():
+        if k in p and np.shape(p[k]) == np.shape(v):
+            out[k] = np.asarray(p[k]).astype(np.asarray(v).dtype)
+        else:
+            out[k] = v
+            replaced.append("/".join(k))
+    if replaced:
+        logger(
+            f"Fine-tune: kept fresh initialisation for {len(replaced)} leaves not matching the pretrained "
+            f"weights: {replaced[:8]}{' ...' if len(replaced) > 8 else ''}"
+        )
+    return traverse_util.unflatten_dict(out)
 
 
 def _data_module(data_module):
-  if data_module is not None:
-    return data_module
-  import mambavision_jax.data as data
-  return data
+    if data_module is not None:
+        return data_module
+    import mambavision_jax.data as data
+
+    return data
 
 
 def _prefetch(iterator: Iterator[dict], mesh, size: int) -> Iterator[dict]:
-  """Converts local batches to global sharded arrays in a background thread, ``size`` batches ahead."""
-  if size <= 0:
-    for b in iterator:
-      yield sharding_lib.global_batch(b, mesh)
-    return
-  q: queue.Queue = queue.Queue(maxsize=size)
-  sentinel = object()
-  stop = threading.Event()
-
-  def work():
-    try:
-      for b in iterator:
-        if stop.is_set():
-          return
-        q.put(sharding_lib.global_batch(b, mesh))
-      q.put(sentinel)
-    except BaseException as e:  # surfaced in the consumer
-      q.put(e)
-
-  t = threading.Thread(target=work, daemon=True)
-  t.start()
-  try:
-    while True:
-      item = q.get()
-      if item is sentinel:
+    """Converts local batches to global sharded arrays in a background thread, ``size`` batches ahead."""
+    if size <= 0:
+        for b in iterator:
+            yield sharding_lib.global_batch(b, mesh)
         return
-      if isinstance(item, BaseException):
-        raise item
-      yield item
-  finally:
-    stop.set()
+    q: queue.Queue = queue.Queue(maxsize=size)
+    sentinel = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for b in iterator:
+                if stop.is_set():
+                    return
+                q.put(sharding_lib.global_batch(b, mesh))
+            q.put(sentinel)
+        except BaseException as e:  # surfaced in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is sentinel:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 # ------------------------------------------------------------------------------------------------------ eval
 
+
 def run_eval(eval_step, variables, data, config, mesh) -> dict:
-  it = data.build_eval_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
-  totals = None
-  for batch in _prefetch(it, mesh, int(config.data.get("prefetch", 2))):
-    out = eval_step(variables, batch)
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  if totals is None:
-    return {}
-  t = jax.device_get(totals)
-  n = max(float(t["count"]), 1.0)
-  return {"loss": float(t["loss_sum"]) / n, "top1": float(t["correct1"]) / n, "top5": float(t["correct5"]) / n,
-          "num_examples": float(t["count"])}
+    it = data.build_eval_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
+    totals = None
+    for batch in _prefetch(it, mesh, int(config.data.get("prefetch", 2))):
+        out = eval_step(variables, batch)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    if totals is None:
+        return {}
+    t = jax.device_get(totals)
+    n = max(float(t["count"]), 1.0)
+    return {
+        "loss": float(t["loss_sum"]) / n,
+        "top1": float(t["correct1"]) / n,
+        "top5": float(t["correct5"]) / n,
+        "num_examples": float(t["count"]),
+    }
 
 
 def _eval_all(eval_step, state, data, config, mesh) -> dict:
-  m = run_eval(eval_step, state.variables(), data, config, mesh)
-  if state.ema_params is not None and config.get("eval_ema", True):
-    m.update({f"ema_{k}": v for k, v in run_eval(eval_step, state.variables(ema=True), data, config,
-                                                    mesh).items() if k != "num_examples"})
-  return m
+    m = run_eval(eval_step, state.variables(), data, config, mesh)
+    if state.ema_params is not None and config.get("eval_ema", True):
+        m.update(
+            {
+                f"ema_{k}": v
+                for k, v in run_eval(eval_step, state.variables(ema=True), data, config, mesh).items()
+                if k != "num_examples"
+            }
+        )
+    return m
 
 
 # ----------------------------------------------------------------------------------------------------- setup
 
+
 def _setup(config, workdir, model, data):
-  mesh = sharding_lib.make_mesh()
-  model = model if model is not None else build_model(config)
-  spe = int(data.steps_per_epoch(config))
-  image_size = int(config.data.image_size)
-  rng = jax.random.PRNGKey(int(config.seed))
-  init_rng, train_rng = jax.random.split(rng)
-  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  abstract_params = jax.eval_shape(lambda r: model.init({"params": r}, dummy), init_rng)["params"]
-  tx, schedule = optim.make_optimizer(config, spe, abstract_params)
-  init_fn = state_lib.make_init_fn(model, tx, image_size, use_ema=bool(config.get("ema_decay")))
-  abstract = jax.eval_shape(init_fn, init_rng)
-  shardings = sharding_lib.state_shardings(abstract, mesh, config.get("sharding", "data"),
-                                           int(config.get("fsdp_min_size", 2**14)))
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=config.get("keep_checkpoints", 3),
-                               async_save=bool(config.get("async_checkpointing", True)))
-  return dict(mesh=mesh, model=model, spe=spe, init_rng=init_rng, train_rng=train_rng, tx=tx, schedule=schedule,
-              init_fn=init_fn, abstract=abstract, shardings=shardings, ckpt=ckpt, image_size=image_size, dummy=dummy)
+    mesh = sharding_lib.make_mesh()
+    model = model if model is not None else build_model(config)
+    spe = int(data.steps_per_epoch(config))
+    image_size = int(config.data.image_size)
+    rng = jax.random.PRNGKey(int(config.seed))
+    init_rng, train_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    abstract_params = jax.eval_shape(lambda r: model.init({"params": r}, dummy), init_rng)["params"]
+    tx, schedule = optim.make_optimizer(config, spe, abstract_params)
+    init_fn = state_lib.make_init_fn(model, tx, image_size, use_ema=bool(config.get("ema_decay")))
+    abstract = jax.eval_shape(init_fn, init_rng)
+    shardings = sharding_lib.state_shardings(
+        abstract, mesh, config.get("sharding", "data"), int(config.get("fsdp_min_size", 2**14))
+    )
+    ckpt = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.get("keep_checkpoints", 3),
+        async_save=bool(config.get("async_checkpointing", True)),
+    )
+    return dict(
+        mesh=mesh,
+        model=model,
+        spe=spe,
+        init_rng=init_rng,
+        train_rng=train_rng,
+        tx=tx,
+        schedule=schedule,
+        init_fn=init_fn,
+        abstract=abstract,
+        shardings=shardings,
+        ckpt=ckpt,
+        image_size=image_size,
+        dummy=dummy,
+    )
 
 
 def _truncate_metrics(workdir: str, step: int):
-  """On resume, drop rows written after the restored checkpoint so metrics.jsonl describes one trajectory."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return
-  rows = metrics_lib.read_jsonl(path)
-  keep = [r for r in rows if int(r.get("step", 0)) <= step]
-  if len(keep) != len(rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(tmp, path)
+    """On resume, drop rows written after the restored checkpoint so metrics.jsonl describes one trajectory."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    rows = metrics_lib.read_jsonl(path)
+    keep = [r for r in rows if int(r.get("step", 0)) <= step]
+    if len(keep) != len(rows):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------- train
 
+
 def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) -> dict:
-  """Trains (resuming from ``workdir``'s latest checkpoint if any) with periodic eval. Returns final eval metrics.
+    """Trains (resuming from ``workdir``'s latest checkpoint if any) with periodic eval. Returns final eval metrics.
 
-  ``model`` / ``data_module`` are injection points for tests; by default the model comes from
-  ``mambavision_jax.create_model(config.model_name, **config.model)`` and data from ``mambavision_jax.data``.
-  """
-  data = _data_module(data_module)
-  s = _setup(config, workdir, model, data)
-  mesh, model, ckpt, shardings = s["mesh"], s["model"], s["ckpt"], s["shardings"]
-  total = optim.total_train_steps(config, s["spe"])
-  is_main = jax.process_index() == 0
-  say = (lambda m: print(m, flush=True)) if is_main else (lambda m: None)
+    ``model`` / ``data_module`` are injection points for tests; by default the model comes from
+    ``mambavision_jax.create_model(config.model_name, **config.model)`` and data from ``mambavision_jax.data``.
+    """
+    data = _data_module(data_module)
+    s = _setup(config, workdir, model, data)
+    mesh, model, ckpt, shardings = s["mesh"], s["model"], s["ckpt"], s["shardings"]
+    total = optim.total_train_steps(config, s["spe"])
+    is_main = jax.process_index() == 0
+    say = (lambda m: print(m, flush=True)) if is_main else (lambda m: None)
 
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = ckpt.restore(ckpt_lib.abstract_with_shardings(s["abstract"], shardings), latest)
-    say(f"Resumed from {ckpt.directory} at step {latest}.")
-    _truncate_metrics(workdir, latest)
-  elif config.get("init_from"):
-    _, pre = load_pretrained(config)
-    fresh = jax.jit(lambda r: model.init({"params": r}, s["dummy"]))(s["init_rng"])
-    variables = merge_pretrained(fresh, pre, say)
-    state = state_lib.state_from_variables(state_lib.make_state_fn(s["tx"], bool(config.get("ema_decay"))),
-                                           variables, shardings)
-    say(f"Fine-tuning from {config.init_from}.")
-  else:
-    state = jax.jit(s["init_fn"], out_shardings=shardings)(s["init_rng"])
-  start = int(jax.device_get(state.step))
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  say(f"{config.model_name}: {num_params:,} params; {jax.device_count()} devices ({jax.default_backend()}), "
-      f"sharding={config.get('sharding', 'data')}, compute dtype={jnp.dtype(compute_dtype(config)).name}; "
-      f"{s['spe']} steps/epoch, steps {start}->{total}.")
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(ckpt_lib.abstract_with_shardings(s["abstract"], shardings), latest)
+        say(f"Resumed from {ckpt.directory} at step {latest}.")
+        _truncate_metrics(workdir, latest)
+    elif config.get("init_from"):
+        _, pre = load_pretrained(config)
+        fresh = jax.jit(lambda r: model.init({"params": r}, s["dummy"]))(s["init_rng"])
+        variables = merge_pretrained(fresh, pre, say)
+        state = state_lib.state_from_variables(
+            state_lib.make_state_fn(s["tx"], bool(config.get("ema_decay"))), variables, shardings
+        )
+        say(f"Fine-tuning from {config.init_from}.")
+    else:
+        state = jax.jit(s["init_fn"], out_shardings=shardings)(s["init_rng"])
+    start = int(jax.device_get(state.step))
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    say(
+        f"{config.model_name}: {num_params:,} params; {jax.device_count()} devices ({jax.default_backend()}), "
+        f"sharding={config.get('sharding', 'data')}, compute dtype={jnp.dtype(compute_dtype(config)).name}; "
+        f"{s['spe']} steps/epoch, steps {start}->{total}."
+    )
 
-  train_step = step_lib.make_train_step(model, s["tx"], s["schedule"], config, s["spe"], data, mesh, shardings)
-  eval_step = step_lib.make_eval_step(model, mesh, int(config.data.num_classes))
-  writer = metrics_lib.MetricWriter(workdir, total_steps=total, initial_step=start,
-                                    progress=bool(config.get("progress_bar", True)))
-  global_bs = int(config.batch_size_per_device) * jax.device_count()
-  log_every = max(int(config.get("log_every_steps", 50) or 50), 1)
-  ckpt_every = int(config.get("checkpoint_every_steps", 0) or 0)
-  eval_every = int(config.get("eval_every_steps", 0) or 0)
+    train_step = step_lib.make_train_step(model, s["tx"], s["schedule"], config, s["spe"], data, mesh, shardings)
+    eval_step = step_lib.make_eval_step(model, mesh, int(config.data.num_classes))
+    writer = metrics_lib.MetricWriter(
+        workdir, total_steps=total, initial_step=start, progress=bool(config.get("progress_bar", True))
+    )
+    global_bs = int(config.batch_size_per_device) * jax.device_count()
+    log_every = max(int(config.get("log_every_steps", 50) or 50), 1)
+    ckpt_every = int(config.get("checkpoint_every_steps", 0) or 0)
+    eval_every = int(config.get("eval_every_steps", 0) or 0)
 
-  pending: list[tuple[int, dict]] = []
-  window_t0 = time.perf_counter()
-
-  def flush():
-    """Pulls pending step metrics to host, stops on a non-finite value, writes one averaged train row."""
-    nonlocal window_t0
-    if not pending:
-      return
-    host = jax.device_get([m for _, m in pending])
-    for (st, _), m in zip(pending, host):
-      if not bool(m["finite"]):
-        ckpt.wait()
-        msg = (f"Non-finite loss at step {st} (loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); "
-               f"stopping. The last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is kept; "
-               f"no state after it was saved.")
-        writer.log(msg)
-        writer.close()
-        ckpt.close()
-        raise NonFiniteLossError(msg)
-    dt = time.perf_counter() - window_t0
-    n = len(host)
-    row = {k: float(np.mean([float(m[k]) for m in host])) for k in host[0] if k not in ("finite", "lr")}
-    row["lr"] = float(host[-1]["lr"])
-    row["step_time"] = dt / n
-    row["img_per_sec"] = global_bs * n / dt
-    writer.write(pending[-1][0], "train", row)
-    pending.clear()
+    pending: list[tuple[int, dict]] = []
     window_t0 = time.perf_counter()
 
-  final_eval: dict = {}
-  it = data.build_train_iterator(config, start_step=start, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-  batches = _prefetch(it, mesh, int(config.data.get("prefetch", 2)))
-  try:
-    for step in range(start, total):
-      batch = next(batches)
-      state, m = train_step(state, batch, s["train_rng"])
-      cur = step + 1
-      pending.append((cur, m))
-      last = cur == total
-      do_ckpt = (ckpt_every and cur % ckpt_every == 0) or last
-      do_eval = (eval_every and cur % eval_every == 0) or last
-      if cur % log_every == 0 or do_ckpt or do_eval:
-        flush()
-        writer.advance(cur)
-      if do_ckpt:
-        ckpt.save(cur, state)            # only after flush() checked every step up to `cur` finite
-      if do_eval:
-        final_eval = _eval_all(eval_step, state, data, config, mesh)
-        writer.write(cur, "eval", final_eval)
+    def flush():
+        """Pulls pending step metrics to host, stops on a non-finite value, writes one averaged train row."""
+        nonlocal window_t0
+        if not pending:
+            return
+        host = jax.device_get([m for _, m in pending])
+        for (st, _), m in zip(pending, host):
+            if not bool(m["finite"]):
+                ckpt.wait()
+                msg = (
+                    f"Non-finite loss at step {st} (loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); "
+                    f"stopping. The last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is kept; "
+                    f"no state after it was saved."
+                )
+                writer.log(msg)
+                writer.close()
+                ckpt.close()
+                raise NonFiniteLossError(msg)
+        dt = time.perf_counter() - window_t0
+        n = len(host)
+        row = {k: float(np.mean([float(m[k]) for m in host])) for k in host[0] if k not in ("finite", "lr")}
+        row["lr"] = float(host[-1]["lr"])
+        row["step_time"] = dt / n
+        row["img_per_sec"] = global_bs * n / dt
+        writer.write(pending[-1][0], "train", row)
+        pending.clear()
         window_t0 = time.perf_counter()
-    if start >= total:
-      final_eval = _eval_all(eval_step, state, data, config, mesh)
-      writer.write(start, "eval", final_eval)
-  finally:
-    batches.close()
-  ckpt.close()
-  writer.close()
-  return final_eval
+
+    final_eval: dict = {}
+    it = data.build_train_iterator(
+        config, start_step=start, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    batches = _prefetch(it, mesh, int(config.data.get("prefetch", 2)))
+    try:
+        for step in range(start, total):
+            batch = next(batches)
+            state, m = train_step(state, batch, s["train_rng"])
+            cur = step + 1
+            pending.append((cur, m))
+            last = cur == total
+            do_ckpt = (ckpt_every and cur % ckpt_every == 0) or last
+            do_eval = (eval_every and cur % eval_every == 0) or last
+            if cur % log_every == 0 or do_ckpt or do_eval:
+                flush()
+                writer.advance(cur)
+            if do_ckpt:
+                ckpt.save(cur, state)  # only after flush() checked every step up to `cur` finite
+            if do_eval:
+                final_eval = _eval_all(eval_step, state, data, config, mesh)
+                writer.write(cur, "eval", final_eval)
+                window_t0 = time.perf_counter()
+        if start >= total:
+            final_eval = _eval_all(eval_step, state, data, config, mesh)
+            writer.write(start, "eval", final_eval)
+    finally:
+        batches.close()
+    ckpt.close()
+    writer.close()
+    return final_eval
 
 
 # ------------------------------------------------------------------------------------------------------ eval
 
+
 def evaluate(config, workdir: str, *, model=None, data_module=None) -> dict:
-  """Evaluates ``config.init_from`` (converted weights via from_pretrained) or the workdir's latest checkpoint."""
-  data = _data_module(data_module)
-  mesh = sharding_lib.make_mesh()
-  eval_step_for = lambda mdl: step_lib.make_eval_step(mdl, mesh, int(config.data.num_classes))
-  if config.get("init_from"):
-    module, variables = load_pretrained(config)
-    variables = jax.device_put(variables, sharding_lib.replicated(mesh))
-    metrics = run_eval(eval_step_for(module), variables, data, config, mesh)
-    step = 0
-  else:
-    s = _setup(config, workdir, model, data)
-    latest = s["ckpt"].latest_step()
-    if latest is None:
-      raise FileNotFoundError(f"mode=eval: no config.init_from and no checkpoint under {s['ckpt'].directory}")
-    state = s["ckpt"].restore(ckpt_lib.abstract_with_shardings(s["abstract"], s["shardings"]), latest)
-    metrics = _eval_all(eval_step_for(s["model"]), state, data, config, mesh)
-    s["ckpt"].close()
-    step = latest
-  writer = metrics_lib.MetricWriter(workdir, progress=False)
-  writer.write(step, "eval", metrics)
-  writer.close()
-  if jax.process_index() == 0:
-    print(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
-  return metrics
+    """Evaluates ``config.init_from`` (converted weights via from_pretrained) or the workdir's latest checkpoint."""
+    data = _data_module(data_module)
+    mesh = sharding_lib.make_mesh()
+    eval_step_for = lambda mdl: step_lib.make_eval_step(mdl, mesh, int(config.data.num_classes))
+    if config.get("init_from"):
+        module, variables = load_pretrained(config)
+        variables = jax.device_put(variables, sharding_lib.replicated(mesh))
+        metrics = run_eval(eval_step_for(module), variables, data, config, mesh)
+        step = 0
+    else:
+        s = _setup(config, workdir, model, data)
+        latest = s["ckpt"].latest_step()
+        if latest is None:
+            raise FileNotFoundError(f"mode=eval: no config.init_from and no checkpoint under {s['ckpt'].directory}")
+        state = s["ckpt"].restore(ckpt_lib.abstract_with_shardings(s["abstract"], s["shardings"]), latest)
+        metrics = _eval_all(eval_step_for(s["model"]), state, data, config, mesh)
+        s["ckpt"].close()
+        step = latest
+    writer = metrics_lib.MetricWriter(workdir, progress=False)
+    writer.write(step, "eval", metrics)
+    writer.close()
+    if jax.process_index() == 0:
+        print(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+    return metrics

@@ -1,7 +1,8 @@
 """Train state: a plain pytree (flax.struct dataclass), created directly sharded with ``jax.jit(out_shardings=)``."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -13,60 +14,65 @@ from mambavision_jax.train import sharding as sharding_lib
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array                 # int32 scalar: number of optimizer updates applied (= batches consumed)
-  params: Any                     # float32 master weights
-  batch_stats: Any
-  opt_state: Any
-  ema_params: Any = None          # None when EMA is off
-  ema_batch_stats: Any = None
+    step: jax.Array  # int32 scalar: number of optimizer updates applied (= batches consumed)
+    params: Any  # float32 master weights
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any = None  # None when EMA is off
+    ema_batch_stats: Any = None
 
-  def variables(self, ema: bool = False) -> dict:
-    if ema:
-      return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
-    return {"params": self.params, "batch_stats": self.batch_stats}
+    def variables(self, ema: bool = False) -> dict:
+        if ema:
+            return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
+        return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 def _as_f32(tree):
-  return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def make_state_fn(tx: optax.GradientTransformation, use_ema: bool):
-  """Returns ``state_fn(variables) -> TrainState`` (step 0, fresh optimizer state)."""
+    """Returns ``state_fn(variables) -> TrainState`` (step 0, fresh optimizer state)."""
 
-  def state_fn(variables):
-    params = _as_f32(variables["params"])
-    batch_stats = variables.get("batch_stats", {})
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-        ema_params=params if use_ema else None, ema_batch_stats=batch_stats if use_ema else None)
+    def state_fn(variables):
+        params = _as_f32(variables["params"])
+        batch_stats = variables.get("batch_stats", {})
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=tx.init(params),
+            ema_params=params if use_ema else None,
+            ema_batch_stats=batch_stats if use_ema else None,
+        )
 
-  return state_fn
+    return state_fn
 
 
 def make_init_fn(model, tx: optax.GradientTransformation, image_size: int, use_ema: bool):
-  """Returns ``init(rng) -> TrainState`` with freshly initialised model variables."""
-  state_fn = make_state_fn(tx, use_ema)
+    """Returns ``init(rng) -> TrainState`` with freshly initialised model variables."""
+    state_fn = make_state_fn(tx, use_ema)
 
-  def init(rng):
-    return state_fn(model.init({"params": rng}, jnp.zeros((1, image_size, image_size, 3), jnp.float32)))
+    def init(rng):
+        return state_fn(model.init({"params": rng}, jnp.zeros((1, image_size, image_size, 3), jnp.float32)))
 
-  return init
+    return init
 
 
 def create_train_state(init_fn, rng, mesh, strategy: str = "data", fsdp_min_size: int = 2**14):
-  """Creates the state directly with its final sharding; returns (state, state_shardings)."""
-  abstract = jax.eval_shape(init_fn, rng)
-  shardings = sharding_lib.state_shardings(abstract, mesh, strategy, fsdp_min_size)
-  state = jax.jit(init_fn, out_shardings=shardings)(rng)
-  return state, shardings
+    """Creates the state directly with its final sharding; returns (state, state_shardings)."""
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = sharding_lib.state_shardings(abstract, mesh, strategy, fsdp_min_size)
+    state = jax.jit(init_fn, out_shardings=shardings)(rng)
+    return state, shardings
 
 
 def abstract_state(init_fn, rng, shardings):
-  """ShapeDtypeStructs with shardings (restore targets) without allocating the state."""
-  abstract = jax.eval_shape(init_fn, rng)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    """ShapeDtypeStructs with shardings (restore targets) without allocating the state."""
+    abstract = jax.eval_shape(init_fn, rng)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def state_from_variables(state_fn, variables, shardings):
-  """Builds a step-0 state from given (e.g. pretrained) variables, placed with ``shardings``."""
-  return jax.jit(state_fn, out_shardings=shardings)(variables)
+    """Builds a step-0 state from given (e.g. pretrained) variables, placed with ``shardings``."""
+    return jax.jit(state_fn, out_shardings=shardings)(variables)

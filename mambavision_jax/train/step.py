@@ -4,6 +4,7 @@ Mixed precision: the state holds float32 master weights; the model is built with
 activations/matmuls run in that dtype (bfloat16 on GPU by default); logits are cast to float32 before the loss;
 gradients and optimizer/EMA updates are float32. No loss scaling is needed for bfloat16.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -20,117 +21,140 @@ MESA_SCALE = 50.0
 
 
 def soft_target_cross_entropy(logits, targets):
-  """Mean over the batch of -sum(targets * log_softmax(logits)) (timm SoftTargetCrossEntropy)."""
-  return jnp.mean(jnp.sum(-targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+    """Mean over the batch of -sum(targets * log_softmax(logits)) (timm SoftTargetCrossEntropy)."""
+    return jnp.mean(jnp.sum(-targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
 
 
 def mesa_kl(student_logits, teacher_logits, temperature: float = MESA_TEMPERATURE):
-  """KL(softmax(teacher/T) || softmax(student/T)), 'batchmean' (PyTorch F.kl_div(log_softmax(s/T), softmax(t/T)))."""
-  log_p_s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-  log_p_t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
-  p_t = jnp.exp(log_p_t)
-  return jnp.sum(p_t * (log_p_t - log_p_s)) / student_logits.shape[0]
+    """KL(softmax(teacher/T) || softmax(student/T)), 'batchmean' (PyTorch F.kl_div(log_softmax(s/T), softmax(t/T)))."""
+    log_p_s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    log_p_t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    p_t = jnp.exp(log_p_t)
+    return jnp.sum(p_t * (log_p_t - log_p_s)) / student_logits.shape[0]
 
 
 def mesa_active(step, config, steps_per_epoch: int):
-  """Official rule: epoch / epochs > mesa_start_ratio, epoch = integer epoch index of this update."""
-  epoch = (step // steps_per_epoch).astype(jnp.float32)
-  return epoch / float(config.optimizer.epochs) > float(config.get("mesa_start_ratio", 0.25))
+    """Official rule: epoch / epochs > mesa_start_ratio, epoch = integer epoch index of this update."""
+    epoch = (step // steps_per_epoch).astype(jnp.float32)
+    return epoch / float(config.optimizer.epochs) > float(config.get("mesa_start_ratio", 0.25))
 
 
 def _targets_fn(config, data_module) -> Callable:
-  aug, nc = config.aug, config.data.num_classes
-  smoothing = float(aug.get("label_smoothing", 0.0))
-  if float(aug.get("mixup", 0.0)) > 0 or float(aug.get("cutmix", 0.0)) > 0:
-    def fn(rng, images, labels):
-      return data_module.mixup_cutmix(
-          rng, images, labels, num_classes=nc, mixup_alpha=float(aug.mixup), cutmix_alpha=float(aug.cutmix),
-          prob=float(aug.get("mixup_prob", 1.0)), switch_prob=float(aug.get("switch_prob", 0.5)),
-          label_smoothing=smoothing)
-  else:
-    def fn(rng, images, labels):
-      del rng
-      return images, data_module.smoothed_one_hot(labels, nc, smoothing)
-  return fn
+    aug, nc = config.aug, config.data.num_classes
+    smoothing = float(aug.get("label_smoothing", 0.0))
+    if float(aug.get("mixup", 0.0)) > 0 or float(aug.get("cutmix", 0.0)) > 0:
+
+        def fn(rng, images, labels):
+            return data_module.mixup_cutmix(
+                rng,
+                images,
+                labels,
+                num_classes=nc,
+                mixup_alpha=float(aug.mixup),
+                cutmix_alpha=float(aug.cutmix),
+                prob=float(aug.get("mixup_prob", 1.0)),
+                switch_prob=float(aug.get("switch_prob", 0.5)),
+                label_smoothing=smoothing,
+            )
+    else:
+
+        def fn(rng, images, labels):
+            del rng
+            return images, data_module.smoothed_one_hot(labels, nc, smoothing)
+
+    return fn
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule, config, steps_per_epoch: int,
-                    data_module, mesh, state_shardings) -> Callable[[TrainState, dict, jax.Array], Any]:
-  """Returns jitted ``train_step(state, batch, base_rng) -> (state, metrics)``; ``state`` is donated."""
-  targets_fn = _targets_fn(config, data_module)
-  mesa = float(config.get("mesa", 0.0) or 0.0)
-  ema_decay = config.get("ema_decay")
-  if mesa > 0 and not ema_decay:
-    raise ValueError("config.mesa > 0 needs an EMA teacher: set config.ema_decay.")
+def make_train_step(
+    model, tx: optax.GradientTransformation, schedule, config, steps_per_epoch: int, data_module, mesh, state_shardings
+) -> Callable[[TrainState, dict, jax.Array], Any]:
+    """Returns jitted ``train_step(state, batch, base_rng) -> (state, metrics)``; ``state`` is donated."""
+    targets_fn = _targets_fn(config, data_module)
+    mesa = float(config.get("mesa", 0.0) or 0.0)
+    ema_decay = config.get("ema_decay")
+    if mesa > 0 and not ema_decay:
+        raise ValueError("config.mesa > 0 needs an EMA teacher: set config.ema_decay.")
 
-  def train_step(state: TrainState, batch: dict, base_rng):
-    rng = jax.random.fold_in(base_rng, state.step)
-    mix_rng, drop_rng = jax.random.split(rng)
-    images, targets = targets_fn(mix_rng, batch["image"], batch["label"])
+    def train_step(state: TrainState, batch: dict, base_rng):
+        rng = jax.random.fold_in(base_rng, state.step)
+        mix_rng, drop_rng = jax.random.split(rng)
+        images, targets = targets_fn(mix_rng, batch["image"], batch["label"])
 
-    if mesa > 0:
-      active = mesa_active(state.step, config, steps_per_epoch)
-      teacher = jax.lax.cond(
-          active,
-          lambda: model.apply(state.variables(ema=True), images).astype(jnp.float32),
-          lambda: jnp.zeros(targets.shape, jnp.float32))
-      teacher = jax.lax.stop_gradient(teacher)
-      mesa_weight = jnp.where(active, mesa * MESA_SCALE, 0.0)
+        if mesa > 0:
+            active = mesa_active(state.step, config, steps_per_epoch)
+            teacher = jax.lax.cond(
+                active,
+                lambda: model.apply(state.variables(ema=True), images).astype(jnp.float32),
+                lambda: jnp.zeros(targets.shape, jnp.float32),
+            )
+            teacher = jax.lax.stop_gradient(teacher)
+            mesa_weight = jnp.where(active, mesa * MESA_SCALE, 0.0)
 
-    def loss_fn(params):
-      logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                                     rngs={"dropout": drop_rng}, mutable=["batch_stats"])
-      logits = logits.astype(jnp.float32)
-      ce = soft_target_cross_entropy(logits, targets)
-      aux = {"ce": ce}
-      loss = ce
-      if mesa > 0:
-        mesa_term = mesa_weight * mesa_kl(logits, teacher)   # exactly 0 before the start ratio
-        aux["mesa_loss"] = mesa_term
-        loss = loss + mesa_term
-      return loss, (logits, new_vars.get("batch_stats", {}), aux)
+        def loss_fn(params):
+            logits, new_vars = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                rngs={"dropout": drop_rng},
+                mutable=["batch_stats"],
+            )
+            logits = logits.astype(jnp.float32)
+            ce = soft_target_cross_entropy(logits, targets)
+            aux = {"ce": ce}
+            loss = ce
+            if mesa > 0:
+                mesa_term = mesa_weight * mesa_kl(logits, teacher)  # exactly 0 before the start ratio
+                aux["mesa_loss"] = mesa_term
+                loss = loss + mesa_term
+            return loss, (logits, new_vars.get("batch_stats", {}), aux)
 
-    (loss, (logits, new_bs, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs, opt_state=opt_state)
-    if ema_decay:
-      d = jnp.float32(ema_decay)
-      ema = lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype)
-      new_state = new_state.replace(ema_params=jax.tree.map(ema, state.ema_params, params),
-                                    ema_batch_stats=jax.tree.map(ema, state.ema_batch_stats, new_bs))
-    grad_norm = optax.tree.norm(grads)
-    metrics = {
-        "loss": loss,
-        "top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32),
-        "grad_norm": grad_norm,
-        "lr": schedule(state.step),
-        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
-        **aux,
-    }
-    return new_state, metrics
+        (loss, (logits, new_bs, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs, opt_state=opt_state)
+        if ema_decay:
+            d = jnp.float32(ema_decay)
+            ema = lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype)
+            new_state = new_state.replace(
+                ema_params=jax.tree.map(ema, state.ema_params, params),
+                ema_batch_stats=jax.tree.map(ema, state.ema_batch_stats, new_bs),
+            )
+        grad_norm = optax.tree.norm(grads)
+        metrics = {
+            "loss": loss,
+            "top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32),
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+            **aux,
+        }
+        return new_state, metrics
 
-  repl = sharding_lib.replicated(mesh)
-  return jax.jit(train_step,
-                 in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh), repl),
-                 out_shardings=(state_shardings, repl),
-                 donate_argnums=(0,))
+    repl = sharding_lib.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh), repl),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=(0,),
+    )
 
 
 def make_eval_step(model, mesh, num_classes: int):
-  """Returns jitted ``eval_step(variables, batch) -> sums`` (loss_sum, correct1, correct5, count; masked)."""
-  k = min(5, num_classes)
+    """Returns jitted ``eval_step(variables, batch) -> sums`` (loss_sum, correct1, correct5, count; masked)."""
+    k = min(5, num_classes)
 
-  def eval_step(variables, batch):
-    logits = model.apply(variables, batch["image"]).astype(jnp.float32)
-    labels = batch["label"]
-    mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[:, None], axis=-1)[:, 0]
-    topk = jax.lax.top_k(logits, k)[1]
-    hit = topk == labels[:, None]
-    return {"loss_sum": jnp.sum(nll * mask),
+    def eval_step(variables, batch):
+        logits = model.apply(variables, batch["image"]).astype(jnp.float32)
+        labels = batch["label"]
+        mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[:, None], axis=-1)[:, 0]
+        topk = jax.lax.top_k(logits, k)[1]
+        hit = topk == labels[:, None]
+        return {
+            "loss_sum": jnp.sum(nll * mask),
             "correct1": jnp.sum(hit[:, 0] * mask),
             "correct5": jnp.sum(jnp.any(hit, -1) * mask),
-            "count": jnp.sum(mask)}
+            "count": jnp.sum(mask),
+        }
 
-  return jax.jit(eval_step, out_shardings=sharding_lib.replicated(mesh))
+    return jax.jit(eval_step, out_shardings=sharding_lib.replicated(mesh))

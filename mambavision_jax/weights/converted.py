@@ -6,6 +6,7 @@ Layout::
                             "overrides": {...}, "pretrained_cfg": {...}, "source": ..., "ema": ...}
     DIR/variables/         Orbax StandardCheckpointer tree {"params": ..., "batch_stats": ...} (float32)
 """
+
 import json
 import os
 import shutil
@@ -26,9 +27,16 @@ def is_converted_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def save_converted(directory: str, model_name: str, variables: Mapping[str, Any],
-                   overrides: Optional[Mapping[str, Any]] = None, *, source: str = "", ema: bool = False,
-                   overwrite: bool = False) -> None:
+def save_converted(
+    directory: str,
+    model_name: str,
+    variables: Mapping[str, Any],
+    overrides: Optional[Mapping[str, Any]] = None,
+    *,
+    source: str = "",
+    ema: bool = False,
+    overwrite: bool = False,
+) -> None:
     """Write ``variables`` of ``model_name`` (created with ``overrides``) as a converted directory."""
     from mambavision_jax.models.registry import pretrained_cfg, resolve_name
     import orbax.checkpoint as ocp
@@ -44,8 +52,15 @@ def save_converted(directory: str, model_name: str, variables: Mapping[str, Any]
     checkpointer.save(os.path.join(directory, VARIABLES), tree)
     checkpointer.wait_until_finished()
     name = resolve_name(model_name)
-    manifest = dict(format=FORMAT, version=VERSION, model_name=name, overrides=_jsonable(overrides or {}),
-                    pretrained_cfg=pretrained_cfg(name), source=os.path.basename(source), ema=ema)
+    manifest = dict(
+        format=FORMAT,
+        version=VERSION,
+        model_name=name,
+        overrides=_jsonable(overrides or {}),
+        pretrained_cfg=pretrained_cfg(name),
+        source=os.path.basename(source),
+        ema=ema,
+    )
     with open(os.path.join(directory, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
 
@@ -56,8 +71,10 @@ def load_converted(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
     manifest = read_json(os.path.join(directory, MANIFEST))
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise CheckpointError(f"{directory!r}: {MANIFEST} is not a mambavision-jax converted manifest "
-                              f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
+        raise CheckpointError(
+            f"{directory!r}: {MANIFEST} is not a mambavision-jax converted manifest "
+            f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})"
+        )
     path = os.path.join(os.path.abspath(directory), VARIABLES)
     try:
         variables = ocp.StandardCheckpointer().restore(path)

@@ -4,6 +4,7 @@ Every source goes through one validation in official-key space: all keys the mod
 with the right shapes, and nothing may be left over; otherwise a CheckpointError names every offending key
 and nothing is returned.
 """
+
 import logging
 from typing import Any, Mapping, Optional
 
@@ -16,8 +17,13 @@ from flax import traverse_util
 from mambavision_jax.models.mamba_vision import MambaVision
 from mambavision_jax.models.registry import create_model, resolve_name
 from mambavision_jax.weights.converted import is_converted_dir, load_converted
-from mambavision_jax.weights.params import (expected_torch_keys, flat_leaves, flax_to_torch_array,
-                                            to_torch_state_dict, torch_to_flax_array)
+from mambavision_jax.weights.params import (
+    expected_torch_keys,
+    flat_leaves,
+    flax_to_torch_array,
+    to_torch_state_dict,
+    torch_to_flax_array,
+)
 from mambavision_jax.weights.readers import CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -30,8 +36,14 @@ def abstract_variables(module: MambaVision) -> dict[str, Any]:
     return jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
 
 
-def load_state_dict(state: Mapping[str, np.ndarray], module: MambaVision, *, source: str = "checkpoint",
-                    replace_head: bool = False, seed: int = 0) -> dict[str, Any]:
+def load_state_dict(
+    state: Mapping[str, np.ndarray],
+    module: MambaVision,
+    *,
+    source: str = "checkpoint",
+    replace_head: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Official state_dict -> Flax variables of ``module``; strict, every problem reported at once.
 
     With ``replace_head`` the checkpoint's ``head.*`` entries are ignored and the head is freshly initialised
@@ -60,8 +72,9 @@ def load_state_dict(state: Mapping[str, np.ndarray], module: MambaVision, *, sou
     return jax.tree.map(jnp.asarray, variables)
 
 
-def from_pretrained(name: Optional[str], source: str, *, ema: bool = False, seed: int = 0,
-                    **overrides: Any) -> tuple[MambaVision, dict[str, Any]]:
+def from_pretrained(
+    name: Optional[str], source: str, *, ema: bool = False, seed: int = 0, **overrides: Any
+) -> tuple[MambaVision, dict[str, Any]]:
     """Load official or converted weights: ``(module, variables)`` ready for ``module.apply``.
 
     Args:
@@ -90,8 +103,13 @@ def from_pretrained(name: Optional[str], source: str, *, ema: bool = False, seed
     checkpoint_classes = state[HEAD_PREFIX + "bias"].shape[0] if HEAD_PREFIX + "bias" in state else 0
     replace_head = "num_classes" in overrides and overrides["num_classes"] != checkpoint_classes
     if replace_head:
-        log.warning("%s: the checkpoint's head has %d classes and the model %d: keeping every other weight and "
-                    "initialising a new head.", source, checkpoint_classes, module.num_classes)
+        log.warning(
+            "%s: the checkpoint's head has %d classes and the model %d: keeping every other weight and "
+            "initialising a new head.",
+            source,
+            checkpoint_classes,
+            module.num_classes,
+        )
     return module, load_state_dict(state, module, source=source, replace_head=replace_head, seed=seed)
 
 
@@ -104,8 +122,7 @@ def _fresh_head(module: MambaVision, seed: int) -> dict[tuple[str, ...], Any]:
 
 def _mismatch_report(source: str, missing, unexpected, mismatched) -> str:
     lines = [f"{source}: the checkpoint does not fit the model; nothing was loaded."]
-    for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                        ("shape mismatches", mismatched)):
+    for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
         if keys:
             lines.append(f"{len(keys)} {title}:")
             lines.extend(f"  {k}" for k in keys)

@@ -18,6 +18,7 @@ norm ``weight``      ``scale``            none (BatchNorm and LayerNorm)
 
 ``num_batches_tracked`` has no Flax counterpart and is dropped.
 """
+
 import re
 from typing import Any, Mapping
 
@@ -60,8 +61,10 @@ def flat_leaves(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
 
 def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flax variables -> official state_dict (numpy arrays, torch layouts, without num_batches_tracked)."""
-    return {torch_key(col, path): np.ascontiguousarray(flax_to_torch_array(path[-1], np.asarray(v)))
-            for (col, *path), v in flat_leaves(variables).items()}
+    return {
+        torch_key(col, path): np.ascontiguousarray(flax_to_torch_array(path[-1], np.asarray(v)))
+        for (col, *path), v in flat_leaves(variables).items()
+    }
 
 
 def expected_torch_keys(abstract_variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:

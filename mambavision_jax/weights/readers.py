@@ -4,6 +4,7 @@ Both return a flat ``{official key: float32 numpy array}`` with wrapper prefixes
 ``model.`` from the Hugging Face wrapper). Safetensors needs no torch; torch files import torch lazily and are
 read with ``torch.load(weights_only=True)``.
 """
+
 import json
 import os
 import struct
@@ -14,7 +15,7 @@ import numpy as np
 from mambavision_jax.weights.params import IGNORED_SUFFIXES
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
-PICKLE_MAGIC = b"\x80"     # torch.save's legacy pickle format (then the protocol byte, 2-5)
+PICKLE_MAGIC = b"\x80"  # torch.save's legacy pickle format (then the protocol byte, 2-5)
 
 
 class CheckpointError(ValueError):
@@ -33,8 +34,9 @@ def detect_format(path: str) -> str:
             return "safetensors"
     if head.startswith(ZIP_MAGIC) or (head[:1] == PICKLE_MAGIC and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return "torch"
-    raise CheckpointError(f"{path!r} is neither a PyTorch checkpoint (.pth/.pth.tar, torch.save) nor a "
-                          f"safetensors file")
+    raise CheckpointError(
+        f"{path!r} is neither a PyTorch checkpoint (.pth/.pth.tar, torch.save) nor a safetensors file"
+    )
 
 
 def read_checkpoint(path: str, ema: bool = False) -> dict[str, np.ndarray]:
@@ -42,8 +44,10 @@ def read_checkpoint(path: str, ema: bool = False) -> dict[str, np.ndarray]:
     fmt = detect_format(path)
     if fmt == "safetensors":
         if ema:
-            raise CheckpointError(f"{path!r} is a safetensors file, which holds one set of weights; --ema/ema=True "
-                                  f"applies to .pth.tar training checkpoints that carry 'state_dict_ema'")
+            raise CheckpointError(
+                f"{path!r} is a safetensors file, which holds one set of weights; --ema/ema=True "
+                f"applies to .pth.tar training checkpoints that carry 'state_dict_ema'"
+            )
         return _strip_prefix(_read_safetensors(path), "model.")
     return _strip_prefix(_read_torch(path, ema), "module.")
 
@@ -62,15 +66,20 @@ def _read_torch(path: str, ema: bool) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError("reading .pth/.pth.tar checkpoints needs PyTorch: pip install 'mambavision-jax[torch]' "
-                          "(or convert the Hugging Face model.safetensors, which needs no torch)") from e
+        raise ImportError(
+            "reading .pth/.pth.tar checkpoints needs PyTorch: pip install 'mambavision-jax[torch]' "
+            "(or convert the Hugging Face model.safetensors, which needs no torch)"
+        ) from e
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises pickle/zip/runtime errors for corrupt or unsafe files
         raise CheckpointError(f"could not read {path!r} as a PyTorch checkpoint: {e}") from e
     state = _select_state_dict(checkpoint, path, ema)
-    return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()
-            if torch.is_tensor(v) and v.is_floating_point()}
+    return {
+        k: v.detach().to(torch.float32).numpy()
+        for k, v in state.items()
+        if torch.is_tensor(v) and v.is_floating_point()
+    }
 
 
 def _select_state_dict(checkpoint, path: str, ema: bool) -> Mapping:
@@ -78,8 +87,10 @@ def _select_state_dict(checkpoint, path: str, ema: bool) -> Mapping:
         raise CheckpointError(f"{path!r} holds a {type(checkpoint).__name__}, not a state_dict or checkpoint dict")
     if ema:
         if "state_dict_ema" not in checkpoint:
-            raise CheckpointError(f"{path!r} has no 'state_dict_ema' (EMA weights); its top-level keys are "
-                                  f"{sorted(map(str, checkpoint))[:10]}")
+            raise CheckpointError(
+                f"{path!r} has no 'state_dict_ema' (EMA weights); its top-level keys are "
+                f"{sorted(map(str, checkpoint))[:10]}"
+            )
         return checkpoint["state_dict_ema"]
     for key in ("state_dict", "model"):
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
@@ -89,7 +100,7 @@ def _select_state_dict(checkpoint, path: str, ema: bool) -> Mapping:
 
 def _strip_prefix(state: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     if state and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        state = {k[len(prefix) :]: v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
 
 

@@ -1,4 +1,5 @@
 """scikit-learn digits and synthetic sources; config errors."""
+
 import numpy as np
 import pytest
 

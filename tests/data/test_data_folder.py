@@ -1,4 +1,5 @@
 """Image-folder source on generated JPEGs, including a corrupt file."""
+
 import os
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 from PIL import Image
 
 from mambavision_jax import data as D
-from mvj_data_helpers import make_config, take
+from mvj_data_helpers import make_config
 
 CLASSES = ["cat", "dog", "eel"]
 
@@ -27,8 +28,9 @@ def _write_folder(root, per_class=4, corrupt=True):
 
 
 def _cfg(root, on_corrupt, bs=4):
-    return make_config("folder", size=16, bs=bs, num_classes=3, data_dir=str(root), on_corrupt=on_corrupt,
-                       eval_split="val")
+    return make_config(
+        "folder", size=16, bs=bs, num_classes=3, data_dir=str(root), on_corrupt=on_corrupt, eval_split="val"
+    )
 
 
 def test_class_mapping_and_eval(tmp_path):

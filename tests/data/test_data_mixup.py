@@ -1,4 +1,5 @@
 """mixup_cutmix / smoothed_one_hot (pure JAX)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,16 +25,27 @@ def test_smoothed_one_hot():
 def test_prob_zero_identity():
     images, labels = _batch()
     out, t = jax.jit(lambda r, x, y: mixup_cutmix(r, x, y, num_classes=K, prob=0.0, label_smoothing=0.1))(
-        jax.random.key(0), images, labels)
+        jax.random.key(0), images, labels
+    )
     np.testing.assert_array_equal(out, images)
     np.testing.assert_allclose(t, smoothed_one_hot(labels, K, 0.1))
 
 
 def test_targets_sum_to_one_and_lam_bounds():
     images, labels = _batch()
-    f = jax.jit(lambda r: mixup_cutmix_with_lam(r, images, labels, num_classes=K, mixup_alpha=0.8,
-                                                        cutmix_alpha=1.0, prob=1.0, switch_prob=0.5,
-                                                        label_smoothing=0.1))
+    f = jax.jit(
+        lambda r: mixup_cutmix_with_lam(
+            r,
+            images,
+            labels,
+            num_classes=K,
+            mixup_alpha=0.8,
+            cutmix_alpha=1.0,
+            prob=1.0,
+            switch_prob=0.5,
+            label_smoothing=0.1,
+        )
+    )
     kinds = set()
     for s in range(40):
         out, t, lam, cut = f(jax.random.key(s))
@@ -47,8 +59,9 @@ def test_targets_sum_to_one_and_lam_bounds():
 
 def test_mixup_only_blends():
     images, labels = _batch()
-    out, t, lam, cut = mixup_cutmix_with_lam(jax.random.key(1), images, labels, num_classes=K, mixup_alpha=0.8,
-                                             cutmix_alpha=0.0, label_smoothing=0.0)
+    out, t, lam, cut = mixup_cutmix_with_lam(
+        jax.random.key(1), images, labels, num_classes=K, mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.0
+    )
     assert not bool(cut)
     np.testing.assert_allclose(out[0], lam * 0 + (1 - lam) * (B - 1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(t[0, labels[0]], lam, rtol=1e-5)
@@ -56,8 +69,11 @@ def test_mixup_only_blends():
 
 def test_cutmix_area_matches_lam():
     images, labels = _batch()
-    f = jax.jit(lambda r: mixup_cutmix_with_lam(r, images, labels, num_classes=K, mixup_alpha=0.0,
-                                                cutmix_alpha=1.0, label_smoothing=0.0))
+    f = jax.jit(
+        lambda r: mixup_cutmix_with_lam(
+            r, images, labels, num_classes=K, mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0
+        )
+    )
     for s in range(20):
         out, t, lam, cut = f(jax.random.key(s))
         assert bool(cut)
@@ -69,7 +85,7 @@ def test_cutmix_area_matches_lam():
         # the pasted region is one axis-aligned box
         if pasted.any():
             ys, xs = np.nonzero(pasted)
-            assert pasted[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+            assert pasted[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].all()
         np.testing.assert_allclose(np.asarray(t).sum(-1), 1.0, rtol=1e-5)
 
 

@@ -1,4 +1,5 @@
 """imagenet2012 through tfds.data_source on tfds.testing.mock_data (no TensorFlow)."""
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds

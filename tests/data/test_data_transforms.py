@@ -1,4 +1,5 @@
 """Host transforms: RandomResizedCrop, eval center/squash crops (incl. timm parity), RandAugment, random erasing."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -54,8 +55,9 @@ def test_eval_center_crop_known_geometry():
 @pytest.mark.parametrize("crop_mode,crop_pct", [("center", 0.875), ("squash", 0.93), ("center", 1.0)])
 def test_eval_transform_matches_timm(crop_mode, crop_pct):
     timm_data = pytest.importorskip("timm.data")
-    tf = timm_data.create_transform(input_size=(3, 32, 32), is_training=False, crop_pct=crop_pct,
-                                    crop_mode=crop_mode, interpolation="bicubic")
+    tf = timm_data.create_transform(
+        input_size=(3, 32, 32), is_training=False, crop_pct=crop_pct, crop_mode=crop_mode, interpolation="bicubic"
+    )
     ours = EvalTransform(make_config(size=32), Preprocess(crop_pct=crop_pct, crop_mode=crop_mode))
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (45, 61, 3), dtype=np.uint8))
     ref = tf(img).numpy().transpose(1, 2, 0)
@@ -86,8 +88,9 @@ def test_rand_augment_ops_change_image_and_match_timm(name):
     aa = pytest.importorskip("timm.data.auto_augment")
     args = RA._level_args(name, 9.0, np.random.default_rng(5))
     ref = aa.NAME_TO_OP[name](img, *args, fillcolor=ra.fill, resample=Image.Resampling.BICUBIC)
-    np.testing.assert_array_equal(np.asarray(RA._apply_op(name, img, args, ra.fill, Image.Resampling.BICUBIC)),
-                                  np.asarray(ref))
+    np.testing.assert_array_equal(
+        np.asarray(RA._apply_op(name, img, args, ra.fill, Image.Resampling.BICUBIC)), np.asarray(ref)
+    )
 
 
 def test_posterize_zero_bits_is_black():
@@ -98,8 +101,9 @@ def test_posterize_zero_bits_is_black():
 def test_rand_augment_changes_most_images():
     ra = RA.RandAugment("rand-m9-mstd0.5-inc1")
     img = _noise()
-    changed = sum(not np.array_equal(np.asarray(ra(img, np.random.default_rng(i))), np.asarray(img))
-                  for i in range(100))
+    changed = sum(
+        not np.array_equal(np.asarray(ra(img, np.random.default_rng(i))), np.asarray(img)) for i in range(100)
+    )
     assert 60 < changed < 90  # P(at least one of 2 ops applied) = 0.75
 
 
@@ -139,8 +143,9 @@ def test_preprocess_fallback_chain():
     p = preprocess_settings(cfg)
     assert (p.crop_pct, p.crop_mode, p.interpolation) == (1.0, "center", "bicubic")
     assert p.mean == (0.485, 0.456, 0.406) and p.std == (0.229, 0.224, 0.225)
-    cfg.eval_preprocess = mlc.ConfigDict(dict(crop_pct=0.9, crop_mode="squash", interpolation="bicubic",
-                                              mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    cfg.eval_preprocess = mlc.ConfigDict(
+        dict(crop_pct=0.9, crop_mode="squash", interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    )
     p = preprocess_settings(cfg)
     assert (p.crop_pct, p.crop_mode, p.mean, p.std) == (0.9, "squash", (0.5,) * 3, (0.25,) * 3)
     cfg.eval_preprocess.crop_mode = "border"

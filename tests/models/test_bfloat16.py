@@ -3,6 +3,7 @@
 Stated tolerance: max |bf16 - f32| <= 5e-2 * max |f32 logit|, and the same top-1 class wherever the float32
 top-1/top-2 margin exceeds that tolerance. Inputs are smooth, natural-image-like fields, not white noise.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -2,6 +2,7 @@
 
 Skipped without a GPU (CI is CPU-only; run on the device: ``python -m pytest tests/models/test_gpu_scan_model.py``).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,13 +46,19 @@ def test_training_gradients_pallas_match_sequential(setup):
 
     def grads(model):
         def loss(params):
-            logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
-                                    train=True, rngs={"dropout": jax.random.PRNGKey(0)}, mutable=["batch_stats"])
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                images,
+                train=True,
+                rngs={"dropout": jax.random.PRNGKey(0)},
+                mutable=["batch_stats"],
+            )
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
         return jax.jit(jax.grad(loss))(variables["params"])
 
     g = {k: grads(m) for k, m in models().items()}
     flat_p, flat_s = jax.tree.leaves(g["pallas"]), jax.tree.leaves(g["sequential"])
     num = np.sqrt(sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(flat_p, flat_s)))
-    den = np.sqrt(sum(float(jnp.sum(b ** 2)) for b in flat_s))
+    den = np.sqrt(sum(float(jnp.sum(b**2)) for b in flat_s))
     assert num / den <= TOLERANCE

@@ -2,6 +2,7 @@
 
 Criterion (float32, matmul precision 'highest'): max |JAX - torch| <= 1e-4 * max |torch logit|.
 """
+
 import jax
 import numpy as np
 import pytest
@@ -12,8 +13,14 @@ from official_reference import official_model, state_dict_numpy, torch_logits
 
 TOLERANCE = 1e-4
 SMALL_VARIANTS = ["mamba_vision_T", "mamba_vision_T2", "mamba_vision_S", "mamba_vision_B", "mamba_vision_B_21k"]
-LARGE_VARIANTS = ["mamba_vision_L", "mamba_vision_L_21k", "mamba_vision_L2", "mamba_vision_L2_512_21k",
-                  "mamba_vision_L3_256_21k", "mamba_vision_L3_512_21k"]
+LARGE_VARIANTS = [
+    "mamba_vision_L",
+    "mamba_vision_L_21k",
+    "mamba_vision_L2",
+    "mamba_vision_L2_512_21k",
+    "mamba_vision_L3_256_21k",
+    "mamba_vision_L3_512_21k",
+]
 
 
 def relative_error(name, images, scan_impl="auto", seed=0):
@@ -56,7 +63,9 @@ def test_scan_implementations_agree():
     torch_model = official_model("mamba_vision_T", seed=2)
     variables = load_state_dict(state_dict_numpy(torch_model), model)
     images = native_images("mamba_vision_T", batch=2, seed=2)
-    outputs = {impl: np.asarray(jax.jit(mvj.create_model("mamba_vision_T", scan_impl=impl).apply)(variables, images))
-               for impl in ("sequential", "associative")}
+    outputs = {
+        impl: np.asarray(jax.jit(mvj.create_model("mamba_vision_T", scan_impl=impl).apply)(variables, images))
+        for impl in ("sequential", "associative")
+    }
     scale = np.abs(outputs["sequential"]).max()
     assert np.abs(outputs["sequential"] - outputs["associative"]).max() <= TOLERANCE * scale

@@ -1,4 +1,5 @@
 """Registry: names, aliases, parameter counts of every official variant, pretrained configs, errors."""
+
 import jax
 import numpy as np
 import pytest
@@ -7,10 +8,17 @@ import mambavision_jax as mvj
 from mambavision_jax.weights.loading import abstract_variables
 
 OFFICIAL_PARAM_COUNTS = {  # official PyTorch models built with mambavision==1.2.0 (reference §1)
-    "mamba_vision_T": 31_794_248, "mamba_vision_T2": 35_104_008, "mamba_vision_S": 50_140_584,
-    "mamba_vision_B": 97_685_288, "mamba_vision_B_21k": 97_685_288, "mamba_vision_L": 227_961_048,
-    "mamba_vision_L_21k": 227_961_048, "mamba_vision_L2": 241_554_824, "mamba_vision_L2_512_21k": 241_554_824,
-    "mamba_vision_L3_256_21k": 739_570_472, "mamba_vision_L3_512_21k": 739_570_472,
+    "mamba_vision_T": 31_794_248,
+    "mamba_vision_T2": 35_104_008,
+    "mamba_vision_S": 50_140_584,
+    "mamba_vision_B": 97_685_288,
+    "mamba_vision_B_21k": 97_685_288,
+    "mamba_vision_L": 227_961_048,
+    "mamba_vision_L_21k": 227_961_048,
+    "mamba_vision_L2": 241_554_824,
+    "mamba_vision_L2_512_21k": 241_554_824,
+    "mamba_vision_L3_256_21k": 739_570_472,
+    "mamba_vision_L3_512_21k": 739_570_472,
 }
 
 
@@ -24,10 +32,15 @@ def test_parameter_count_equals_official(name):
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"])) == OFFICIAL_PARAM_COUNTS[name]
 
 
-@pytest.mark.parametrize("alias,name", [("mambavision_tiny", "mamba_vision_T"),
-                                        ("mambavision_large3_512_21k", "mamba_vision_L3_512_21k"),
-                                        ("nvidia/MambaVision-B-21K", "mamba_vision_B_21k"),
-                                        ("MambaVision-T2-1K", "mamba_vision_T2")])
+@pytest.mark.parametrize(
+    "alias,name",
+    [
+        ("mambavision_tiny", "mamba_vision_T"),
+        ("mambavision_large3_512_21k", "mamba_vision_L3_512_21k"),
+        ("nvidia/MambaVision-B-21K", "mamba_vision_B_21k"),
+        ("MambaVision-T2-1K", "mamba_vision_T2"),
+    ],
+)
 def test_aliases_resolve(alias, name):
     assert mvj.models.resolve_name(alias) == name
     assert mvj.create_model(alias) == mvj.create_model(name)
@@ -49,10 +62,16 @@ def test_overrides_apply():
     assert (model.num_classes, model.window_size, model.drop_path_rate) == (7, (8, 8, 7, 7), 0.0)
 
 
-@pytest.mark.parametrize("name,size,crop_pct,crop_mode", [
-    ("mamba_vision_T", 224, 1.0, "center"), ("mamba_vision_T2", 224, 0.98, "center"),
-    ("mamba_vision_S", 224, 0.93, "center"), ("mamba_vision_L2_512_21k", 512, 0.93, "squash"),
-    ("mamba_vision_L3_256_21k", 256, 1.0, "center")])
+@pytest.mark.parametrize(
+    "name,size,crop_pct,crop_mode",
+    [
+        ("mamba_vision_T", 224, 1.0, "center"),
+        ("mamba_vision_T2", 224, 0.98, "center"),
+        ("mamba_vision_S", 224, 0.93, "center"),
+        ("mamba_vision_L2_512_21k", 512, 0.93, "squash"),
+        ("mamba_vision_L3_256_21k", 256, 1.0, "center"),
+    ],
+)
 def test_pretrained_cfg(name, size, crop_pct, crop_mode):
     cfg = mvj.pretrained_cfg(name)
     assert cfg["input_size"] == (3, size, size)

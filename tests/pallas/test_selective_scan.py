@@ -23,15 +23,18 @@ TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (2e-2, 3e-2), jnp.float16: (3e-3
 
 @functools.lru_cache(maxsize=None)
 def _jitted(impl, softplus, config):
-  """One compiled y-and-gradients function per (impl, softplus, config); shapes retrace inside jit."""
-  def f(args, dy):
-    def scan(*a):
-      if impl == "pallas":
-        return selective_scan_pallas(*a, delta_softplus=softplus, interpret=True, config=config)
-      return selective_scan(*a, delta_softplus=softplus, impl=impl)
-    y, vjp = jax.vjp(scan, *args)
-    return y, vjp(dy)
-  return jax.jit(f)
+    """One compiled y-and-gradients function per (impl, softplus, config); shapes retrace inside jit."""
+
+    def f(args, dy):
+        def scan(*a):
+            if impl == "pallas":
+                return selective_scan_pallas(*a, delta_softplus=softplus, interpret=True, config=config)
+            return selective_scan(*a, delta_softplus=softplus, impl=impl)
+
+        y, vjp = jax.vjp(scan, *args)
+        return y, vjp(dy)
+
+    return jax.jit(f)
 
 
 # (batch, length, dim, d_state, dtype, softplus, with D, with bias): a covering set, not the cross product.
@@ -48,80 +51,113 @@ CASES = [
 
 
 def _check(impl, case, config=None):
-  batch, length, dim, n, dtype, softplus, with_d, with_bias = case
-  rng = np.random.default_rng([SEED, zlib.crc32(repr(case).encode())])
-  args = make_inputs(rng, batch, length, dim, n, dtype, softplus=softplus, with_d=with_d, with_bias=with_bias)
-  dy = jnp.asarray(rng.normal(0.0, 1.0, (batch, length, dim)), dtype)
-  present = [i for i, a in enumerate(args) if a is not None]
-  y_ref, g_ref = reference_float64(args, dy, softplus)
+    batch, length, dim, n, dtype, softplus, with_d, with_bias = case
+    rng = np.random.default_rng([SEED, zlib.crc32(repr(case).encode())])
+    args = make_inputs(rng, batch, length, dim, n, dtype, softplus=softplus, with_d=with_d, with_bias=with_bias)
+    dy = jnp.asarray(rng.normal(0.0, 1.0, (batch, length, dim)), dtype)
+    present = [i for i, a in enumerate(args) if a is not None]
+    y_ref, g_ref = reference_float64(args, dy, softplus)
 
-  y, grads = _jitted(impl, softplus, config)(args, dy)
-  fwd_tol, grad_tol = TOL[dtype]
-  where = f"impl={impl} case={case} config={config} SCAN_TEST_SEED={SEED}"
-  assert y.dtype == dtype and y.shape == (batch, length, dim), where
-  assert rel_err(y, y_ref) <= fwd_tol, f"forward rel err {rel_err(y, y_ref):.2e} > {fwd_tol}; {where}"
-  for i in present:
-    assert grads[i].dtype == args[i].dtype, f"d{ARG_NAMES[i]} dtype {grads[i].dtype}; {where}"
-    err = rel_err(grads[i], g_ref[i])
-    assert err <= grad_tol, f"d{ARG_NAMES[i]} rel err {err:.2e} > {grad_tol}; {where}"
+    y, grads = _jitted(impl, softplus, config)(args, dy)
+    fwd_tol, grad_tol = TOL[dtype]
+    where = f"impl={impl} case={case} config={config} SCAN_TEST_SEED={SEED}"
+    assert y.dtype == dtype and y.shape == (batch, length, dim), where
+    assert rel_err(y, y_ref) <= fwd_tol, f"forward rel err {rel_err(y, y_ref):.2e} > {fwd_tol}; {where}"
+    for i in present:
+        assert grads[i].dtype == args[i].dtype, f"d{ARG_NAMES[i]} dtype {grads[i].dtype}; {where}"
+        err = rel_err(grads[i], g_ref[i])
+        assert err <= grad_tol, f"d{ARG_NAMES[i]} rel err {err:.2e} > {grad_tol}; {where}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_L{}_d{}_n{}_{}_sp{}_D{}_bias{}".format(
-    *c[:4], jnp.dtype(c[4]).name, *map(int, c[5:])))
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: "b{}_L{}_d{}_n{}_{}_sp{}_D{}_bias{}".format(*c[:4], jnp.dtype(c[4]).name, *map(int, c[5:])),
+)
 @pytest.mark.parametrize("impl", ["pallas", "sequential", "associative"])
 def test_matches_float64_reference(impl, case):
-  _check(impl, case)
+    _check(impl, case)
 
 
-@pytest.mark.parametrize("config", [KernelConfig(block_d=16, chunk=4), KernelConfig(block_d=64, chunk=16),
-                                    KernelConfig(block_d=32, chunk=1),
-                                    KernelConfig(block_d=64, chunk=8, num_warps=2)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        KernelConfig(block_d=16, chunk=4),
+        KernelConfig(block_d=64, chunk=16),
+        KernelConfig(block_d=32, chunk=1),
+        KernelConfig(block_d=64, chunk=8, num_warps=2),
+    ],
+)
 def test_pallas_configs(config):
-  """Channel-block and chunk tails: dim 40 with blocks 16/32/64; L 197 with chunks 1/4/8/16."""
-  _check("pallas", (2, 197, 40, 8, jnp.float32, True, True, True), config)
+    """Channel-block and chunk tails: dim 40 with blocks 16/32/64; L 197 with chunks 1/4/8/16."""
+    _check("pallas", (2, 197, 40, 8, jnp.float32, True, True, True), config)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # CUDA lowering from the CPU host (catches Triton lowering breaks without a GPU).
 
+
 @pytest.mark.parametrize("batch,length,dim", [(2, 196, 160), (2, 49, 320), (2, 197, 40)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lowers_for_cuda(batch, length, dim, dtype):
-  n = 8
-  spec = lambda shape, t=dtype: jax.ShapeDtypeStruct(shape, t)
-  args = (spec((batch, length, dim)), spec((batch, length, dim)), spec((dim, n), jnp.float32),
-          spec((batch, length, n)), spec((batch, length, n)), spec((dim,), jnp.float32),
-          spec((dim,), jnp.float32))
-  fwd = lambda *a: selective_scan(*a, delta_softplus=True, impl="pallas")
-  grad = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=tuple(range(7)))
-  for fn, expected in ((fwd, 1), (grad, 2)):  # grad: forward (saving states) + backward kernel
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == expected, text[:2000]
+    n = 8
+    spec = lambda shape, t=dtype: jax.ShapeDtypeStruct(shape, t)
+    args = (
+        spec((batch, length, dim)),
+        spec((batch, length, dim)),
+        spec((dim, n), jnp.float32),
+        spec((batch, length, n)),
+        spec((batch, length, n)),
+        spec((dim,), jnp.float32),
+        spec((dim,), jnp.float32),
+    )
+    fwd = lambda *a: selective_scan(*a, delta_softplus=True, impl="pallas")
+    grad = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=tuple(range(7)))
+    for fn, expected in ((fwd, 1), (grad, 2)):  # grad: forward (saving states) + backward kernel
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == expected, text[:2000]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Dispatch and errors.
 
+
 def _small_args(batch=2, length=5, dim=16, n=8):
-  z = lambda *s: jnp.zeros(s, jnp.float32)
-  return [z(batch, length, dim), z(batch, length, dim), z(dim, n), z(batch, length, n), z(batch, length, n),
-          z(dim), z(dim)]
+    z = lambda *s: jnp.zeros(s, jnp.float32)
+    return [
+        z(batch, length, dim),
+        z(batch, length, dim),
+        z(dim, n),
+        z(batch, length, n),
+        z(batch, length, n),
+        z(dim),
+        z(dim),
+    ]
 
 
 def test_impl_names():
-  assert set(IMPLS) >= {"auto", "sequential", "associative", "pallas", "pallas_triton"}
-  assert resolve_impl("pallas_triton") == "pallas"
-  if jax.default_backend() != "gpu":
-    assert resolve_impl("auto") in ("sequential", "associative")
-  with pytest.raises(ValueError, match="valid: .*sequential.*associative"):
-    selective_scan(*_small_args(), impl="cuda")
+    assert set(IMPLS) >= {"auto", "sequential", "associative", "pallas", "pallas_triton"}
+    assert resolve_impl("pallas_triton") == "pallas"
+    if jax.default_backend() != "gpu":
+        assert resolve_impl("auto") in ("sequential", "associative")
+    with pytest.raises(ValueError, match="valid: .*sequential.*associative"):
+        selective_scan(*_small_args(), impl="cuda")
 
 
-@pytest.mark.parametrize("index,bad_shape,name", [
-    (0, (2, 5), "u"), (1, (2, 5, 8), "delta"), (2, (8, 8), "A"), (3, (2, 4, 8), "B"),
-    (4, (2, 5, 4), "C"), (5, (8,), "D"), (6, (16, 1), "delta_bias")])
+@pytest.mark.parametrize(
+    "index,bad_shape,name",
+    [
+        (0, (2, 5), "u"),
+        (1, (2, 5, 8), "delta"),
+        (2, (8, 8), "A"),
+        (3, (2, 4, 8), "B"),
+        (4, (2, 5, 4), "C"),
+        (5, (8,), "D"),
+        (6, (16, 1), "delta_bias"),
+    ],
+)
 def test_bad_shapes(index, bad_shape, name):
-  args = _small_args()
-  args[index] = jnp.zeros(bad_shape, jnp.float32)
-  with pytest.raises(ValueError, match=rf"\b{name}\b"):
-    selective_scan(*args, impl="sequential")
+    args = _small_args()
+    args[index] = jnp.zeros(bad_shape, jnp.float32)
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        selective_scan(*args, impl="sequential")

@@ -1,5 +1,6 @@
 """Kill-and-resume reproduces the uninterrupted run; a non-finite loss stops the run and keeps the last good
 checkpoint; metrics.jsonl rows carry step/split/metrics."""
+
 import os
 
 import numpy as np
@@ -13,95 +14,96 @@ TOTAL = 8
 
 
 def _rows(workdir, split):
-  return {r["step"]: r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == split}
+    return {r["step"]: r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == split}
 
 
 @pytest.fixture(scope="module")
 def full_run(run_runner, tmp_path_factory):
-  full = str(tmp_path_factory.mktemp("full"))
-  run_runner({**SPEC, "workdir": full})
-  return full
+    full = str(tmp_path_factory.mktemp("full"))
+    run_runner({**SPEC, "workdir": full})
+    return full
 
 
 SPEC = {"task": "train", "devices": 1, "overrides": {"total_steps": TOTAL, "checkpoint_every_steps": 3}}
 
 
 def _compare(full, cut):
-  a, b = _rows(full, "train"), _rows(cut, "train")
-  assert sorted(a) == sorted(b) == list(range(1, TOTAL + 1))   # rows the killed run wrote past its checkpoint
-  for s in range(1, TOTAL + 1):                                 # were replaced by the resumed run's
-    assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-6, abs=1e-7), s
-    assert b[s]["lr"] == pytest.approx(a[s]["lr"], rel=1e-7)
-  ea, eb = _rows(full, "eval"), _rows(cut, "eval")
-  assert list(ea) == list(eb) == [TOTAL]
-  assert eb[TOTAL]["top1"] == pytest.approx(ea[TOTAL]["top1"])
-  assert eb[TOTAL]["loss"] == pytest.approx(ea[TOTAL]["loss"], rel=1e-5)
-  assert sorted(ckpt_lib.Checkpointer(os.path.join(cut, "checkpoints")).all_steps())[-1] == TOTAL
-  return a, ea
+    a, b = _rows(full, "train"), _rows(cut, "train")
+    assert sorted(a) == sorted(b) == list(range(1, TOTAL + 1))  # rows the killed run wrote past its checkpoint
+    for s in range(1, TOTAL + 1):  # were replaced by the resumed run's
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-6, abs=1e-7), s
+        assert b[s]["lr"] == pytest.approx(a[s]["lr"], rel=1e-7)
+    ea, eb = _rows(full, "eval"), _rows(cut, "eval")
+    assert list(ea) == list(eb) == [TOTAL]
+    assert eb[TOTAL]["top1"] == pytest.approx(ea[TOTAL]["top1"])
+    assert eb[TOTAL]["loss"] == pytest.approx(ea[TOTAL]["loss"], rel=1e-5)
+    assert sorted(ckpt_lib.Checkpointer(os.path.join(cut, "checkpoints")).all_steps())[-1] == TOTAL
+    return a, ea
 
 
 def test_kill_mid_async_save_resumes_from_a_complete_checkpoint(run_runner, full_run, tmp_path):
-  """Killed one step after an async save began: the in-flight save must never be visible as a checkpoint."""
-  cut = str(tmp_path / "cut")
-  run_runner({**SPEC, "workdir": cut, "exit_after_step": 4}, expect_rc=17)
-  ck = ckpt_lib.Checkpointer(os.path.join(cut, "checkpoints"))
-  assert ck.latest_step() in (None, 3)
-  run_runner({**SPEC, "workdir": cut})
-  _compare(full_run, cut)
+    """Killed one step after an async save began: the in-flight save must never be visible as a checkpoint."""
+    cut = str(tmp_path / "cut")
+    run_runner({**SPEC, "workdir": cut, "exit_after_step": 4}, expect_rc=17)
+    ck = ckpt_lib.Checkpointer(os.path.join(cut, "checkpoints"))
+    assert ck.latest_step() in (None, 3)
+    run_runner({**SPEC, "workdir": cut})
+    _compare(full_run, cut)
 
 
 def test_kill_and_resume_matches_uninterrupted(run_runner, full_run, tmp_path):
-  full, cut = full_run, str(tmp_path / "cut")
-  # Synchronous saves here, so the step-3 checkpoint is complete when the process is hard-killed
-  # (os._exit, like SIGKILL) right after step 5 was logged.
-  killed = {**SPEC, "overrides": {**SPEC["overrides"], "async_checkpointing": False}}
-  run_runner({**killed, "workdir": cut, "exit_after_step": 5}, expect_rc=17)
-  assert ckpt_lib.Checkpointer(os.path.join(cut, "checkpoints")).latest_step() == 3
-  assert max(_rows(cut, "train")) == 5
-  run_runner({**SPEC, "workdir": cut})                    # the same command again: resumes from step 3
-  a, ea = _compare(full, cut)
+    full, cut = full_run, str(tmp_path / "cut")
+    # Synchronous saves here, so the step-3 checkpoint is complete when the process is hard-killed
+    # (os._exit, like SIGKILL) right after step 5 was logged.
+    killed = {**SPEC, "overrides": {**SPEC["overrides"], "async_checkpointing": False}}
+    run_runner({**killed, "workdir": cut, "exit_after_step": 5}, expect_rc=17)
+    assert ckpt_lib.Checkpointer(os.path.join(cut, "checkpoints")).latest_step() == 3
+    assert max(_rows(cut, "train")) == 5
+    run_runner({**SPEC, "workdir": cut})  # the same command again: resumes from step 3
+    a, ea = _compare(full, cut)
 
-
-  # metrics.jsonl schema
-  for r in a.values():
-    for k in ("step", "split", "loss", "top1", "lr", "img_per_sec", "step_time"):
-      assert k in r, (k, r)
-  assert ea[TOTAL]["loss"] > 0 and 0 <= ea[TOTAL]["top1"] <= ea[TOTAL]["top5"] <= 1
-  assert os.path.isdir(os.path.join(full, "tensorboard"))
+    # metrics.jsonl schema
+    for r in a.values():
+        for k in ("step", "split", "loss", "top1", "lr", "img_per_sec", "step_time"):
+            assert k in r, (k, r)
+    assert ea[TOTAL]["loss"] > 0 and 0 <= ea[TOTAL]["top1"] <= ea[TOTAL]["top5"] <= 1
+    assert os.path.isdir(os.path.join(full, "tensorboard"))
 
 
 class _NaNAfter:
-  """mambavision_jax.data with NaN images from the batch of global step `bad` (0-based) on."""
+    """mambavision_jax.data with NaN images from the batch of global step `bad` (0-based) on."""
 
-  def __init__(self, bad):
-    import mambavision_jax.data as data
-    self._data, self._bad = data, bad
+    def __init__(self, bad):
+        import mambavision_jax.data as data
 
-  def __getattr__(self, name):
-    return getattr(self._data, name)
+        self._data, self._bad = data, bad
 
-  def build_train_iterator(self, config, *, start_step, process_index, process_count):
-    it = self._data.build_train_iterator(config, start_step=start_step, process_index=process_index,
-                                         process_count=process_count)
+    def __getattr__(self, name):
+        return getattr(self._data, name)
 
-    def gen():
-      for step, b in enumerate(it, start=start_step):
-        if step >= self._bad:
-          b = dict(b, image=np.full_like(b["image"], np.nan))
-        yield b
+    def build_train_iterator(self, config, *, start_step, process_index, process_count):
+        it = self._data.build_train_iterator(
+            config, start_step=start_step, process_index=process_index, process_count=process_count
+        )
 
-    return gen()
+        def gen():
+            for step, b in enumerate(it, start=start_step):
+                if step >= self._bad:
+                    b = dict(b, image=np.full_like(b["image"], np.nan))
+                yield b
+
+        return gen()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, jax_cache_env):
-  c = tiny_config
-  c.total_steps = TOTAL
-  c.checkpoint_every_steps = 3
-  c.log_every_steps = 4
-  workdir = str(tmp_path / "nan")
-  with pytest.raises(loop.NonFiniteLossError, match=r"Non-finite loss at step 5 .*last good checkpoint \(step 3\)"):
-    loop.train_and_evaluate(c, workdir, data_module=_NaNAfter(4))   # the 5th batch produces step 5
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  assert ck.all_steps() == [3]
-  rows = _rows(workdir, "train")
-  assert max(rows) == 4 and all(np.isfinite(r["loss"]) for r in rows.values())   # logged at 4, stopped at 5
+    c = tiny_config
+    c.total_steps = TOTAL
+    c.checkpoint_every_steps = 3
+    c.log_every_steps = 4
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(loop.NonFiniteLossError, match=r"Non-finite loss at step 5 .*last good checkpoint \(step 3\)"):
+        loop.train_and_evaluate(c, workdir, data_module=_NaNAfter(4))  # the 5th batch produces step 5
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ck.all_steps() == [3]
+    rows = _rows(workdir, "train")
+    assert max(rows) == 4 and all(np.isfinite(r["loss"]) for r in rows.values())  # logged at 4, stopped at 5

@@ -1,4 +1,5 @@
 """main.py end to end: the demo config for a few steps, and eval of converted weights."""
+
 import json
 import os
 
@@ -13,52 +14,63 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_demo_config_smoke(run_main, tmp_path):
-  wd = str(tmp_path / "demo")
-  p = run_main("--config=" + os.path.join(ROOT, "configs", "demo.py"), "--workdir=" + wd, "--config.total_steps=3",
-               "--config.log_every_steps=1", "--config.progress_bar=False")
-  rows = read_jsonl(os.path.join(wd, "metrics.jsonl"))
-  assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
-  ev = [r for r in rows if r["split"] == "eval"]
-  assert len(ev) == 1 and ev[0]["step"] == 3 and ev[0]["num_examples"] == 360
-  assert os.path.isdir(os.path.join(wd, "checkpoints", "3"))
-  assert json.load(open(os.path.join(wd, "config.json")))["data"]["name"] == "digits"
-  assert "steps 0->3" in p.stdout
+    wd = str(tmp_path / "demo")
+    p = run_main(
+        "--config=" + os.path.join(ROOT, "configs", "demo.py"),
+        "--workdir=" + wd,
+        "--config.total_steps=3",
+        "--config.log_every_steps=1",
+        "--config.progress_bar=False",
+    )
+    rows = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+    ev = [r for r in rows if r["split"] == "eval"]
+    assert len(ev) == 1 and ev[0]["step"] == 3 and ev[0]["num_examples"] == 360
+    assert os.path.isdir(os.path.join(wd, "checkpoints", "3"))
+    assert json.load(open(os.path.join(wd, "config.json")))["data"]["name"] == "digits"
+    assert "steps 0->3" in p.stdout
 
 
 def test_eval_of_converted_weights_matches_from_pretrained(run_main, tmp_path, tiny_config, jax_cache_env):
-  weights = pytest.importorskip("mambavision_jax.weights")
-  if not hasattr(weights, "save_converted"):
-    pytest.skip("mambavision_jax.weights.save_converted not available yet")
-  import mambavision_jax as mvj
-  import mambavision_jax.data as data
-  from tests.train.tiny_config import TINY_MODEL
+    weights = pytest.importorskip("mambavision_jax.weights")
+    if not hasattr(weights, "save_converted"):
+        pytest.skip("mambavision_jax.weights.save_converted not available yet")
+    import mambavision_jax as mvj
+    import mambavision_jax.data as data
+    from tests.train.tiny_config import TINY_MODEL
 
-  c = tiny_config
-  model = mvj.create_model(c.model_name, num_classes=10, **TINY_MODEL)
-  variables = jax.jit(model.init)({"params": jax.random.PRNGKey(3)}, jnp.zeros((1, 32, 32, 3)))
-  # non-trivial BN statistics so that eval-mode normalisation matters
-  variables = {"params": variables["params"],
-               "batch_stats": jax.tree.map(lambda x: x + 0.1 * jnp.abs(jnp.sin(jnp.arange(x.size) + 1.0)
-                                                                        ).reshape(x.shape),
-                                           variables["batch_stats"])}
-  conv = str(tmp_path / "converted")
-  weights.save_converted(conv, c.model_name, variables, dict(TINY_MODEL, num_classes=10))
+    c = tiny_config
+    model = mvj.create_model(c.model_name, num_classes=10, **TINY_MODEL)
+    variables = jax.jit(model.init)({"params": jax.random.PRNGKey(3)}, jnp.zeros((1, 32, 32, 3)))
+    # non-trivial BN statistics so that eval-mode normalisation matters
+    variables = {
+        "params": variables["params"],
+        "batch_stats": jax.tree.map(
+            lambda x: x + 0.1 * jnp.abs(jnp.sin(jnp.arange(x.size) + 1.0)).reshape(x.shape), variables["batch_stats"]
+        ),
+    }
+    conv = str(tmp_path / "converted")
+    weights.save_converted(conv, c.model_name, variables, dict(TINY_MODEL, num_classes=10))
 
-  wd = str(tmp_path / "eval")
-  run_main("--config=" + os.path.join(ROOT, "tests", "train", "tiny_config.py"), "--workdir=" + wd,
-           "--config.mode=eval", "--config.init_from=" + conv)
-  (row,) = [r for r in read_jsonl(os.path.join(wd, "metrics.jsonl")) if r["split"] == "eval"]
+    wd = str(tmp_path / "eval")
+    run_main(
+        "--config=" + os.path.join(ROOT, "tests", "train", "tiny_config.py"),
+        "--workdir=" + wd,
+        "--config.mode=eval",
+        "--config.init_from=" + conv,
+    )
+    (row,) = [r for r in read_jsonl(os.path.join(wd, "metrics.jsonl")) if r["split"] == "eval"]
 
-  module, v = mvj.from_pretrained(c.model_name, conv, num_classes=10)
-  apply = jax.jit(module.apply)
-  correct, nll, n = 0.0, 0.0, 0.0
-  for b in data.build_eval_iterator(c, process_index=0, process_count=1):
-    logits = np.asarray(apply(v, jnp.asarray(b["image"])), np.float64)
-    m = b["mask"]
-    correct += float(np.sum((logits.argmax(-1) == b["label"]) * m))
-    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    nll += float(np.sum((lse - logits[np.arange(len(m)), b["label"]]) * m))
-    n += float(m.sum())
-  assert row["num_examples"] == n == 360
-  assert row["top1"] == pytest.approx(correct / n, abs=1e-9)
-  assert row["loss"] == pytest.approx(nll / n, rel=1e-4)
+    module, v = mvj.from_pretrained(c.model_name, conv, num_classes=10)
+    apply = jax.jit(module.apply)
+    correct, nll, n = 0.0, 0.0, 0.0
+    for b in data.build_eval_iterator(c, process_index=0, process_count=1):
+        logits = np.asarray(apply(v, jnp.asarray(b["image"])), np.float64)
+        m = b["mask"]
+        correct += float(np.sum((logits.argmax(-1) == b["label"]) * m))
+        lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        nll += float(np.sum((lse - logits[np.arange(len(m)), b["label"]]) * m))
+        n += float(m.sum())
+    assert row["num_examples"] == n == 360
+    assert row["top1"] == pytest.approx(correct / n, abs=1e-9)
+    assert row["loss"] == pytest.approx(nll / n, rel=1e-4)

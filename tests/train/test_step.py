@@ -1,4 +1,5 @@
 """Train/eval steps in-process on one CPU device with the tiny MambaVision."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,70 +11,80 @@ from mambavision_jax.train import loop, optim, sharding, state as state_lib, ste
 
 
 def test_train_steps_lower_loss_and_mesa_schedule(tiny_config, jax_cache_env):
-  """A fixed batch: cross entropy falls over a few steps; the MESA term is exactly 0 while
-  epoch/epochs <= mesa_start_ratio and positive afterwards (steps_per_epoch=1, epochs=4, start 0.25)."""
-  c = tiny_config
-  c.optimizer.lr = 2e-3
-  c.optimizer.warmup_epochs = 0
-  c.optimizer.epochs = 4
-  c.ema_decay = 0.9
-  c.mesa = 1.0
-  c.mesa_start_ratio = 0.25
-  spe = 1
-  mesh = sharding.make_mesh()
-  model = loop.build_model(c)
-  rng = jax.random.PRNGKey(0)
-  abstract = jax.eval_shape(lambda r: model.init({"params": r}, jnp.zeros((1, 32, 32, 3))), rng)["params"]
-  tx, schedule = optim.make_optimizer(c, spe, abstract)
-  init_fn = state_lib.make_init_fn(model, tx, 32, use_ema=True)
-  state, shardings = state_lib.create_train_state(init_fn, rng, mesh)
-  train_step = step_lib.make_train_step(model, tx, schedule, c, spe, data, mesh, shardings)
-  rs = np.random.RandomState(0)
-  batch = sharding.global_batch({"image": rs.normal(size=(16, 32, 32, 3)).astype(np.float32),
-                                 "label": rs.randint(0, 10, size=(16,)).astype(np.int32)}, mesh)
-  ce, mesa = [], []
-  for _ in range(6):
-    state, m = train_step(state, batch, jax.random.PRNGKey(1))
-    ce.append(float(m["ce"]))
-    mesa.append(float(m["mesa_loss"]))
-    assert bool(m["finite"])
-  assert int(state.step) == 6
-  assert ce[-1] < ce[0] - 0.1, ce
-  assert mesa[0] == 0.0 and mesa[1] == 0.0, mesa          # epochs 0, 1: 0/4, 1/4 are not > 0.25
-  assert all(v > 0 for v in mesa[2:]), mesa               # epoch 2: 2/4 > 0.25
-  # EMA moved towards the params but is not equal to them
-  p, e = jax.tree.leaves(state.params)[0], jax.tree.leaves(state.ema_params)[0]
-  assert not np.allclose(np.asarray(p), np.asarray(e))
+    """A fixed batch: cross entropy falls over a few steps; the MESA term is exactly 0 while
+    epoch/epochs <= mesa_start_ratio and positive afterwards (steps_per_epoch=1, epochs=4, start 0.25)."""
+    c = tiny_config
+    c.optimizer.lr = 2e-3
+    c.optimizer.warmup_epochs = 0
+    c.optimizer.epochs = 4
+    c.ema_decay = 0.9
+    c.mesa = 1.0
+    c.mesa_start_ratio = 0.25
+    spe = 1
+    mesh = sharding.make_mesh()
+    model = loop.build_model(c)
+    rng = jax.random.PRNGKey(0)
+    abstract = jax.eval_shape(lambda r: model.init({"params": r}, jnp.zeros((1, 32, 32, 3))), rng)["params"]
+    tx, schedule = optim.make_optimizer(c, spe, abstract)
+    init_fn = state_lib.make_init_fn(model, tx, 32, use_ema=True)
+    state, shardings = state_lib.create_train_state(init_fn, rng, mesh)
+    train_step = step_lib.make_train_step(model, tx, schedule, c, spe, data, mesh, shardings)
+    rs = np.random.RandomState(0)
+    batch = sharding.global_batch(
+        {
+            "image": rs.normal(size=(16, 32, 32, 3)).astype(np.float32),
+            "label": rs.randint(0, 10, size=(16,)).astype(np.int32),
+        },
+        mesh,
+    )
+    ce, mesa = [], []
+    for _ in range(6):
+        state, m = train_step(state, batch, jax.random.PRNGKey(1))
+        ce.append(float(m["ce"]))
+        mesa.append(float(m["mesa_loss"]))
+        assert bool(m["finite"])
+    assert int(state.step) == 6
+    assert ce[-1] < ce[0] - 0.1, ce
+    assert mesa[0] == 0.0 and mesa[1] == 0.0, mesa  # epochs 0, 1: 0/4, 1/4 are not > 0.25
+    assert all(v > 0 for v in mesa[2:]), mesa  # epoch 2: 2/4 > 0.25
+    # EMA moved towards the params but is not equal to them
+    p, e = jax.tree.leaves(state.params)[0], jax.tree.leaves(state.ema_params)[0]
+    assert not np.allclose(np.asarray(p), np.asarray(e))
 
 
 def test_mesa_kl_matches_reference():
-  s = jnp.array([[1.0, 2.0, 0.5], [0.1, -1.0, 3.0]])
-  t = jnp.array([[0.5, 2.5, 0.0], [1.0, 0.0, 2.0]])
-  ps, pt = jax.nn.softmax(s / 3, -1), jax.nn.softmax(t / 3, -1)
-  ref = float(jnp.sum(pt * (jnp.log(pt) - jnp.log(ps))) / 2)
-  assert float(step_lib.mesa_kl(s, t)) == pytest.approx(ref, rel=1e-6)
-  assert float(step_lib.mesa_kl(s, s)) == pytest.approx(0.0, abs=1e-7)
+    s = jnp.array([[1.0, 2.0, 0.5], [0.1, -1.0, 3.0]])
+    t = jnp.array([[0.5, 2.5, 0.0], [1.0, 0.0, 2.0]])
+    ps, pt = jax.nn.softmax(s / 3, -1), jax.nn.softmax(t / 3, -1)
+    ref = float(jnp.sum(pt * (jnp.log(pt) - jnp.log(ps))) / 2)
+    assert float(step_lib.mesa_kl(s, t)) == pytest.approx(ref, rel=1e-6)
+    assert float(step_lib.mesa_kl(s, s)) == pytest.approx(0.0, abs=1e-7)
 
 
 class _FixedLogits(nn.Module):
-  @nn.compact
-  def __call__(self, x, train=False):
-    del train
-    return x[:, 0, 0, :6]        # logits are the first pixel's 6 channels
+    @nn.compact
+    def __call__(self, x, train=False):
+        del train
+        return x[:, 0, 0, :6]  # logits are the first pixel's 6 channels
 
 
 def test_eval_step_counts_with_mask():
-  mesh = sharding.make_mesh()
-  logits = np.array([[9, 1, 2, 3, 4, 5],      # label 0: top1 hit
-                     [1, 9, 8, 7, 6, 5],      # label 2: top5 hit only
-                     [9, 8, 7, 6, 5, 0],      # label 5: miss
-                     [0, 0, 0, 0, 0, 9]],     # label 5: top1 hit but masked out
-                    np.float32)
-  images = np.zeros((4, 2, 2, 6), np.float32)
-  images[:, 0, 0, :] = logits
-  batch = sharding.global_batch({"image": images, "label": np.array([0, 2, 5, 5], np.int32),
-                                 "mask": np.array([1, 1, 1, 0], np.float32)}, mesh)
-  out = jax.device_get(step_lib.make_eval_step(_FixedLogits(), mesh, 6)({}, batch))
-  assert float(out["count"]) == 3 and float(out["correct1"]) == 1 and float(out["correct5"]) == 2
-  nll = -jax.nn.log_softmax(jnp.asarray(logits), -1)[jnp.arange(3), jnp.array([0, 2, 5])]
-  assert float(out["loss_sum"]) == pytest.approx(float(nll.sum()), rel=1e-5)
+    mesh = sharding.make_mesh()
+    logits = np.array(
+        [
+            [9, 1, 2, 3, 4, 5],  # label 0: top1 hit
+            [1, 9, 8, 7, 6, 5],  # label 2: top5 hit only
+            [9, 8, 7, 6, 5, 0],  # label 5: miss
+            [0, 0, 0, 0, 0, 9],
+        ],  # label 5: top1 hit but masked out
+        np.float32,
+    )
+    images = np.zeros((4, 2, 2, 6), np.float32)
+    images[:, 0, 0, :] = logits
+    batch = sharding.global_batch(
+        {"image": images, "label": np.array([0, 2, 5, 5], np.int32), "mask": np.array([1, 1, 1, 0], np.float32)}, mesh
+    )
+    out = jax.device_get(step_lib.make_eval_step(_FixedLogits(), mesh, 6)({}, batch))
+    assert float(out["count"]) == 3 and float(out["correct1"]) == 1 and float(out["correct5"]) == 2
+    nll = -jax.nn.log_softmax(jnp.asarray(logits), -1)[jnp.arange(3), jnp.array([0, 2, 5])]
+    assert float(out["loss_sum"]) == pytest.approx(float(nll.sum()), rel=1e-5)

@@ -1,4 +1,5 @@
 """Weights: key map round trips, both file formats, EMA, the converter CLI, head replacement, and errors."""
+
 import logging
 import os
 import subprocess
@@ -26,8 +27,14 @@ def reference(tmp_path_factory):
     images = np.random.default_rng(5).standard_normal((2, 64, 64, 3), dtype=np.float32)
     directory = tmp_path_factory.mktemp("ckpt")
     torch.save({"state_dict": model.state_dict(), "epoch": 3}, directory / "state_dict.pth.tar")
-    return dict(model=model, ema_model=ema_model, images=images, logits=torch_logits(model, images),
-                ema_logits=torch_logits(ema_model, images), dir=directory)
+    return dict(
+        model=model,
+        ema_model=ema_model,
+        images=images,
+        logits=torch_logits(model, images),
+        ema_logits=torch_logits(ema_model, images),
+        dir=directory,
+    )
 
 
 def jax_logits(module, variables, images):
@@ -62,8 +69,14 @@ def test_torch_checkpoint_layouts(reference, layout):
 
 def test_ema_weights(reference):
     path = reference["dir"] / "train_ckpt.pth.tar"
-    torch.save({"state_dict": reference["model"].state_dict(),
-                "state_dict_ema": reference["ema_model"].state_dict(), "epoch": 9}, path)
+    torch.save(
+        {
+            "state_dict": reference["model"].state_dict(),
+            "state_dict_ema": reference["ema_model"].state_dict(),
+            "epoch": 9,
+        },
+        path,
+    )
     module, variables = mvj.from_pretrained(NAME, str(path), ema=True, **ARCH)
     assert_close(jax_logits(module, variables, reference["images"]), reference["ema_logits"])
     with pytest.raises(CheckpointError, match="state_dict_ema"):
@@ -102,16 +115,41 @@ def test_converter_cli_tiny_with_ema(tmp_path):
     images = np.random.default_rng(8).standard_normal((1, 224, 224, 3), dtype=np.float32)
     for flag, reference_model in (([], official), (["--ema"], ema)):
         out = tmp_path / f"converted{''.join(flag)}"
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "convert_torch_weights.py"), "--model",
-                                 "mambavision_tiny", "--input", str(src), "--output", str(out), *flag],
-                                capture_output=True, text=True, cwd=ROOT)
+        result = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "convert_torch_weights.py"),
+                "--model",
+                "mambavision_tiny",
+                "--input",
+                str(src),
+                "--output",
+                str(out),
+                *flag,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert result.returncode == 0, result.stderr
         assert "31,794,248 parameters" in result.stdout
         module, variables = mvj.from_pretrained(None, str(out))
         assert_close(jax_logits(module, variables, images), torch_logits(reference_model, images))
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "convert_torch_weights.py"), "--model",
-                          "mamba_vision_S", "--input", str(src), "--output", str(tmp_path / "bad")],
-                         capture_output=True, text=True, cwd=ROOT)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "convert_torch_weights.py"),
+            "--model",
+            "mamba_vision_S",
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "bad"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert bad.returncode == 1 and "missing keys" in bad.stderr and not (tmp_path / "bad").exists()
 
 
@@ -122,21 +160,31 @@ def test_new_class_count_keeps_everything_but_the_head(reference, caplog):
         module, variables = mvj.from_pretrained(NAME, path, num_classes=3, **ARCH)
     assert "initialising a new head" in caplog.text
     assert variables["params"]["head"]["kernel"].shape == (128, 3)
-    np.testing.assert_array_equal(variables["params"]["levels_2"]["blocks_0"]["mixer"]["A_log"],
-                                  full["params"]["levels_2"]["blocks_0"]["mixer"]["A_log"])
+    np.testing.assert_array_equal(
+        variables["params"]["levels_2"]["blocks_0"]["mixer"]["A_log"],
+        full["params"]["levels_2"]["blocks_0"]["mixer"]["A_log"],
+    )
     features = module.apply(variables, reference["images"], method=module.forward_features)
     full_module = mvj.create_model(NAME, **ARCH)
-    np.testing.assert_allclose(features, full_module.apply(full, reference["images"],
-                                                           method=full_module.forward_features), rtol=1e-6)
+    np.testing.assert_allclose(
+        features, full_module.apply(full, reference["images"], method=full_module.forward_features), rtol=1e-6
+    )
 
 
-@pytest.mark.parametrize("edit,named", [
-    (lambda s: s.pop("levels.2.blocks.0.mixer.A_log"), "missing keys:\n  levels.2.blocks.0.mixer.A_log"),
-    (lambda s: s.update({"levels.2.blocks.0.mixer.extra": np.zeros(3, np.float32)}),
-     "unexpected keys:\n  levels.2.blocks.0.mixer.extra"),
-    (lambda s: s.update({"head.weight": np.zeros((1000, 7), np.float32)}),
-     "head.weight: checkpoint (1000, 7) vs model (1000, 128)"),
-])
+@pytest.mark.parametrize(
+    "edit,named",
+    [
+        (lambda s: s.pop("levels.2.blocks.0.mixer.A_log"), "missing keys:\n  levels.2.blocks.0.mixer.A_log"),
+        (
+            lambda s: s.update({"levels.2.blocks.0.mixer.extra": np.zeros(3, np.float32)}),
+            "unexpected keys:\n  levels.2.blocks.0.mixer.extra",
+        ),
+        (
+            lambda s: s.update({"head.weight": np.zeros((1000, 7), np.float32)}),
+            "head.weight: checkpoint (1000, 7) vs model (1000, 128)",
+        ),
+    ],
+)
 def test_bad_checkpoints_name_every_offending_key(reference, edit, named):
     state = state_dict_numpy(reference["model"])
     edit(state)
@@ -150,11 +198,14 @@ def test_bad_checkpoints_name_every_offending_key(reference, edit, named):
     assert "nothing was loaded" in message
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"just some text, not a checkpoint", "neither a PyTorch checkpoint"),
-    (b"PK\x03\x04 truncated zip", "could not read .* as a PyTorch checkpoint"),
-    (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": broken json}", "could not read .* as safetensors"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"just some text, not a checkpoint", "neither a PyTorch checkpoint"),
+        (b"PK\x03\x04 truncated zip", "could not read .* as a PyTorch checkpoint"),
+        (b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": broken json}', "could not read .* as safetensors"),
+    ],
+)
 def test_unreadable_files(tmp_path, content, message):
     path = tmp_path / "weights.bin"
     path.write_bytes(content)

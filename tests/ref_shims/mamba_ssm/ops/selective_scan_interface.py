@@ -5,12 +5,14 @@ and accumulation), so the official MambaVision model runs on CPU for logit-parit
 mamba_ssm: u, delta (b, d, l); A (d, n); B, C (b, n, l) or (b, g, n, l) or (d, n); D, delta_bias (d,);
 z (b, d, l) or None.
 """
+
 import torch
 import torch.nn.functional as F
 
 
-def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False):
+def selective_scan_fn(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
     dtype_in = u.dtype
     u, delta = u.float(), delta.float()
     if delta_bias is not None:
