@@ -6,7 +6,8 @@
 
 Running the same command again with the same --workdir resumes from the latest checkpoint.
 Multi-process (multi-host) runs call jax.distributed.initialize() when --multihost is given or the environment
-looks like a multi-process launch (JAX_COORDINATOR_ADDRESS, SLURM with >1 task, OpenMPI with >1 rank).
+looks like a multi-process launch (JAX_COORDINATOR_ADDRESS, SLURM with >1 task, OpenMPI with >1 rank). Without
+SLURM or MPI, give every process JAX_COORDINATOR_ADDRESS=host0:port, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i.
 """
 
 import os
@@ -34,6 +35,17 @@ def _is_multiprocess_env() -> bool:
     return False
 
 
+def _process_layout() -> dict:
+    """num_processes / process_id from JAX_NUM_PROCESSES / JAX_PROCESS_ID when set (a launch without SLURM or
+    MPI: every process gets JAX_COORDINATOR_ADDRESS, which jax reads itself, plus these two); otherwise empty,
+    and jax.distributed detects the cluster."""
+    layout = {}
+    for env_name, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if os.environ.get(env_name):
+            layout[key] = int(os.environ[env_name])
+    return layout
+
+
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save step at INFO; keep the console readable.
@@ -42,7 +54,7 @@ def main(argv):
 
     multihost = _MULTIHOST.value if _MULTIHOST.value is not None else _is_multiprocess_env()
     if multihost:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**_process_layout())
     from mambavision_jax.train import loop
 
     config = _CONFIG.value
