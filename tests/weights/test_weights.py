@@ -216,3 +216,9 @@ def test_unreadable_files(tmp_path, content, message):
 def test_missing_file():
     with pytest.raises(CheckpointError, match="does not exist"):
         mvj.from_pretrained(NAME, "/nonexistent/weights.pth")
+
+
+def test_torch_checkpoint_without_torch_says_how_to_install(reference, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # any torch import now fails
+    with pytest.raises(ImportError, match=r"pip install 'mambavision-jax\[torch\]'"):
+        mvj.from_pretrained(NAME, str(reference["dir"] / "state_dict.pth.tar"), **ARCH)
