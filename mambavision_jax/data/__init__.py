@@ -1,10 +1,11 @@
 """Input pipelines for mambavision_jax (API in docs/INTERFACES.md, "Data").
 
 Host side (numpy/PIL/grain): ``build_train_iterator``, ``build_eval_iterator``, ``num_examples``,
-``steps_per_epoch``. Device side (pure JAX, jit-able): ``mixup_cutmix``, ``smoothed_one_hot``.
+``steps_per_epoch``, ``preprocess_image`` (one image as the official evaluation sees it). Device side (pure JAX, jit-able): ``mixup_cutmix``, ``smoothed_one_hot``.
 """
 
 from .config_utils import IMAGENET_MEAN, IMAGENET_STD, Preprocess, preprocess_settings
+from .example_transforms import preprocess_image
 from .errors import CorruptImageError, DataError, DatasetNotFoundError, DatasetNotPreparedError, UnknownDatasetError
 from .mixup import mixup_cutmix, mixup_cutmix_with_lam, smoothed_one_hot
 from .pipeline import (
@@ -27,6 +28,7 @@ __all__ = [
     "smoothed_one_hot",
     "skipped_files",
     "build_source",
+    "preprocess_image",
     "DATASETS",
     "DataIterator",
     "preprocess_settings",

@@ -73,3 +73,16 @@ class NormalizeOnly:
             return source.load_normalized(index, self.pre.mean, self.pre.std)
         image, label = source.load(index)
         return self(image), label
+
+
+def preprocess_image(image, model_name: str) -> np.ndarray:
+    """One image (PIL, uint8 HWC array or encoded bytes) -> the normalised (S, S, 3) float32 NHWC input that the
+    official evaluation of ``model_name`` uses: its pretrained_cfg resize by crop_pct (``center`` or ``squash``),
+    bicubic, centre crop to the input size, mean/std. Add the batch axis with ``x[None]``."""
+    from mambavision_jax.models.registry import pretrained_cfg
+
+    cfg = pretrained_cfg(model_name)
+    img = eval_resize_crop(
+        to_pil_rgb(image), cfg["input_size"][1], cfg["crop_pct"], cfg["crop_mode"], cfg["interpolation"]
+    )
+    return normalize(np.asarray(img), cfg["mean"], cfg["std"])

@@ -151,3 +151,25 @@ def test_preprocess_fallback_chain():
     cfg.eval_preprocess.crop_mode = "border"
     with pytest.raises(ValueError, match="crop_mode"):
         preprocess_settings(cfg)
+
+
+@pytest.mark.parametrize("model_name", ["mamba_vision_T2", "mamba_vision_L2_512_21k"])
+def test_preprocess_image_matches_timm_eval_of_the_pretrained_cfg(model_name):
+    import mambavision_jax as mvj
+    from mambavision_jax.data import preprocess_image
+
+    timm_data = pytest.importorskip("timm.data")
+    cfg = mvj.pretrained_cfg(model_name)
+    tf = timm_data.create_transform(
+        input_size=cfg["input_size"],
+        is_training=False,
+        crop_pct=cfg["crop_pct"],
+        crop_mode=cfg["crop_mode"],
+        interpolation="bicubic",
+        mean=cfg["mean"],
+        std=cfg["std"],
+    )
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 410, 3), dtype=np.uint8))
+    ours = preprocess_image(img, model_name)
+    assert ours.shape == (cfg["input_size"][1], cfg["input_size"][2], 3) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, tf(img).numpy().transpose(1, 2, 0), atol=1e-5)
