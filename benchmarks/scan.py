@@ -186,14 +186,15 @@ def timing(impls, shapes, dtypes, n_sets, seed, bw, interpret, log, configs=None
 
 
 def _cfg_str(cfg):
-    return f"d{cfg.block_d}k{cfg.chunk}w{cfg.num_warps}s{cfg.num_stages}"
+    return f"d{cfg.block_d}k{cfg.chunk}w{cfg.num_warps}s{cfg.num_stages}x{cfg.splits}"
 
 
 def sweep_configs():
-    """Chunk 2/4/8 at one warp of 32 channels, half a warp's worth of channels, and 2/4 warps (kept small: each
-    config compiles twice)."""
+    """Chunk 2/4/8 at one warp of 32 channels; half a warp's worth of channels; 2/4 warps; and the forward split
+    into 2/4/8 parallel segments (kept small: each config compiles twice)."""
     configs = [KernelConfig(block_d=32, chunk=k, num_warps=1) for k in (2, 4, 8)]
     configs += [KernelConfig(block_d=b, chunk=4, num_warps=w) for b, w in ((16, 1), (64, 2), (128, 4))]
+    configs += [KernelConfig(block_d=32, chunk=4, splits=s) for s in (2, 4, 8)]
     return configs
 
 

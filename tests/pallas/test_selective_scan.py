@@ -86,10 +86,13 @@ def test_matches_float64_reference(impl, case):
         KernelConfig(block_d=64, chunk=16),
         KernelConfig(block_d=32, chunk=1),
         KernelConfig(block_d=64, chunk=8, num_warps=2),
+        KernelConfig(block_d=32, chunk=4, splits=4),
+        KernelConfig(block_d=16, chunk=8, splits=3),
     ],
 )
 def test_pallas_configs(config):
-    """Channel-block and chunk tails: dim 40 with blocks 16/32/64; L 197 with chunks 1/4/8/16."""
+    """Channel-block and chunk tails: dim 40 with blocks 16/32/64; L 197 with chunks 1/4/8/16; the forward split
+    into 3 or 4 parallel segments (the last one shorter)."""
     _check("pallas", (2, 197, 40, 8, jnp.float32, True, True, True), config)
 
 
@@ -99,7 +102,8 @@ def test_pallas_configs(config):
 
 @pytest.mark.parametrize("batch,length,dim", [(2, 196, 160), (2, 49, 320), (2, 197, 40)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_lowers_for_cuda(batch, length, dim, dtype):
+@pytest.mark.parametrize("splits", [1, 4])
+def test_lowers_for_cuda(batch, length, dim, dtype, splits):
     n = 8
     spec = lambda shape, t=dtype: jax.ShapeDtypeStruct(shape, t)
     args = (
@@ -111,9 +115,15 @@ def test_lowers_for_cuda(batch, length, dim, dtype):
         spec((dim,), jnp.float32),
         spec((dim,), jnp.float32),
     )
-    fwd = lambda *a: selective_scan(*a, delta_softplus=True, impl="pallas")
+    if splits == 1:
+        fwd = lambda *a: selective_scan(*a, delta_softplus=True, impl="pallas")
+    else:
+        config = KernelConfig(block_d=32, chunk=4, splits=splits)
+        fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
     grad = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=tuple(range(7)))
-    for fn, expected in ((fwd, 1), (grad, 2)):  # grad: forward (saving states) + backward kernel
+    # forward: one kernel (two with splits: summary + main); grad adds the backward kernel
+    splits_calls = 1 if splits > 1 and length > 4 * 4 else 0
+    for fn, expected in ((fwd, 1 + splits_calls), (grad, 2 + splits_calls)):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == expected, text[:2000]
 
