@@ -53,8 +53,8 @@ _F32 = jnp.float32
 class KernelConfig:
     """Launch parameters. ``block_d``: channels per program (power of two); ``chunk``: time steps whose row loads
     are issued together (and prefetched one chunk ahead); ``num_warps``/``num_stages``: Triton's; ``splits``:
-    segments of the sequence the forward runs in parallel (1: one pass; more: a summary pass, a combine of the
-    segment states in XLA, and a second pass from each segment's true entry state, at about 1.7x the bytes)."""
+    segments of the sequence that run in parallel, forward and backward (1: one pass; more: a summary pass, a
+    combine of the segment states or adjoints in XLA, and the main pass from each segment's true entry value)."""
 
     block_d: int = 32
     chunk: int = 8
@@ -130,11 +130,16 @@ def _lane_params(A_ref, D_ref, bias_ref, rows):
     return A, D, bias
 
 
-def _lane_step(delta_raw, bias, A, h, u, B, delta_softplus):
-    """One recurrence step on (block_d,) rows: returns (pre-softplus Δ, Δ, decays, new state)."""
+def _discretise(delta_raw, bias, A, delta_softplus):
+    """(pre-softplus Δ, Δ, decays exp(Δ·A_n)) of one (block_d,) row."""
     pre = delta_raw + bias
     dt = _softplus(pre) if delta_softplus else pre
-    a = [jnp.exp2(dt * (A_i * _LOG2E)) for A_i in A]
+    return pre, dt, [jnp.exp2(dt * (A_i * _LOG2E)) for A_i in A]
+
+
+def _lane_step(delta_raw, bias, A, h, u, B, delta_softplus):
+    """One recurrence step on (block_d,) rows: returns (pre-softplus Δ, Δ, decays, new state)."""
+    pre, dt, a = _discretise(delta_raw, bias, A, delta_softplus)
     dtu = dt * u
     return pre, dt, a, tuple(a_i * h_i + dtu * B_i for a_i, h_i, B_i in zip(a, h, B))
 
@@ -219,6 +224,37 @@ def _forward_kernel(
         plt.store(sums_ref.at[rows.b, segment, pl.ds(rows.d0, block_d)], delta_sum, mask=rows.dmask)
 
 
+def _adjoint_summary_kernel(
+    delta_ref, A_ref, C_ref, D_ref, bias_ref, dy_ref, g_ref, sums_ref, *, block_d, chunk, delta_softplus, per_segment
+):
+    """Pass 1 of a split backward. Program (j, b, s) walks segment s backwards from a zero adjoint through
+    dh_t = g + C_t·dy_t, g = exp(Δ_t·A)·dh_t (no states needed) and writes the g it leaves the segment with,
+    and the sum of Δ over the segment's valid steps."""
+    rows, n_chunks = _program(delta_ref, block_d, chunk)
+    A, _, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
+    segment = pl.program_id(2)
+    last = segment * per_segment + per_segment - 1
+
+    def load(t0):
+        return rows.channels(delta_ref, t0), rows.scalars(C_ref, t0), rows.channels(dy_ref, t0, valid_only=True)
+
+    def body(i, carry):
+        g, delta_sum, (deltas, Cs, dys) = carry
+        t0 = (last - i) * chunk
+        prefetched = load(jnp.maximum(t0 - chunk, 0))
+        for k, (_, valid) in reversed(list(enumerate(rows.times(t0)))):
+            _, dt, a = _discretise(deltas[k], bias, A, delta_softplus)
+            g = tuple(jnp.where(valid, (g_n + C_n * dys[k]) * a_n, g_n) for g_n, C_n, a_n in zip(g, Cs[k], a))
+            delta_sum = delta_sum + jnp.where(valid, dt, 0.0)
+        return g, delta_sum, prefetched
+
+    zeros = jnp.zeros((block_d,), _F32)
+    g, delta_sum, _ = jax.lax.fori_loop(0, per_segment, body, (tuple(zeros for _ in A), zeros, load(last * chunk)))
+    for n, g_n in enumerate(g):
+        plt.store(g_ref.at[rows.b, segment, jnp.int32(n), pl.ds(rows.d0, block_d)], g_n, mask=rows.dmask)
+    plt.store(sums_ref.at[rows.b, segment, pl.ds(rows.d0, block_d)], delta_sum, mask=rows.dmask)
+
+
 def _backward_kernel(
     u_ref,
     delta_ref,
@@ -229,22 +265,24 @@ def _backward_kernel(
     bias_ref,
     dy_ref,
     states_ref,
-    du_ref,
-    ddelta_ref,
-    dA_ref,
-    dD_ref,
-    dbias_ref,
-    dB_ref,
-    dC_ref,
-    *,
+    *refs,
     block_d,
     chunk,
     delta_softplus,
+    per_segment,
+    has_g0,
 ):
+    """Program (j, b, s) walks the chunks of segment s backwards, from the adjoint ``g0[b, s]`` (has_g0) or zero.
+    refs: [g0,] du, ddelta, dA (batch, segments, d_state, dim), dD, dbias (batch, segments, dim), dB, dC."""
+    refs = list(refs)
+    g0_ref = refs.pop(0) if has_g0 else None
+    du_ref, ddelta_ref, dA_ref, dD_ref, dbias_ref, dB_ref, dC_ref = refs
     rows, n_chunks = _program(u_ref, block_d, chunk)
     A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
     n = len(A)
     blk = pl.program_id(0)
+    segment = pl.program_id(2)
+    last = segment * per_segment + per_segment - 1
 
     def load(t0):
         return (
@@ -257,12 +295,13 @@ def _backward_kernel(
 
     def body(i, carry):
         g, dA, dD, dbias, (us, deltas, Bs, Cs, dys) = carry
-        c = n_chunks - 1 - i
+        c = last - i
         t0 = c * chunk
         prefetched = load(jnp.maximum(t0 - chunk, 0))
+        state_mask = jnp.logical_and(rows.dmask, c < n_chunks)  # the last segment may run past the end
         h = [
             tuple(
-                plt.load(states_ref.at[rows.b, c, jnp.int32(j), pl.ds(rows.d0, block_d)], mask=rows.dmask, other=0.0)
+                plt.load(states_ref.at[rows.b, c, jnp.int32(j), pl.ds(rows.d0, block_d)], mask=state_mask, other=0.0)
                 for j in range(n)
             )
         ]
@@ -301,18 +340,29 @@ def _backward_kernel(
 
     zeros = jnp.zeros((block_d,), _F32)
     zeros_n = tuple(zeros for _ in range(n))
-    _, dA, dD, dbias, _ = jax.lax.fori_loop(
-        0, n_chunks, body, (zeros_n, zeros_n, zeros, zeros, load((n_chunks - 1) * chunk))
-    )
+    if has_g0:
+        g = tuple(
+            plt.load(g0_ref.at[rows.b, segment, jnp.int32(j), pl.ds(rows.d0, block_d)], mask=rows.dmask, other=0.0)
+            for j in range(n)
+        )
+    else:
+        g = zeros_n
+    _, dA, dD, dbias, _ = jax.lax.fori_loop(0, per_segment, body, (g, zeros_n, zeros, zeros, load(last * chunk)))
     for j in range(n):
-        plt.store(dA_ref.at[rows.b, jnp.int32(j), pl.ds(rows.d0, block_d)], dA[j], mask=rows.dmask)
-    plt.store(dD_ref.at[rows.b, pl.ds(rows.d0, block_d)], dD, mask=rows.dmask)
-    plt.store(dbias_ref.at[rows.b, pl.ds(rows.d0, block_d)], dbias, mask=rows.dmask)
+        plt.store(dA_ref.at[rows.b, segment, jnp.int32(j), pl.ds(rows.d0, block_d)], dA[j], mask=rows.dmask)
+    plt.store(dD_ref.at[rows.b, segment, pl.ds(rows.d0, block_d)], dD, mask=rows.dmask)
+    plt.store(dbias_ref.at[rows.b, segment, pl.ds(rows.d0, block_d)], dbias, mask=rows.dmask)
 
 
-def _call(kernel, out_shape, u, config, interpret, name, segments=None):
+def _segments(n_chunks: int, splits: int) -> tuple[int, int]:
+    """(chunks per segment, number of segments) for ``splits`` requested segments (none of them empty)."""
+    per_segment = pl.cdiv(n_chunks, min(splits, n_chunks))
+    return per_segment, pl.cdiv(n_chunks, per_segment)
+
+
+def _call(kernel, out_shape, u, config, interpret, name, segments):
     batch, _, dim = u.shape
-    grid = (pl.cdiv(dim, config.block_d), batch) + ((segments,) if segments else ())
+    grid = (pl.cdiv(dim, config.block_d), batch, segments)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -346,8 +396,7 @@ def scan_forward(
     batch, length, dim = u.shape
     n = A.shape[1]
     n_chunks = pl.cdiv(length, config.chunk)
-    per_segment = pl.cdiv(n_chunks, min(config.splits, n_chunks))
-    segments = pl.cdiv(n_chunks, per_segment)
+    per_segment, segments = _segments(n_chunks, config.splits)
     args = (u, delta, A.T, B, C, D, delta_bias)
     kernel = functools.partial(
         _forward_kernel,
@@ -379,24 +428,42 @@ def scan_forward(
 def scan_backward(
     u, delta, A, B, C, D, delta_bias, states, dy, *, delta_softplus: bool, config: KernelConfig, interpret: bool = False
 ):
-    """Backward kernel. Returns du, ddelta (inputs' dtypes), and float32 gradients dA (dim, d_state),
-    dB, dC (batch, length, d_state), dD, d(delta_bias) (dim,), with the partial sums already reduced."""
+    """Backward kernel(s). Returns du, ddelta (inputs' dtypes), and float32 gradients dA (dim, d_state),
+    dB, dC (batch, length, d_state), dD, d(delta_bias) (dim,), with the partial sums already reduced.
+
+    With ``config.splits`` > 1 the segments run in parallel: a summary pass gives each segment's adjoint from zero
+    and its Δ sum, XLA chains them from the last segment back (g_s = exp(A·Σ_{s+1} Δ)·g_{s+1} + local_{s+1}),
+    and the main pass walks every segment from its incoming adjoint."""
     batch, length, dim = u.shape
     n = A.shape[1]
     n_blocks = pl.cdiv(dim, config.block_d)
+    per_segment, segments = _segments(pl.cdiv(length, config.chunk), config.splits)
+    common = dict(block_d=config.block_d, chunk=config.chunk, delta_softplus=delta_softplus, per_segment=per_segment)
+    g0 = ()
+    if segments > 1:
+        summary_shape = [
+            jax.ShapeDtypeStruct((batch, segments, n, dim), _F32),
+            jax.ShapeDtypeStruct((batch, segments, dim), _F32),
+        ]
+        summary = functools.partial(_adjoint_summary_kernel, **common)
+        local, sums = _call(summary, summary_shape, u, config, interpret, "selective_scan_bwd_summary", segments)(
+            delta, A.T, C, D, delta_bias, dy
+        )
+        incoming = [jnp.zeros((batch, n, dim), _F32)]
+        for s in range(segments - 1, 0, -1):
+            incoming.append(jnp.exp(A.T.astype(_F32)[None] * sums[:, s, None, :]) * incoming[-1] + local[:, s])
+        g0 = (jnp.stack(incoming[::-1], axis=1),)
     out_shape = [
         jax.ShapeDtypeStruct(u.shape, u.dtype),
         jax.ShapeDtypeStruct(delta.shape, delta.dtype),
-        jax.ShapeDtypeStruct((batch, n, dim), _F32),
-        jax.ShapeDtypeStruct((batch, dim), _F32),
-        jax.ShapeDtypeStruct((batch, dim), _F32),
+        jax.ShapeDtypeStruct((batch, segments, n, dim), _F32),
+        jax.ShapeDtypeStruct((batch, segments, dim), _F32),
+        jax.ShapeDtypeStruct((batch, segments, dim), _F32),
         jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
         jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
     ]
-    kernel = functools.partial(
-        _backward_kernel, block_d=config.block_d, chunk=config.chunk, delta_softplus=delta_softplus
+    kernel = functools.partial(_backward_kernel, has_g0=bool(g0), **common)
+    du, ddelta, dA, dD, dbias, dB, dC = _call(kernel, out_shape, u, config, interpret, "selective_scan_bwd", segments)(
+        u, delta, A.T, B, C, D, delta_bias, dy, states, *g0
     )
-    du, ddelta, dA, dD, dbias, dB, dC = _call(kernel, out_shape, u, config, interpret, "selective_scan_bwd")(
-        u, delta, A.T, B, C, D, delta_bias, dy, states
-    )
-    return du, ddelta, dA.sum(0).T, dB.sum(0), dC.sum(0), dD.sum(0), dbias.sum(0)
+    return du, ddelta, dA.sum((0, 1)).T, dB.sum(0), dC.sum(0), dD.sum((0, 1)), dbias.sum((0, 1))

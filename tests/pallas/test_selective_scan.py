@@ -91,8 +91,8 @@ def test_matches_float64_reference(impl, case):
     ],
 )
 def test_pallas_configs(config):
-    """Channel-block and chunk tails: dim 40 with blocks 16/32/64; L 197 with chunks 1/4/8/16; the forward split
-    into 3 or 4 parallel segments (the last one shorter)."""
+    """Channel-block and chunk tails: dim 40 with blocks 16/32/64; L 197 with chunks 1/4/8/16; forward and
+    backward split into 3 or 4 parallel segments (the last one shorter)."""
     _check("pallas", (2, 197, 40, 8, jnp.float32, True, True, True), config)
 
 
@@ -121,9 +121,9 @@ def test_lowers_for_cuda(batch, length, dim, dtype, splits):
         config = KernelConfig(block_d=32, chunk=4, splits=splits)
         fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
     grad = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=tuple(range(7)))
-    # forward: one kernel (two with splits: summary + main); grad adds the backward kernel
-    splits_calls = 1 if splits > 1 and length > 4 * 4 else 0
-    for fn, expected in ((fwd, 1 + splits_calls), (grad, 2 + splits_calls)):
+    # one kernel each for forward and backward; a split adds a summary kernel to each
+    extra = int(splits > 1)
+    for fn, expected in ((fwd, 1 + extra), (grad, 2 + 2 * extra)):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == expected, text[:2000]
 
