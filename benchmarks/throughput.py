@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mambavision_jax as mvj  # noqa: E402
-from timing import compile_seconds, median_seconds  # noqa: E402
+from timing import compile_seconds, median_seconds, top_device_ops  # noqa: E402
 
 SHORT = {
     "T": "mamba_vision_T",
@@ -46,13 +46,16 @@ def random_images(batch, size, dtype, count, seed=0):
     return [jax.random.normal(k, (batch, size, size, 3), dtype) for k in keys]
 
 
-def inference(name, batch, dtype, size, overrides):
+def inference(name, batch, dtype, size, overrides, profile_dir=None):
     model = mvj.create_model(name, dtype=dtype, **overrides)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
     images = random_images(batch, size, dtype, 3)
     compiled, compile_s, memory = compile_seconds(jax.jit(model.apply), variables, images[0])
     seconds = median_seconds(compiled, [(variables, x) for x in images])
-    return dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+    result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+    if profile_dir:
+        result["top_ops"] = top_device_ops(compiled, (variables, images[0]), profile_dir)
+    return result
 
 
 def training(name, batch, dtype, size, overrides):
@@ -126,6 +129,11 @@ def main():
         help="official_torch.json from a run of the anchor earlier in the same device call",
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile each inference config and print its top ops (trace under $OUT or /tmp)",
+    )
     args = parser.parse_args()
 
     models = [m for m in args.models.split(",") if m]
@@ -150,13 +158,16 @@ def main():
 
     for m in models:
         for batch in (int(b) for b in args.batches.split(",")):
-            r = inference(SHORT[m], batch, dtype, args.size, overrides)
+            profile_dir = os.path.join(os.environ.get("OUT", "/tmp"), f"trace_{m}_bs{batch}") if args.profile else None
+            r = inference(SHORT[m], batch, dtype, args.size, overrides, profile_dir)
             results["inference"][f"{m}_bs{batch}"] = r
             print(
                 f"infer {m} bs{batch} {args.dtype}: {r['img_per_s']:.0f} img/s, compile {r['compile_s']:.1f}s, "
                 f"mem {r.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB",
                 flush=True,
             )
+            for name, ms, frac in r.get("top_ops", []):
+                print(f"   {ms:8.3f} ms/batch {frac:6.1%}  {name[:100]}")
             save()
     for m in train_models:
         r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, overrides)

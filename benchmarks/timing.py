@@ -51,3 +51,30 @@ def compile_seconds(jitted: Callable[..., Any], *args) -> tuple[Any, float, dict
             - memory["alias_size_in_bytes"]
         )
     return compiled, seconds, memory
+
+
+def top_device_ops(fn: Callable[..., Any], args: tuple, trace_dir: str, calls: int = 3, top: int = 20) -> list:
+    """Profiles ``calls`` calls of ``fn(*args)`` with the JAX profiler and returns the ``top`` ops by total time as
+    ``[(name, milliseconds per call, fraction of the profiled device time)]``: events on device (GPU) timelines,
+    or on the host when there is no device timeline (CPU). The raw trace stays in ``trace_dir``."""
+    import collections
+    import glob
+    import gzip
+    import json
+
+    jax.block_until_ready(fn(*args))
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            jax.block_until_ready(fn(*args))
+    path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, name in processes.items() if "GPU" in name or "/device:" in name}
+    totals = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and (e["pid"] in device or not device):
+            totals[e["name"]] += e.get("dur", 0.0)
+    whole = sum(totals.values()) or 1.0
+    return [(name, us / 1e3 / calls, us / whole) for name, us in totals.most_common(top)]
