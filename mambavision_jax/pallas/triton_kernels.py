@@ -360,6 +360,20 @@ def _segments(n_chunks: int, splits: int) -> tuple[int, int]:
     return per_segment, pl.cdiv(n_chunks, per_segment)
 
 
+def _chain_segments(values, sums, A, *, reverse):
+    """Entry values of the segments of a split scan, chained in XLA (tiny: (batch, d_state, dim) per segment).
+
+    ``values`` (batch, S, d_state, dim): what each segment produces from a zero start; ``sums`` (batch, S, dim):
+    its Δ sums, so exp(A·sum) is its total decay. Forward: entry_0 = 0, entry_{s+1} = decay_s·entry_s + values_s.
+    ``reverse`` (the backward's adjoint): entry_{S-1} = 0, entry_{s-1} = decay_s·entry_s + values_s."""
+    segments = values.shape[1]
+    out = [jnp.zeros_like(values[:, 0])]
+    for s in range(segments - 1, 0, -1) if reverse else range(segments - 1):
+        decay = jnp.exp(A.T.astype(_F32)[None] * sums[:, s, None, :])
+        out.append(decay * out[-1] + values[:, s])
+    return jnp.stack(out[::-1] if reverse else out, axis=1)
+
+
 def _call(kernel, out_shape, u, config, interpret, name, segments):
     batch, _, dim = u.shape
     grid = (pl.cdiv(dim, config.block_d), batch, segments)
@@ -413,10 +427,7 @@ def scan_forward(
         ]
         summary = functools.partial(kernel, summarize=True, has_h0=False, save_states=False)
         ends, sums = _call(summary, summary_shape, u, config, interpret, "selective_scan_fwd_summary", segments)(*args)
-        entry = [jnp.zeros((batch, n, dim), _F32)]
-        for s in range(segments - 1):
-            entry.append(jnp.exp(A.T.astype(_F32)[None] * sums[:, s, None, :]) * entry[-1] + ends[:, s])
-        h0 = (jnp.stack(entry, axis=1),)
+        h0 = (_chain_segments(ends, sums, A, reverse=False),)
     out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((batch, n_chunks, n, dim), _F32))
@@ -449,10 +460,7 @@ def scan_backward(
         local, sums = _call(summary, summary_shape, u, config, interpret, "selective_scan_bwd_summary", segments)(
             delta, A.T, C, D, delta_bias, dy
         )
-        incoming = [jnp.zeros((batch, n, dim), _F32)]
-        for s in range(segments - 1, 0, -1):
-            incoming.append(jnp.exp(A.T.astype(_F32)[None] * sums[:, s, None, :]) * incoming[-1] + local[:, s])
-        g0 = (jnp.stack(incoming[::-1], axis=1),)
+        g0 = (_chain_segments(local, sums, A, reverse=True),)
     out_shape = [
         jax.ShapeDtypeStruct(u.shape, u.dtype),
         jax.ShapeDtypeStruct(delta.shape, delta.dtype),
