@@ -4,13 +4,13 @@
   python benchmarks/scan.py --impls associative,sequential --quick        # CPU smoke test
 
 1. Numerics: every impl vs a float64 host reference (forward + 7 gradients, fresh random inputs) at the
-   MambaVision-T stage-3/4 shapes (batch 8), float32 and bfloat16.
+   MambaVision-T stage-3/4 shapes (batch 8), float32 and bfloat16; pallas also with its sequence split in 4.
 2. Timing at batch 128, d_state 8, softplus + delta_bias + D (MambaVision's call), float32 and bfloat16:
    T/B/L stage 3 (L 196; dim 160/256/392) and stage 4 (L 49; dim 320/512/784). jax.jit, warm-up excluded,
    median over timed windows; each window cycles through several input sets (> L2) and ends in
    block_until_ready. Achieved bandwidth = bytes that must move / time, as a fraction of the measured
    device-to-device copy bandwidth.
-3. --sweep: pallas KernelConfig variants (block_d x chunk x num_warps, num_stages) at --sweep-shapes.
+3. --sweep: pallas KernelConfig variants (splits x chunk x block_d) at --sweep-shapes.
 
 JSON (to --out, else $OUT/scan.json if $OUT is set) is rewritten after every section: keys "results" (one row per
 shape/dtype/impl with shape tag e.g. "T_stage3", fwd_us, fwdbwd_us), "numerics", "sweep", "sweep_best".
@@ -131,13 +131,17 @@ def numerics(impls, shapes, interpret, seed, log):
         dy = jnp.asarray(rng.normal(0.0, 1.0, (batch, length, dim)), dtype)
         y_ref, g_ref = reference_float64(args, dy, softplus=True)
         fwd_tol, grad_tol = TOL[dtype]
-        for impl in impls:
-            y, grads = fwd_and_fwdbwd(impl, interpret=interpret)[1](args, dy)
+        variants = [(impl, None) for impl in impls]
+        if "pallas" in impls:
+            variants.append(("pallas", KernelConfig(block_d=32, chunk=4, splits=4)))
+        for impl, config in variants:
+            y, grads = fwd_and_fwdbwd(impl, config, interpret=interpret)[1](args, dy)
             errs = {"y": rel_err(y, y_ref), **{f"d{n}": rel_err(g, r) for n, g, r in zip(ARG_NAMES, grads, g_ref)}}
             ok = errs["y"] <= fwd_tol and all(v <= grad_tol for k, v in errs.items() if k != "y")
-            rows.append({"shape": tag, "batch": batch, "dtype": dtype, "impl": impl, "ok": ok, "rel_err": errs})
+            label = impl if config is None else f"{impl}/{_cfg_str(config)}"
+            rows.append({"shape": tag, "batch": batch, "dtype": dtype, "impl": label, "ok": ok, "rel_err": errs})
             log(
-                f"numerics {tag} b{batch} {dtype:8s} {impl:12s} {'OK  ' if ok else 'FAIL'} "
+                f"numerics {tag} b{batch} {dtype:8s} {label:12s} {'OK  ' if ok else 'FAIL'} "
                 + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
             )
     return rows
@@ -190,11 +194,11 @@ def _cfg_str(cfg):
 
 
 def sweep_configs():
-    """Chunk 2/4/8 at one warp of 32 channels; half a warp's worth of channels; 2/4 warps; and the forward split
-    into 2/4/8 parallel segments (kept small: each config compiles twice)."""
-    configs = [KernelConfig(block_d=32, chunk=k, num_warps=1) for k in (2, 4, 8)]
-    configs += [KernelConfig(block_d=b, chunk=4, num_warps=w) for b, w in ((16, 1), (64, 2), (128, 4))]
-    configs += [KernelConfig(block_d=32, chunk=4, splits=s) for s in (2, 4, 8)]
+    """The default first, then the sequence split into 2/4/8 parallel segments, chunk 2/8 with 4 segments, and two
+    channels a lane (block 64 on one warp) with and without segments (kept small: each config compiles twice)."""
+    configs = [KernelConfig(block_d=32, chunk=4, splits=s) for s in (1, 2, 4, 8)]
+    configs += [KernelConfig(block_d=32, chunk=k, splits=4) for k in (2, 8)]
+    configs += [KernelConfig(block_d=64, chunk=4, splits=s) for s in (1, 4)]
     return configs
 
 

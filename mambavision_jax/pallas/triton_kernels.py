@@ -54,7 +54,7 @@ class KernelConfig:
     """Launch parameters. ``block_d``: channels per program (power of two); ``chunk``: time steps whose row loads
     are issued together (and prefetched one chunk ahead); ``num_warps``/``num_stages``: Triton's; ``splits``:
     segments of the sequence that run in parallel, forward and backward (1: one pass; more: a summary pass, a
-    combine of the segment states or adjoints in XLA, and the main pass from each segment's true entry value)."""
+    main pass that chains each segment's true entry value from the summaries and reruns the segment)."""
 
     block_d: int = 32
     chunk: int = 8
@@ -158,17 +158,18 @@ def _forward_kernel(
     delta_softplus,
     chunks_per_segment,
     summarize,
-    has_h0,
+    chained,
     save_states,
 ):
     """Program (j, b, s) runs chunks ``[s * chunks_per_segment, (s + 1) * chunks_per_segment)`` of batch row b.
 
-    ``summarize=False``: writes y (refs: [h0,] y [, states]), starting from ``h0[b, s]`` (has_h0) or zeros; with
+    ``summarize=False``: writes y (refs: [ends, delta_sums,] y [, states]), starting from zeros or, when
+    ``chained``, from the state entering segment s, chained here from the summary pass's ends and Δ sums; with
     ``save_states`` also the state entering each chunk. ``summarize=True`` (pass 1 of a split scan; refs: ends,
     delta_sums): starts from zeros and writes the segment's end state and the sum of Δ over its valid steps.
     """
     refs = list(refs)
-    h0_ref = refs.pop(0) if has_h0 else None
+    summary_refs = (refs.pop(0), refs.pop(0)) if chained else None
     rows, n_chunks = _program(u_ref, block_d, chunk)
     segment = pl.program_id(2)
     A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
@@ -207,14 +208,8 @@ def _forward_kernel(
             )
         return h, delta_sum, prefetched
 
-    if has_h0:
-        h = tuple(
-            plt.load(h0_ref.at[rows.b, segment, jnp.int32(n), pl.ds(rows.d0, block_d)], mask=rows.dmask, other=0.0)
-            for n in range(len(A))
-        )
-    else:
-        h = tuple(jnp.zeros((block_d,), _F32) for _ in A)
     zeros = jnp.zeros((block_d,), _F32)
+    h = _chained_entry(*summary_refs, A, rows, segment, reverse=False) if chained else tuple(zeros for _ in A)
     first = load(segment * chunks_per_segment * chunk)
     h, delta_sum, _ = jax.lax.fori_loop(0, chunks_per_segment, body, (h, zeros, first))
     if summarize:
@@ -270,12 +265,14 @@ def _backward_kernel(
     chunk,
     delta_softplus,
     per_segment,
-    has_g0,
+    chained,
 ):
-    """Program (j, b, s) walks the chunks of segment s backwards, from the adjoint ``g0[b, s]`` (has_g0) or zero.
-    refs: [g0,] du, ddelta, dA (batch, segments, d_state, dim), dD, dbias (batch, segments, dim), dB, dC."""
+    """Program (j, b, s) walks the chunks of segment s backwards, from a zero adjoint or, when ``chained``, from
+    the adjoint entering segment s from above, chained here from the summary pass's adjoints and Δ sums.
+    refs: [adjoints, delta_sums,] du, ddelta, dA (batch, segments, d_state, dim), dD, dbias (batch, segments, dim),
+    dB, dC."""
     refs = list(refs)
-    g0_ref = refs.pop(0) if has_g0 else None
+    summary_refs = (refs.pop(0), refs.pop(0)) if chained else None
     du_ref, ddelta_ref, dA_ref, dD_ref, dbias_ref, dB_ref, dC_ref = refs
     rows, n_chunks = _program(u_ref, block_d, chunk)
     A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
@@ -340,13 +337,7 @@ def _backward_kernel(
 
     zeros = jnp.zeros((block_d,), _F32)
     zeros_n = tuple(zeros for _ in range(n))
-    if has_g0:
-        g = tuple(
-            plt.load(g0_ref.at[rows.b, segment, jnp.int32(j), pl.ds(rows.d0, block_d)], mask=rows.dmask, other=0.0)
-            for j in range(n)
-        )
-    else:
-        g = zeros_n
+    g = _chained_entry(*summary_refs, A, rows, segment, reverse=True) if chained else zeros_n
     _, dA, dD, dbias, _ = jax.lax.fori_loop(0, per_segment, body, (g, zeros_n, zeros, zeros, load(last * chunk)))
     for j in range(n):
         plt.store(dA_ref.at[rows.b, segment, jnp.int32(j), pl.ds(rows.d0, block_d)], dA[j], mask=rows.dmask)
@@ -360,18 +351,28 @@ def _segments(n_chunks: int, splits: int) -> tuple[int, int]:
     return per_segment, pl.cdiv(n_chunks, per_segment)
 
 
-def _chain_segments(values, sums, A, *, reverse):
-    """Entry values of the segments of a split scan, chained in XLA (tiny: (batch, d_state, dim) per segment).
+def _chained_entry(values_ref, sums_ref, A, rows, segment, *, reverse):
+    """The state (forward) or adjoint (backward, ``reverse``) entering ``segment`` of a split scan, as d_state
+    (block_d,) float32 vectors, chained from the summary pass's outputs of the other segments.
 
-    ``values`` (batch, S, d_state, dim): what each segment produces from a zero start; ``sums`` (batch, S, dim):
-    its Δ sums, so exp(A·sum) is its total decay. Forward: entry_0 = 0, entry_{s+1} = decay_s·entry_s + values_s.
-    ``reverse`` (the backward's adjoint): entry_{S-1} = 0, entry_{s-1} = decay_s·entry_s + values_s."""
-    segments = values.shape[1]
-    out = [jnp.zeros_like(values[:, 0])]
+    ``values_ref`` (batch, S, d_state, dim): what each segment produces from a zero start; ``sums_ref``
+    (batch, S, dim): its Δ sums, so exp(A·sum) is its total decay. Forward: entry_0 = 0,
+    entry_{s+1} = decay_s·entry_s + values_s. Reverse: entry_{S-1} = 0, entry_{s-1} = decay_s·entry_s + values_s.
+    S is at most a handful, so every program redoes the few steps it needs (no extra launch)."""
+    segments = values_ref.shape[1]
+    entry = tuple(jnp.zeros((rows.block_d,), _F32) for _ in A)
     for s in range(segments - 1, 0, -1) if reverse else range(segments - 1):
-        decay = jnp.exp(A.T.astype(_F32)[None] * sums[:, s, None, :])
-        out.append(decay * out[-1] + values[:, s])
-    return jnp.stack(out[::-1] if reverse else out, axis=1)
+        upstream = segment < s if reverse else s < segment
+        mask = jnp.logical_and(rows.dmask, upstream)
+        total = plt.load(sums_ref.at[rows.b, jnp.int32(s), pl.ds(rows.d0, rows.block_d)], mask=mask, other=0.0)
+        entry = tuple(
+            jnp.exp2(total * (A_n * _LOG2E)) * e_n
+            + plt.load(
+                values_ref.at[rows.b, jnp.int32(s), jnp.int32(n), pl.ds(rows.d0, rows.block_d)], mask=mask, other=0.0
+            )
+            for n, (A_n, e_n) in enumerate(zip(A, entry))
+        )
+    return entry
 
 
 def _call(kernel, out_shape, u, config, interpret, name, segments):
@@ -405,8 +406,8 @@ def scan_forward(
     if ``save_states``, the chunk-entry states (batch, cdiv(length, chunk), d_state, dim) float32.
 
     With ``config.splits`` > 1 the sequence runs as that many segments in parallel: pass 1 writes each segment's
-    end state from zero and its Δ sum, XLA chains them into entry states (entry_{s+1} = exp(A·Σ_s Δ)·entry_s +
-    end_s), and pass 2 reruns every segment from its entry state."""
+    end state from zero and its Δ sum; pass 2 chains each segment's entry state from them
+    (entry_{s+1} = exp(A·Σ_s Δ)·entry_s + end_s) and reruns the segment from it."""
     batch, length, dim = u.shape
     n = A.shape[1]
     n_chunks = pl.cdiv(length, config.chunk)
@@ -419,20 +420,19 @@ def scan_forward(
         delta_softplus=delta_softplus,
         chunks_per_segment=per_segment,
     )
-    h0 = ()
+    summary = ()
     if segments > 1:
         summary_shape = [
             jax.ShapeDtypeStruct((batch, segments, n, dim), _F32),
             jax.ShapeDtypeStruct((batch, segments, dim), _F32),
         ]
-        summary = functools.partial(kernel, summarize=True, has_h0=False, save_states=False)
-        ends, sums = _call(summary, summary_shape, u, config, interpret, "selective_scan_fwd_summary", segments)(*args)
-        h0 = (_chain_segments(ends, sums, A, reverse=False),)
+        summarize = functools.partial(kernel, summarize=True, chained=False, save_states=False)
+        summary = _call(summarize, summary_shape, u, config, interpret, "selective_scan_fwd_summary", segments)(*args)
     out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((batch, n_chunks, n, dim), _F32))
-    main = functools.partial(kernel, summarize=False, has_h0=bool(h0), save_states=save_states)
-    outs = _call(main, out_shape, u, config, interpret, "selective_scan_fwd", segments)(*args, *h0)
+    main = functools.partial(kernel, summarize=False, chained=bool(summary), save_states=save_states)
+    outs = _call(main, out_shape, u, config, interpret, "selective_scan_fwd", segments)(*args, *summary)
     return outs if save_states else (outs[0], None)
 
 
@@ -443,24 +443,23 @@ def scan_backward(
     dB, dC (batch, length, d_state), dD, d(delta_bias) (dim,), with the partial sums already reduced.
 
     With ``config.splits`` > 1 the segments run in parallel: a summary pass gives each segment's adjoint from zero
-    and its Δ sum, XLA chains them from the last segment back (g_s = exp(A·Σ_{s+1} Δ)·g_{s+1} + local_{s+1}),
-    and the main pass walks every segment from its incoming adjoint."""
+    and its Δ sum; the main pass chains each segment's incoming adjoint from the last segment back
+    (g_s = exp(A·Σ_{s+1} Δ)·g_{s+1} + local_{s+1}) and walks the segment from it."""
     batch, length, dim = u.shape
     n = A.shape[1]
     n_blocks = pl.cdiv(dim, config.block_d)
     per_segment, segments = _segments(pl.cdiv(length, config.chunk), config.splits)
     common = dict(block_d=config.block_d, chunk=config.chunk, delta_softplus=delta_softplus, per_segment=per_segment)
-    g0 = ()
+    summary = ()
     if segments > 1:
         summary_shape = [
             jax.ShapeDtypeStruct((batch, segments, n, dim), _F32),
             jax.ShapeDtypeStruct((batch, segments, dim), _F32),
         ]
-        summary = functools.partial(_adjoint_summary_kernel, **common)
-        local, sums = _call(summary, summary_shape, u, config, interpret, "selective_scan_bwd_summary", segments)(
+        summarize = functools.partial(_adjoint_summary_kernel, **common)
+        summary = _call(summarize, summary_shape, u, config, interpret, "selective_scan_bwd_summary", segments)(
             delta, A.T, C, D, delta_bias, dy
         )
-        g0 = (_chain_segments(local, sums, A, reverse=True),)
     out_shape = [
         jax.ShapeDtypeStruct(u.shape, u.dtype),
         jax.ShapeDtypeStruct(delta.shape, delta.dtype),
@@ -470,8 +469,8 @@ def scan_backward(
         jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
         jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
     ]
-    kernel = functools.partial(_backward_kernel, has_g0=bool(g0), **common)
+    kernel = functools.partial(_backward_kernel, chained=bool(summary), **common)
     du, ddelta, dA, dD, dbias, dB, dC = _call(kernel, out_shape, u, config, interpret, "selective_scan_bwd", segments)(
-        u, delta, A.T, B, C, D, delta_bias, dy, states, *g0
+        u, delta, A.T, B, C, D, delta_bias, dy, states, *summary
     )
     return du, ddelta, dA.sum((0, 1)).T, dB.sum(0), dC.sum(0), dD.sum((0, 1)), dbias.sum((0, 1))
