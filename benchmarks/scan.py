@@ -4,13 +4,13 @@
   python benchmarks/scan.py --impls associative,sequential --quick        # CPU smoke test
 
 1. Numerics: every impl vs a float64 host reference (forward + 7 gradients, fresh random inputs) at the
-   MambaVision-T stage-3/4 shapes (batch 8), float32 and bfloat16; pallas also with its sequence split in 4.
+   MambaVision-T stage-3/4 shapes (batch 8), float32 and bfloat16; pallas also unprefetched with its sequence split in 4.
 2. Timing at batch 128, d_state 8, softplus + delta_bias + D (MambaVision's call), float32 and bfloat16:
    T/B/L stage 3 (L 196; dim 160/256/392) and stage 4 (L 49; dim 320/512/784). jax.jit, warm-up excluded,
    median over timed windows; each window cycles through several input sets (> L2) and ends in
    block_until_ready. Achieved bandwidth = bytes that must move / time, as a fraction of the measured
    device-to-device copy bandwidth.
-3. --sweep: pallas KernelConfig variants (splits x chunk x block_d) at --sweep-shapes.
+3. --sweep: pallas KernelConfig variants (math, prefetch, splits, chunk, block_d) at --sweep-shapes.
 
 JSON (to --out, else $OUT/scan.json if $OUT is set) is rewritten after every section: keys "results" (one row per
 shape/dtype/impl with shape tag e.g. "T_stage3", fwd_us, fwdbwd_us), "numerics", "sweep", "sweep_best".
@@ -133,7 +133,7 @@ def numerics(impls, shapes, interpret, seed, log):
         fwd_tol, grad_tol = TOL[dtype]
         variants = [(impl, None) for impl in impls]
         if "pallas" in impls:
-            variants.append(("pallas", KernelConfig(block_d=32, chunk=4, splits=4)))
+            variants.append(("pallas", KernelConfig(chunk=4, prefetch=False, splits=4)))
         for impl, config in variants:
             y, grads = fwd_and_fwdbwd(impl, config, interpret=interpret)[1](args, dy)
             errs = {"y": rel_err(y, y_ref), **{f"d{n}": rel_err(g, r) for n, g, r in zip(ARG_NAMES, grads, g_ref)}}
@@ -190,16 +190,26 @@ def timing(impls, shapes, dtypes, n_sets, seed, bw, interpret, log, configs=None
 
 
 def _cfg_str(cfg):
-    return f"d{cfg.block_d}k{cfg.chunk}w{cfg.num_warps}s{cfg.num_stages}x{cfg.splits}"
+    flags = ("" if cfg.prefetch else "-nopf") + ("" if cfg.fast_math else "-exact")
+    bwd = f"-bd{cfg.bwd_block_d}" if cfg.bwd_block_d else ""
+    return f"d{cfg.block_d}k{cfg.chunk}w{cfg.num_warps}x{cfg.splits}{flags}{bwd}"
 
 
 def sweep_configs():
-    """The default first, then the sequence split into 2/4/8 parallel segments, chunk 2/8 with 4 segments, and two
-    channels a lane (block 64 on one warp) with and without segments (kept small: each config compiles twice)."""
-    configs = [KernelConfig(block_d=32, chunk=4, splits=s) for s in (1, 2, 4, 8)]
-    configs += [KernelConfig(block_d=32, chunk=k, splits=4) for k in (2, 8)]
-    configs += [KernelConfig(block_d=64, chunk=4, splits=s) for s in (1, 4)]
-    return configs
+    """The kernel with exact math (libdevice exp/log1p), the default, then without prefetching (fewer registers,
+    more warps), split into 2/4 parallel segments, other chunks, and two channels a lane in the forward."""
+    K = KernelConfig
+    return [
+        K(chunk=4, fast_math=False),
+        K(chunk=4),
+        K(chunk=4, prefetch=False),
+        K(chunk=4, prefetch=False, splits=2),
+        K(chunk=4, prefetch=False, splits=4),
+        K(chunk=2, prefetch=False, splits=4),
+        K(chunk=8, prefetch=False),
+        K(chunk=4, prefetch=True, splits=4),
+        K(block_d=64, chunk=4, prefetch=False, bwd_block_d=32),
+    ]
 
 
 def main():

@@ -51,26 +51,37 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters. ``block_d``: channels per program (power of two); ``chunk``: time steps whose row loads
-    are issued together (and prefetched one chunk ahead); ``num_warps``/``num_stages``: Triton's; ``splits``:
-    segments of the sequence that run in parallel, forward and backward (1: one pass; more: a summary pass, a
-    main pass that chains each segment's true entry value from the summaries and reruns the segment)."""
+    """Launch parameters. ``block_d``: channels per program (power of two; more than 32 a warp puts several
+    channels in a lane); ``chunk``: time steps whose row loads are issued together; ``num_warps``/``num_stages``:
+    Triton's; ``splits``: segments of the sequence that run in parallel, forward and backward (1: one pass; more:
+    a summary pass, then a main pass that chains each segment's true entry value from the summaries and reruns the
+    segment); ``prefetch``: load the next chunk's rows while computing the current one (hides latency with
+    registers; without it, other warps hide it); ``fast_math``: PTX ex2/rcp approximations (about 2 ulp) on the GPU
+    (interpret mode always computes exactly); ``bwd_block_d``: the backward kernels' channel block (None: the
+    forward's; the backward reads the forward's chunk-entry states, so it keeps the forward's chunk)."""
 
     block_d: int = 32
-    chunk: int = 8
+    chunk: int = 4
     num_warps: int = 1
     num_stages: int = 1
     splits: int = 1
+    prefetch: bool = True
+    fast_math: bool = True
+    bwd_block_d: int | None = None
 
     def __post_init__(self):
-        for name in ("block_d", "chunk", "num_warps"):
+        for name in ("block_d", "chunk", "num_warps", "bwd_block_d"):
             value = getattr(self, name)
-            if value < 1 or value & (value - 1):
+            if value is not None and (value < 1 or value & (value - 1)):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
         if self.num_stages < 1:
             raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
         if self.splits < 1:
             raise ValueError(f"KernelConfig.splits must be >= 1, got {self.splits}")
+
+    def backward(self) -> KernelConfig:
+        """The configuration the backward kernels run with."""
+        return dataclasses.replace(self, block_d=self.bwd_block_d or self.block_d, bwd_block_d=None)
 
 
 def default_config(batch: int, length: int, dim: int) -> KernelConfig:
@@ -80,8 +91,40 @@ def default_config(batch: int, length: int, dim: int) -> KernelConfig:
     return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4, num_warps=1)
 
 
-def _softplus(x):
-    return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
+class _Math:
+    """The kernels' transcendental functions on float32 (block_d,) rows. ``fast``: PTX ``ex2.approx.ftz`` and
+    ``rcp.approx.ftz`` (relative error about 2^-22) through inline assembly, for GPU kernels; otherwise exact jnp
+    (interpret mode). Softplus and its derivative are built from these, so both modes run the same formulas."""
+
+    def __init__(self, fast: bool):
+        self.fast = fast
+
+    def _ptx(self, op, x):
+        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return plt.elementwise_inline_asm(
+            f"{op}.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1, result_shape_dtypes=[out]
+        )[0]
+
+    def exp2(self, x):
+        return self._ptx("ex2", x) if self.fast else jnp.exp2(x)
+
+    def rcp(self, x):
+        return self._ptx("rcp", x) if self.fast else 1.0 / x
+
+    def softplus(self, x):
+        """log(1 + e^x), x above the threshold passed through (mamba_ssm's). log1p(e) for e = e^-|x| in (0, 1] is
+        2·atanh(s) with s = e / (2 + e) in [0, 1/3], a 7-term odd series (truncation < 1e-8 relative)."""
+        e = self.exp2(-jnp.abs(x) * _LOG2E)
+        s = e * self.rcp(2.0 + e)
+        s2 = s * s
+        series = jnp.full_like(s, 1.0 / 13.0)
+        for k in (11, 9, 7, 5, 3, 1):
+            series = series * s2 + 1.0 / k
+        return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.maximum(x, 0.0) + 2.0 * s * series)
+
+    def softplus_grad(self, x):
+        """d softplus / dx = sigmoid(x) (1 above the threshold)."""
+        return jnp.where(x > SOFTPLUS_THRESHOLD, 1.0, self.rcp(1.0 + self.exp2(-x * _LOG2E)))
 
 
 class _Rows:
@@ -93,7 +136,7 @@ class _Rows:
 
     def times(self, t0):
         """Clamped row index and validity of each step of the chunk starting at ``t0``."""
-        return [(jnp.minimum(t0 + k, self.length - 1), t0 + k < self.length) for k in range(self.chunk)]
+        return [(jnp.clip(t0 + k, 0, self.length - 1), t0 + k < self.length) for k in range(self.chunk)]
 
     def channels(self, ref, t0, valid_only=False):
         """K rows ``ref[b, t, d0:d0+block_d]`` (float32, zero outside ``dim``; also outside ``length`` if
@@ -130,18 +173,36 @@ def _lane_params(A_ref, D_ref, bias_ref, rows):
     return A, D, bias
 
 
-def _discretise(delta_raw, bias, A, delta_softplus):
-    """(pre-softplus Δ, Δ, decays exp(Δ·A_n)) of one (block_d,) row."""
+def _discretise(math_, delta_raw, bias, A2, delta_softplus):
+    """(pre-softplus Δ, Δ, decays exp(Δ·A_n)) of one (block_d,) row; ``A2`` is A·log2(e)."""
     pre = delta_raw + bias
-    dt = _softplus(pre) if delta_softplus else pre
-    return pre, dt, [jnp.exp2(dt * (A_i * _LOG2E)) for A_i in A]
+    dt = math_.softplus(pre) if delta_softplus else pre
+    return pre, dt, [math_.exp2(dt * A2_n) for A2_n in A2]
 
 
-def _lane_step(delta_raw, bias, A, h, u, B, delta_softplus):
+def _lane_step(math_, delta_raw, bias, A2, h, u, B, delta_softplus):
     """One recurrence step on (block_d,) rows: returns (pre-softplus Δ, Δ, decays, new state)."""
-    pre, dt, a = _discretise(delta_raw, bias, A, delta_softplus)
+    pre, dt, a = _discretise(math_, delta_raw, bias, A2, delta_softplus)
     dtu = dt * u
-    return pre, dt, a, tuple(a_i * h_i + dtu * B_i for a_i, h_i, B_i in zip(a, h, B))
+    return pre, dt, a, tuple(a_n * h_n + dtu * B_n for a_n, h_n, B_n in zip(a, h, B))
+
+
+def _chunk_loop(count, first_t0, step_t0, load, body, carry, prefetch):
+    """``carry = body(t0, carry, rows)`` for the chunks starting at ``first_t0 + i * step_t0``, i < count, where
+    ``rows = load(t0)``. With ``prefetch`` the next chunk's rows are loaded before the current one is computed and
+    handed over in the loop carry (their latency overlaps the compute); otherwise each chunk loads its own."""
+    if not prefetch:
+        return jax.lax.fori_loop(
+            0, count, lambda i, c: body(first_t0 + i * step_t0, c, load(first_t0 + i * step_t0)), carry
+        )
+
+    def pipelined(i, state):
+        carry, rows = state
+        t0 = first_t0 + i * step_t0
+        upcoming = load(t0 + step_t0)  # clamped inside the sequence by _Rows; unused after the last chunk
+        return body(t0, carry, rows), upcoming
+
+    return jax.lax.fori_loop(0, count, pipelined, (carry, load(first_t0)))[0]
 
 
 def _forward_kernel(
@@ -153,8 +214,8 @@ def _forward_kernel(
     D_ref,
     bias_ref,
     *refs,
-    block_d,
-    chunk,
+    config,
+    fast,
     delta_softplus,
     chunks_per_segment,
     summarize,
@@ -170,29 +231,27 @@ def _forward_kernel(
     """
     refs = list(refs)
     summary_refs = (refs.pop(0), refs.pop(0)) if chained else None
+    block_d, chunk = config.block_d, config.chunk
+    math_ = _Math(fast)
     rows, n_chunks = _program(u_ref, block_d, chunk)
     segment = pl.program_id(2)
     A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
+    A2 = [A_n * _LOG2E for A_n in A]
 
     def load(t0):
-        return (
-            rows.channels(u_ref, t0),
-            rows.channels(delta_ref, t0),
-            rows.scalars(B_ref, t0),
-            rows.scalars(C_ref, t0),
-        )
+        Cs = None if summarize else rows.scalars(C_ref, t0)
+        return rows.channels(u_ref, t0), rows.channels(delta_ref, t0), rows.scalars(B_ref, t0), Cs
 
-    def body(i, carry):
-        h, delta_sum, (us, deltas, Bs, Cs) = carry
-        c = segment * chunks_per_segment + i
-        t0 = c * chunk
-        prefetched = load(t0 + chunk)
+    def body(t0, carry, chunk_rows):
+        h, delta_sum = carry
+        us, deltas, Bs, Cs = chunk_rows
         if save_states:
+            c = t0 // chunk
             chunk_mask = jnp.logical_and(rows.dmask, c < n_chunks)
             for n, h_n in enumerate(h):
                 plt.store(refs[1].at[rows.b, c, jnp.int32(n), pl.ds(rows.d0, block_d)], h_n, mask=chunk_mask)
         for k, (t, valid) in enumerate(rows.times(t0)):
-            _, dt, _, h_next = _lane_step(deltas[k], bias, A, h, us[k], Bs[k], delta_softplus)
+            _, dt, _, h_next = _lane_step(math_, deltas[k], bias, A2, h, us[k], Bs[k], delta_softplus)
             if summarize:  # steps past the end must not move the segment's end state
                 h = tuple(jnp.where(valid, new, old) for new, old in zip(h_next, h))
                 delta_sum = delta_sum + jnp.where(valid, dt, 0.0)
@@ -206,12 +265,12 @@ def _forward_kernel(
                 y.astype(refs[0].dtype),
                 mask=jnp.logical_and(rows.dmask, valid),
             )
-        return h, delta_sum, prefetched
+        return h, delta_sum
 
     zeros = jnp.zeros((block_d,), _F32)
-    h = _chained_entry(*summary_refs, A, rows, segment, reverse=False) if chained else tuple(zeros for _ in A)
-    first = load(segment * chunks_per_segment * chunk)
-    h, delta_sum, _ = jax.lax.fori_loop(0, chunks_per_segment, body, (h, zeros, first))
+    h = _chained_entry(math_, *summary_refs, A2, rows, segment, reverse=False) if chained else tuple(zeros for _ in A)
+    first = segment * chunks_per_segment * chunk
+    h, delta_sum = _chunk_loop(chunks_per_segment, first, chunk, load, body, (h, zeros), config.prefetch)
     if summarize:
         ends_ref, sums_ref = refs
         for n, h_n in enumerate(h):
@@ -220,31 +279,35 @@ def _forward_kernel(
 
 
 def _adjoint_summary_kernel(
-    delta_ref, A_ref, C_ref, D_ref, bias_ref, dy_ref, g_ref, sums_ref, *, block_d, chunk, delta_softplus, per_segment
+    delta_ref, A_ref, C_ref, D_ref, bias_ref, dy_ref, g_ref, sums_ref, *, config, fast, delta_softplus, per_segment
 ):
     """Pass 1 of a split backward. Program (j, b, s) walks segment s backwards from a zero adjoint through
     dh_t = g + C_t·dy_t, g = exp(Δ_t·A)·dh_t (no states needed) and writes the g it leaves the segment with,
     and the sum of Δ over the segment's valid steps."""
-    rows, n_chunks = _program(delta_ref, block_d, chunk)
+    block_d, chunk = config.block_d, config.chunk
+    math_ = _Math(fast)
+    rows, _ = _program(delta_ref, block_d, chunk)
     A, _, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
+    A2 = [A_n * _LOG2E for A_n in A]
     segment = pl.program_id(2)
     last = segment * per_segment + per_segment - 1
 
     def load(t0):
         return rows.channels(delta_ref, t0), rows.scalars(C_ref, t0), rows.channels(dy_ref, t0, valid_only=True)
 
-    def body(i, carry):
-        g, delta_sum, (deltas, Cs, dys) = carry
-        t0 = (last - i) * chunk
-        prefetched = load(jnp.maximum(t0 - chunk, 0))
+    def body(t0, carry, chunk_rows):
+        g, delta_sum = carry
+        deltas, Cs, dys = chunk_rows
         for k, (_, valid) in reversed(list(enumerate(rows.times(t0)))):
-            _, dt, a = _discretise(deltas[k], bias, A, delta_softplus)
+            _, dt, a = _discretise(math_, deltas[k], bias, A2, delta_softplus)
             g = tuple(jnp.where(valid, (g_n + C_n * dys[k]) * a_n, g_n) for g_n, C_n, a_n in zip(g, Cs[k], a))
             delta_sum = delta_sum + jnp.where(valid, dt, 0.0)
-        return g, delta_sum, prefetched
+        return g, delta_sum
 
     zeros = jnp.zeros((block_d,), _F32)
-    g, delta_sum, _ = jax.lax.fori_loop(0, per_segment, body, (tuple(zeros for _ in A), zeros, load(last * chunk)))
+    g, delta_sum = _chunk_loop(
+        per_segment, last * chunk, -chunk, load, body, (tuple(zeros for _ in A), zeros), config.prefetch
+    )
     for n, g_n in enumerate(g):
         plt.store(g_ref.at[rows.b, segment, jnp.int32(n), pl.ds(rows.d0, block_d)], g_n, mask=rows.dmask)
     plt.store(sums_ref.at[rows.b, segment, pl.ds(rows.d0, block_d)], delta_sum, mask=rows.dmask)
@@ -261,21 +324,25 @@ def _backward_kernel(
     dy_ref,
     states_ref,
     *refs,
-    block_d,
-    chunk,
+    config,
+    fast,
     delta_softplus,
     per_segment,
     chained,
 ):
     """Program (j, b, s) walks the chunks of segment s backwards, from a zero adjoint or, when ``chained``, from
     the adjoint entering segment s from above, chained here from the summary pass's adjoints and Δ sums.
+    ``states_ref`` holds the state entering every chunk, saved by the forward pass.
     refs: [adjoints, delta_sums,] du, ddelta, dA (batch, segments, d_state, dim), dD, dbias (batch, segments, dim),
     dB, dC."""
     refs = list(refs)
     summary_refs = (refs.pop(0), refs.pop(0)) if chained else None
     du_ref, ddelta_ref, dA_ref, dD_ref, dbias_ref, dB_ref, dC_ref = refs
+    block_d, chunk = config.block_d, config.chunk
+    math_ = _Math(fast)
     rows, n_chunks = _program(u_ref, block_d, chunk)
     A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
+    A2 = [A_n * _LOG2E for A_n in A]
     n = len(A)
     blk = pl.program_id(0)
     segment = pl.program_id(2)
@@ -290,21 +357,23 @@ def _backward_kernel(
             rows.channels(dy_ref, t0, valid_only=True),
         )
 
-    def body(i, carry):
-        g, dA, dD, dbias, (us, deltas, Bs, Cs, dys) = carry
-        c = last - i
-        t0 = c * chunk
-        prefetched = load(jnp.maximum(t0 - chunk, 0))
-        state_mask = jnp.logical_and(rows.dmask, c < n_chunks)  # the last segment may run past the end
-        h = [
-            tuple(
-                plt.load(states_ref.at[rows.b, c, jnp.int32(j), pl.ds(rows.d0, block_d)], mask=state_mask, other=0.0)
-                for j in range(n)
+    def entry_state(t0):
+        """The state entering the chunk at ``t0``, saved by the forward pass."""
+        state_mask = jnp.logical_and(rows.dmask, t0 < rows.length)  # the last segment may run past the end
+        return tuple(
+            plt.load(
+                states_ref.at[rows.b, t0 // chunk, jnp.int32(j), pl.ds(rows.d0, block_d)], mask=state_mask, other=0.0
             )
-        ]
+            for j in range(n)
+        )
+
+    def body(t0, carry, chunk_rows):
+        g, dA, dD, dbias = carry
+        us, deltas, Bs, Cs, dys = chunk_rows
+        h = [entry_state(t0)]
         disc = []
-        for k in range(chunk):  # recompute the chunk's states from its saved entry state
-            pre, dt, a, h_next = _lane_step(deltas[k], bias, A, h[k], us[k], Bs[k], delta_softplus)
+        for k in range(chunk):  # recompute the chunk's states from its entry state
+            pre, dt, a, h_next = _lane_step(math_, deltas[k], bias, A2, h[k], us[k], Bs[k], delta_softplus)
             disc.append((pre, dt, a))
             h.append(h_next)
         times = rows.times(t0)
@@ -313,32 +382,40 @@ def _backward_kernel(
             pre, dt, a = disc[k]
             u, B_t, C_t, dy = us[k], Bs[k], Cs[k], dys[k]
             dtu = dt * u
-            dh = [g_j + C_j * dy for g_j, C_j in zip(g, C_t)]
-            du = dy * D
+            # Per state j: dh_j = g_j + C_j·dy; dB_j = Σ_d dh_j·Δu; dC_j = Σ_d h_j·dy; the next g_j = a_j·dh_j;
+            # with p_j = a_j·dh_j·h_{t-1,j}: dA_j += Δ·p_j and dΔ = Σ_j A_j·p_j + u·S, du = D·dy + Δ·S for
+            # S = Σ_j B_j·dh_j.
+            dS = jnp.zeros_like(dt)
             ddt = jnp.zeros_like(dt)
             new_g, new_dA = [], []
             for j in range(n):
+                dh = g[j] + C_t[j] * dy
                 plt.store(dC_ref.at[blk, rows.b, t, jnp.int32(j)], jnp.sum(h[k + 1][j] * dy), mask=valid)
-                plt.store(dB_ref.at[blk, rows.b, t, jnp.int32(j)], jnp.sum(dh[j] * dtu), mask=valid)
-                dh_a = dh[j] * a[j]
-                du = du + dt * dh[j] * B_t[j]
-                ddt = ddt + dh_a * A[j] * h[k][j] + dh[j] * B_t[j] * u
-                new_dA.append(dA[j] + dh_a * dt * h[k][j])
+                plt.store(dB_ref.at[blk, rows.b, t, jnp.int32(j)], jnp.sum(dh * dtu), mask=valid)
+                dh_a = dh * a[j]
+                p_j = dh_a * h[k][j]
+                dS = dS + B_t[j] * dh
+                ddt = ddt + A[j] * p_j
+                new_dA.append(dA[j] + dt * p_j)
                 new_g.append(dh_a)
+            du = dy * D + dt * dS
+            ddt = ddt + u * dS
             if delta_softplus:
-                ddt = ddt * jnp.where(pre > SOFTPLUS_THRESHOLD, 1.0, 1.0 / (1.0 + jnp.exp(-pre)))
+                ddt = ddt * math_.softplus_grad(pre)
             g, dA = tuple(new_g), tuple(new_dA)
             dD = dD + dy * u
             dbias = dbias + ddt
             row_mask = jnp.logical_and(rows.dmask, valid)
             plt.store(du_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], du.astype(du_ref.dtype), mask=row_mask)
             plt.store(ddelta_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], ddt.astype(ddelta_ref.dtype), mask=row_mask)
-        return g, dA, dD, dbias, prefetched
+        return g, dA, dD, dbias
 
     zeros = jnp.zeros((block_d,), _F32)
     zeros_n = tuple(zeros for _ in range(n))
-    g = _chained_entry(*summary_refs, A, rows, segment, reverse=True) if chained else zeros_n
-    _, dA, dD, dbias, _ = jax.lax.fori_loop(0, per_segment, body, (g, zeros_n, zeros, zeros, load(last * chunk)))
+    g = _chained_entry(math_, *summary_refs, A2, rows, segment, reverse=True) if chained else zeros_n
+    _, dA, dD, dbias = _chunk_loop(
+        per_segment, last * chunk, -chunk, load, body, (g, zeros_n, zeros, zeros), config.prefetch
+    )
     for j in range(n):
         plt.store(dA_ref.at[rows.b, segment, jnp.int32(j), pl.ds(rows.d0, block_d)], dA[j], mask=rows.dmask)
     plt.store(dD_ref.at[rows.b, segment, pl.ds(rows.d0, block_d)], dD, mask=rows.dmask)
@@ -351,26 +428,26 @@ def _segments(n_chunks: int, splits: int) -> tuple[int, int]:
     return per_segment, pl.cdiv(n_chunks, per_segment)
 
 
-def _chained_entry(values_ref, sums_ref, A, rows, segment, *, reverse):
+def _chained_entry(math_, values_ref, sums_ref, A2, rows, segment, *, reverse):
     """The state (forward) or adjoint (backward, ``reverse``) entering ``segment`` of a split scan, as d_state
     (block_d,) float32 vectors, chained from the summary pass's outputs of the other segments.
 
     ``values_ref`` (batch, S, d_state, dim): what each segment produces from a zero start; ``sums_ref``
-    (batch, S, dim): its Δ sums, so exp(A·sum) is its total decay. Forward: entry_0 = 0,
+    (batch, S, dim): its Δ sums, so exp(A·sum) is its total decay (``A2`` = A·log2 e). Forward: entry_0 = 0,
     entry_{s+1} = decay_s·entry_s + values_s. Reverse: entry_{S-1} = 0, entry_{s-1} = decay_s·entry_s + values_s.
     S is at most a handful, so every program redoes the few steps it needs (no extra launch)."""
     segments = values_ref.shape[1]
-    entry = tuple(jnp.zeros((rows.block_d,), _F32) for _ in A)
+    entry = tuple(jnp.zeros((rows.block_d,), _F32) for _ in A2)
     for s in range(segments - 1, 0, -1) if reverse else range(segments - 1):
         upstream = segment < s if reverse else s < segment
         mask = jnp.logical_and(rows.dmask, upstream)
         total = plt.load(sums_ref.at[rows.b, jnp.int32(s), pl.ds(rows.d0, rows.block_d)], mask=mask, other=0.0)
         entry = tuple(
-            jnp.exp2(total * (A_n * _LOG2E)) * e_n
+            math_.exp2(total * A2_n) * e_n
             + plt.load(
                 values_ref.at[rows.b, jnp.int32(s), jnp.int32(n), pl.ds(rows.d0, rows.block_d)], mask=mask, other=0.0
             )
-            for n, (A_n, e_n) in enumerate(zip(A, entry))
+            for n, (A2_n, e_n) in enumerate(zip(A2, entry))
         )
     return entry
 
@@ -379,7 +456,7 @@ def _call(kernel, out_shape, u, config, interpret, name, segments):
     batch, _, dim = u.shape
     grid = (pl.cdiv(dim, config.block_d), batch, segments)
     return pl.pallas_call(
-        kernel,
+        functools.partial(kernel, config=config, fast=config.fast_math and not interpret),
         out_shape=out_shape,
         grid=grid,
         compiler_params=plt.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
@@ -413,13 +490,7 @@ def scan_forward(
     n_chunks = pl.cdiv(length, config.chunk)
     per_segment, segments = _segments(n_chunks, config.splits)
     args = (u, delta, A.T, B, C, D, delta_bias)
-    kernel = functools.partial(
-        _forward_kernel,
-        block_d=config.block_d,
-        chunk=config.chunk,
-        delta_softplus=delta_softplus,
-        chunks_per_segment=per_segment,
-    )
+    kernel = functools.partial(_forward_kernel, delta_softplus=delta_softplus, chunks_per_segment=per_segment)
     summary = ()
     if segments > 1:
         summary_shape = [
@@ -439,17 +510,18 @@ def scan_forward(
 def scan_backward(
     u, delta, A, B, C, D, delta_bias, states, dy, *, delta_softplus: bool, config: KernelConfig, interpret: bool = False
 ):
-    """Backward kernel(s). Returns du, ddelta (inputs' dtypes), and float32 gradients dA (dim, d_state),
-    dB, dC (batch, length, d_state), dD, d(delta_bias) (dim,), with the partial sums already reduced.
+    """Backward kernel(s), run with ``config.backward()``; ``states`` are the forward's chunk-entry states. Returns du, ddelta (inputs' dtypes), and float32 gradients dA (dim, d_state), dB, dC
+    (batch, length, d_state), dD, d(delta_bias) (dim,), with the partial sums already reduced.
 
-    With ``config.splits`` > 1 the segments run in parallel: a summary pass gives each segment's adjoint from zero
+    With ``splits`` > 1 the segments run in parallel: a summary pass gives each segment's adjoint from zero
     and its Δ sum; the main pass chains each segment's incoming adjoint from the last segment back
     (g_s = exp(A·Σ_{s+1} Δ)·g_{s+1} + local_{s+1}) and walks the segment from it."""
+    bwd = config.backward()
     batch, length, dim = u.shape
     n = A.shape[1]
-    n_blocks = pl.cdiv(dim, config.block_d)
-    per_segment, segments = _segments(pl.cdiv(length, config.chunk), config.splits)
-    common = dict(block_d=config.block_d, chunk=config.chunk, delta_softplus=delta_softplus, per_segment=per_segment)
+    n_blocks = pl.cdiv(dim, bwd.block_d)
+    per_segment, segments = _segments(pl.cdiv(length, bwd.chunk), bwd.splits)
+    common = dict(delta_softplus=delta_softplus, per_segment=per_segment)
     summary = ()
     if segments > 1:
         summary_shape = [
@@ -457,7 +529,7 @@ def scan_backward(
             jax.ShapeDtypeStruct((batch, segments, dim), _F32),
         ]
         summarize = functools.partial(_adjoint_summary_kernel, **common)
-        summary = _call(summarize, summary_shape, u, config, interpret, "selective_scan_bwd_summary", segments)(
+        summary = _call(summarize, summary_shape, u, bwd, interpret, "selective_scan_bwd_summary", segments)(
             delta, A.T, C, D, delta_bias, dy
         )
     out_shape = [
@@ -470,7 +542,7 @@ def scan_backward(
         jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
     ]
     kernel = functools.partial(_backward_kernel, chained=bool(summary), **common)
-    du, ddelta, dA, dD, dbias, dB, dC = _call(kernel, out_shape, u, config, interpret, "selective_scan_bwd", segments)(
+    du, ddelta, dA, dD, dbias, dB, dC = _call(kernel, out_shape, u, bwd, interpret, "selective_scan_bwd", segments)(
         u, delta, A.T, B, C, D, delta_bias, dy, states, *summary
     )
     return du, ddelta, dA.sum((0, 1)).T, dB.sum(0), dC.sum(0), dD.sum((0, 1)), dbias.sum((0, 1))

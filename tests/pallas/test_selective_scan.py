@@ -88,11 +88,14 @@ def test_matches_float64_reference(impl, case):
         KernelConfig(block_d=64, chunk=8, num_warps=2),
         KernelConfig(block_d=32, chunk=4, splits=4),
         KernelConfig(block_d=16, chunk=8, splits=3),
+        KernelConfig(block_d=32, chunk=4, prefetch=False, splits=2),
+        KernelConfig(block_d=64, chunk=2, prefetch=False, bwd_block_d=16),
     ],
 )
 def test_pallas_configs(config):
-    """Channel-block and chunk tails: dim 40 with blocks 16/32/64; L 197 with chunks 1/4/8/16; forward and
-    backward split into 3 or 4 parallel segments (the last one shorter)."""
+    """Channel-block and chunk tails: dim 40 with blocks 16/32/64; L 197 with chunks 1/2/4/8/16; forward and
+    backward split into 2, 3 or 4 parallel segments (the last one shorter); with and without prefetching; a
+    backward channel block different from the forward's."""
     _check("pallas", (2, 197, 40, 8, jnp.float32, True, True, True), config)
 
 
@@ -126,6 +129,27 @@ def test_lowers_for_cuda(batch, length, dim, dtype, splits):
     for fn, expected in ((fwd, 1 + extra), (grad, 2 + 2 * extra)):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == expected, text[:2000]
+
+
+@pytest.mark.parametrize("fast_math", [True, False])
+def test_fast_math_lowers_to_ptx_approximations(fast_math):
+    """fast_math puts PTX ex2/rcp approximations into the GPU kernels (interpret mode, which the numerics tests run,
+    computes the same formulas exactly); without it none appear."""
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    args = (
+        spec((2, 49, 40)),
+        spec((2, 49, 40)),
+        spec((40, 8)),
+        spec((2, 49, 8)),
+        spec((2, 49, 8)),
+        spec((40,)),
+        spec((40,)),
+    )
+    config = KernelConfig(fast_math=fast_math)
+    fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
+    text = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    for op in ("ex2.approx.ftz.f32", "rcp.approx.ftz.f32"):
+        assert (op in text) == fast_math, op
 
 
 # ---------------------------------------------------------------------------------------------------------
