@@ -132,7 +132,7 @@ def main():
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="profile each inference config and print its top ops (trace under $OUT or /tmp)",
+        help="profile each inference config and print its top ops (raw traces under /tmp)",
     )
     args = parser.parse_args()
 
@@ -158,7 +158,7 @@ def main():
 
     for m in models:
         for batch in (int(b) for b in args.batches.split(",")):
-            profile_dir = os.path.join(os.environ.get("OUT", "/tmp"), f"trace_{m}_bs{batch}") if args.profile else None
+            profile_dir = os.path.join("/tmp", f"trace_{m}_bs{batch}") if args.profile else None
             r = inference(SHORT[m], batch, dtype, args.size, overrides, profile_dir)
             results["inference"][f"{m}_bs{batch}"] = r
             print(

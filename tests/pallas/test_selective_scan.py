@@ -118,11 +118,8 @@ def test_lowers_for_cuda(batch, length, dim, dtype, splits):
         spec((dim,), jnp.float32),
         spec((dim,), jnp.float32),
     )
-    if splits == 1:
-        fwd = lambda *a: selective_scan(*a, delta_softplus=True, impl="pallas")
-    else:
-        config = KernelConfig(block_d=32, chunk=4, splits=splits)
-        fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
+    config = KernelConfig(block_d=32, chunk=4, splits=splits)
+    fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
     grad = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=tuple(range(7)))
     # one kernel each for forward and backward; a split adds a summary kernel to each
     extra = int(splits > 1)
