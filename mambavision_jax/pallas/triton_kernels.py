@@ -5,21 +5,22 @@ Layout: the kernels read the caller's arrays in place, with no transposes or pad
   A: (dim, d_state) float32 (handed to the kernels transposed, (d_state, dim)); B, C: (batch, length, d_state);
   D, delta_bias: (dim,) float32; d_state must be a power of two here (the vjp wrapper pads it otherwise).
 
-Grid: ``(cdiv(dim, block_d), batch)``; program (j, b) owns channels ``[j*block_d, (j+1)*block_d)`` of batch
-row b for the whole sequence. The state is held as d_state separate (block_d,) float32 vectors and B_t, C_t
+Grid: ``(cdiv(dim, block_d), batch, segments)``; program (j, b, s) owns channels ``[j*block_d, (j+1)*block_d)``
+of batch row b for segment s of the sequence (the whole sequence unless ``KernelConfig.splits`` > 1). The state is held as d_state separate (block_d,) float32 vectors and B_t, C_t
 are read as scalars, so a lane owns a channel with its d_state values in registers and every per-step op is
 lane-local: no layout conversions in the dependent chain (a (d_state, block_d) tile formulation of the same
 kernel measured 2.3-2.9x slower at T stage 3 on an H200, benchmarks/NOTES.md). Only the backward's dB/dC sums cross
 lanes. The refs are whole arrays (no BlockSpecs): every vector load/store is a contiguous row of ``block_d``
 channels at one time step, masked on ``channel < dim`` so any ``dim`` works with power-of-two ``block_d``.
 
-Time runs as a ``fori_loop`` over chunks of ``chunk`` (K) steps. The K rows of u, Δ, B, C (and dy in the
-backward) of the *next* chunk are loaded at the top of each iteration and handed over in the loop carry, so
-their latency overlaps the current chunk's K dependent steps (software double buffering). Row indices past the
-end are clamped to ``length - 1``; the matching stores are masked, so any ``length`` works.
+Time runs as a ``fori_loop`` over chunks of ``chunk`` (K) steps whose K rows of u, Δ, B, C (and dy in the
+backward) are loaded together; with ``prefetch`` the *next* chunk's rows are loaded at the top of each iteration
+and handed over in the loop carry (software double buffering: latency hidden with registers), otherwise other
+warps hide it. Row indices outside the sequence are clamped into it; the matching stores are masked, so any
+``length`` works.
 
 Forward, per step: Δ = softplus(delta + bias) (optional), a = exp2(Δ·A·log2e), h = a·h + (Δ·u)·B,
-y = Σ_n C·h + D·u. When training it also stores the state entering every chunk, ``states``
+y = Σ_n C·h + D·u (exp2 and reciprocals as PTX approximations with ``fast_math``, see ``_Math``). When training it also stores the state entering every chunk, ``states``
 (batch, n_chunks, d_state, dim) float32 (≈ d_state/K floats per (b, l, d) element).
 
 Backward (mamba_ssm / axlearn style, recompute instead of store): chunks in reverse; per chunk, the K states
