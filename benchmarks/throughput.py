@@ -58,7 +58,7 @@ def inference(name, batch, dtype, size, overrides, profile_dir=None):
     return result
 
 
-def training(name, batch, dtype, size, overrides):
+def training(name, batch, dtype, size, overrides, profile_dir=None):
     model = mvj.create_model(name, dtype=dtype, **overrides)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
     tx = optax.adamw(1e-4, weight_decay=0.05)
@@ -94,7 +94,10 @@ def training(name, batch, dtype, size, overrides):
         return loss
 
     seconds = median_seconds(run, [(x,) for x in images], windows=5)
-    return dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+    result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+    if profile_dir:
+        result["top_ops"] = top_device_ops(run, (images[0],), profile_dir)
+    return result
 
 
 def official(models, train_models):
@@ -132,7 +135,7 @@ def main():
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="profile each inference config and print its top ops (raw traces under /tmp)",
+        help="profile each inference and training config and print its top ops (raw traces under /tmp)",
     )
     args = parser.parse_args()
 
@@ -166,17 +169,18 @@ def main():
                 f"mem {r.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB",
                 flush=True,
             )
-            for name, ms, frac in r.get("top_ops", []):
-                print(f"   {ms:8.3f} ms/batch {frac:6.1%}  {name[:100]}")
+            print_top_ops(r)
             save()
     for m in train_models:
-        r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, overrides)
+        profile_dir = os.path.join("/tmp", f"trace_train_{m}") if args.profile else None
+        r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, overrides, profile_dir)
         results["training"][f"{m}_bs{args.train_batch}"] = r
         print(
             f"train {m} bs{args.train_batch} bf16 AdamW: {r['img_per_s']:.0f} img/s, compile {r['compile_s']:.1f}s,"
             f" mem {r.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB",
             flush=True,
         )
+        print_top_ops(r)
         save()
     if args.official_json:
         with open(args.official_json) as f:
@@ -185,6 +189,11 @@ def main():
         results["official"] = official(models, train_models)
     save()
     print_table(results)
+
+
+def print_top_ops(result):
+    for name, ms, frac in result.get("top_ops", []):
+        print(f"   {ms:8.3f} ms/batch {frac:6.1%}  {name[:100]}")
 
 
 def print_table(results):
