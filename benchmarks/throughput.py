@@ -164,23 +164,13 @@ def main():
             profile_dir = os.path.join("/tmp", f"trace_{m}_bs{batch}") if args.profile else None
             r = inference(SHORT[m], batch, dtype, args.size, overrides, profile_dir)
             results["inference"][f"{m}_bs{batch}"] = r
-            print(
-                f"infer {m} bs{batch} {args.dtype}: {r['img_per_s']:.0f} img/s, compile {r['compile_s']:.1f}s, "
-                f"mem {r.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB",
-                flush=True,
-            )
-            print_top_ops(r)
+            report(f"infer {m} bs{batch} {args.dtype}", r)
             save()
     for m in train_models:
         profile_dir = os.path.join("/tmp", f"trace_train_{m}") if args.profile else None
         r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, overrides, profile_dir)
         results["training"][f"{m}_bs{args.train_batch}"] = r
-        print(
-            f"train {m} bs{args.train_batch} bf16 AdamW: {r['img_per_s']:.0f} img/s, compile {r['compile_s']:.1f}s,"
-            f" mem {r.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB",
-            flush=True,
-        )
-        print_top_ops(r)
+        report(f"train {m} bs{args.train_batch} bf16 AdamW", r)
         save()
     if args.official_json:
         with open(args.official_json) as f:
@@ -191,7 +181,13 @@ def main():
     print_table(results)
 
 
-def print_top_ops(result):
+def report(label, result):
+    """One result line (throughput, compile time, executable memory), then its profiled top ops if any."""
+    print(
+        f"{label}: {result['img_per_s']:.0f} img/s, compile {result['compile_s']:.1f}s, "
+        f"mem {result.get('peak_bytes_estimate', 0) / 2**30:.2f} GiB",
+        flush=True,
+    )
     for name, ms, frac in result.get("top_ops", []):
         print(f"   {ms:8.3f} ms/batch {frac:6.1%}  {name[:100]}")
 

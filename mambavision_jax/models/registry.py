@@ -57,15 +57,7 @@ _B = dict(
     drop_path_rate=0.3,
     layer_scale=1e-5,
 )
-_L = dict(
-    depths=(3, 3, 10, 5),
-    num_heads=_LARGE_HEADS,
-    window_size=_WIN,
-    dim=196,
-    in_dim=64,
-    drop_path_rate=0.3,
-    layer_scale=1e-5,
-)
+_L = dict(_B, num_heads=_LARGE_HEADS, dim=196)
 _L2 = dict(_L, depths=(3, 3, 12, 5))
 _L3 = dict(depths=(3, 3, 20, 10), num_heads=_LARGE_HEADS, dim=256, in_dim=64, drop_path_rate=0.5, layer_scale=1e-5)
 

@@ -346,7 +346,7 @@ def _backward_kernel(
     du_ref, ddelta_ref, dA_ref, dD_ref, dbias_ref, dB_ref, dC_ref = refs
     block_d, chunk = config.block_d, config.chunk
     math_ = _Math(fast)
-    rows, n_chunks = _program(u_ref, block_d, chunk)
+    rows, _ = _program(u_ref, block_d, chunk)
     A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
     A2 = [A_n * _LOG2E for A_n in A]
     n = len(A)

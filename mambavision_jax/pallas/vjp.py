@@ -19,39 +19,22 @@ from mambavision_jax.pallas.triton_kernels import KernelConfig
 __all__ = ["selective_scan_pallas"]
 
 
+def _forward(arrays, delta_softplus, config, interpret, save_states):
+    """``(y, chunk-entry states or None)`` of the forward kernel(s) on (u, delta, A, B, C, D, delta_bias)."""
+    return triton_kernels.scan_forward(
+        *arrays, delta_softplus=delta_softplus, save_states=save_states, config=config, interpret=interpret
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-    y, _ = triton_kernels.scan_forward(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        delta_bias,
-        delta_softplus=delta_softplus,
-        save_states=False,
-        config=config,
-        interpret=interpret,
-    )
-    return y
+    return _forward((u, delta, A, B, C, D, delta_bias), delta_softplus, config, interpret, save_states=False)[0]
 
 
 def _scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-    y, states = triton_kernels.scan_forward(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        delta_bias,
-        delta_softplus=delta_softplus,
-        save_states=True,
-        config=config,
-        interpret=interpret,
-    )
-    return y, (u, delta, A, B, C, D, delta_bias, states)
+    arrays = (u, delta, A, B, C, D, delta_bias)
+    y, states = _forward(arrays, delta_softplus, config, interpret, save_states=True)
+    return y, (*arrays, states)
 
 
 def _scan_bwd(delta_softplus, config, interpret, residuals, dy):
