@@ -65,3 +65,47 @@ def window_reverse(tokens: jax.Array, window: int, padded: tuple[int, int], size
     c = tokens.shape[-1]
     x = tokens.reshape(-1, hp // window, wp // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, hp, wp, c)[:, : size[0], : size[1], :]
+
+
+def padded_channels(channels: int, multiple: int) -> int:
+    """``channels`` rounded up to ``multiple``; counts below ``multiple`` (the image's 3 channels) stay as they are."""
+    if channels < multiple:
+        return channels
+    return -(-channels // multiple) * multiple
+
+
+class Conv3x3(nn.Module):
+    """3x3 convolution, padding 1, NHWC, as ``nn.Conv2d(k=3, padding=1)``; parameters as ``nn.Conv``'s
+    (``kernel`` (3, 3, in, out) HWIO, ``bias`` (out,)), float32 whatever the compute dtype.
+
+    With ``channel_multiple`` > 1 the convolution itself runs on channel counts padded up to that multiple (zero
+    input channels, zero kernel rows and columns) and the output is sliced back, so the caller and the parameters
+    keep the true counts. XLA fuses the pad into the producer and the slice into the consumer, which spares cuDNN
+    its own padding pass on every call.
+    """
+
+    features: int
+    stride: int = 1
+    use_bias: bool = True
+    channel_multiple: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, in) -> (B, ceil(H / stride), ceil(W / stride), features)."""
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, in_features, self.features), jnp.float32)
+        pad_in = padded_channels(in_features, self.channel_multiple) - in_features
+        pad_out = padded_channels(self.features, self.channel_multiple) - self.features
+        kernel = jnp.pad(kernel.astype(self.dtype), ((0, 0), (0, 0), (0, pad_in), (0, pad_out)))
+        x = jnp.pad(x.astype(self.dtype), ((0, 0), (0, 0), (0, 0), (0, pad_in)))
+        y = jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(self.stride, self.stride),
+            padding=((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )[..., : self.features]
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        return y

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mambavision_jax.models.layers import DropPath, batch_norm, window_partition, window_reverse
+from mambavision_jax.models.layers import Conv3x3, DropPath, batch_norm, window_partition, window_reverse
 from mambavision_jax.pallas import selective_scan
 
 Dtype = Any
@@ -32,18 +32,22 @@ def _dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.
     )
 
 
-def _conv(features: int, stride: int, name: str, dtype: Dtype, use_bias: bool) -> nn.Conv:
+def _conv(features: int, stride: int, name: str, dtype: Dtype, use_bias: bool, channel_multiple: int) -> "Conv3x3":
     """3x3 convolution with symmetric padding 1, as ``nn.Conv2d(k=3, padding=1)``."""
-    return nn.Conv(
-        features,
-        (3, 3),
-        strides=(stride, stride),
-        padding=((1, 1), (1, 1)),
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    return Conv3x3(features, stride, use_bias, channel_multiple, dtype, name=name)
+
+
+def conv_channel_multiple(setting: Optional[int], dtype: Dtype) -> int:
+    """The multiple the 3x3 convs pad their channel counts to: ``setting`` if given, else 8 for 16-bit compute on
+    GPU (cuDNN's tensor-core kernels want channels in multiples of 8 and otherwise pad every call themselves,
+    13 % of MambaVision-L's inference time on an H200) and 1 (no padding) elsewhere."""
+    if setting is not None:
+        if setting < 1:
+            raise ValueError(f"conv_channel_multiple must be >= 1; got {setting}")
+        return setting
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return 8
+    return 1
 
 
 class PatchEmbed(nn.Module):
@@ -52,12 +56,13 @@ class PatchEmbed(nn.Module):
     in_dim: int
     dim: int
     dtype: Dtype = jnp.float32
+    channel_multiple: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = _conv(self.in_dim, 2, "conv_down_0", self.dtype, use_bias=False)(x)
+        x = _conv(self.in_dim, 2, "conv_down_0", self.dtype, False, self.channel_multiple)(x)
         x = nn.relu(batch_norm("conv_down_1", 1e-4, self.dtype, train)(x))
-        x = _conv(self.dim, 2, "conv_down_3", self.dtype, use_bias=False)(x)
+        x = _conv(self.dim, 2, "conv_down_3", self.dtype, False, self.channel_multiple)(x)
         return nn.relu(batch_norm("conv_down_4", 1e-4, self.dtype, train)(x))
 
 
@@ -68,13 +73,14 @@ class ConvBlock(nn.Module):
     drop_path: float = 0.0
     layer_scale: Optional[float] = None
     dtype: Dtype = jnp.float32
+    channel_multiple: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         shortcut = x
-        x = _conv(self.dim, 1, "conv1", self.dtype, use_bias=True)(x)
+        x = _conv(self.dim, 1, "conv1", self.dtype, True, self.channel_multiple)(x)
         x = nn.gelu(batch_norm("norm1", 1e-5, self.dtype, train)(x), approximate=True)
-        x = _conv(self.dim, 1, "conv2", self.dtype, use_bias=True)(x)
+        x = _conv(self.dim, 1, "conv2", self.dtype, True, self.channel_multiple)(x)
         x = batch_norm("norm2", 1e-5, self.dtype, train)(x)
         if self.layer_scale is not None:
             x = x * self.param("gamma", nn.initializers.constant(self.layer_scale), (self.dim,), jnp.float32)
@@ -272,14 +278,20 @@ class MambaVisionLayer(nn.Module):
     scan_impl: str = "auto"
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
+    channel_multiple: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
         if self.conv:
             for j in range(self.depth):
-                x = ConvBlock(self.dim, self.drop_path[j], self.layer_scale_conv, self.dtype, name=f"blocks_{j}")(
-                    x, train
-                )
+                x = ConvBlock(
+                    self.dim,
+                    self.drop_path[j],
+                    self.layer_scale_conv,
+                    self.dtype,
+                    self.channel_multiple,
+                    name=f"blocks_{j}",
+                )(x, train)
         else:
             size = x.shape[1:3]
             tokens, padded = window_partition(x, self.window_size)
@@ -301,7 +313,7 @@ class MambaVisionLayer(nn.Module):
             x = window_reverse(tokens, self.window_size, padded, size)
         if not self.downsample:
             return x, None
-        return x, Downsample(self.dim, self.dtype, name="downsample")(x)
+        return x, Downsample(self.dim, self.dtype, self.channel_multiple, name="downsample")(x)
 
 
 class Downsample(nn.Module):
@@ -309,10 +321,11 @@ class Downsample(nn.Module):
 
     dim: int
     dtype: Dtype = jnp.float32
+    channel_multiple: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _conv(2 * self.dim, 2, "reduction_0", self.dtype, use_bias=False)(x)
+        return _conv(2 * self.dim, 2, "reduction_0", self.dtype, False, self.channel_multiple)(x)
 
 
 class MambaVision(nn.Module):
@@ -337,12 +350,14 @@ class MambaVision(nn.Module):
     in_chans: int = 3
     scan_impl: str = "auto"
     attention_impl: str = "auto"
+    conv_channel_multiple: Optional[int] = None
     dtype: Dtype = jnp.float32
 
     def setup(self):
         total = sum(self.depths)
         rates = [self.drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
-        self.patch_embed = PatchEmbed(self.in_dim, self.dim, self.dtype)
+        channel_multiple = conv_channel_multiple(self.conv_channel_multiple, self.dtype)
+        self.patch_embed = PatchEmbed(self.in_dim, self.dim, self.dtype, channel_multiple)
         levels, start = [], 0
         for i, depth in enumerate(self.depths):
             levels.append(
@@ -361,6 +376,7 @@ class MambaVision(nn.Module):
                     scan_impl=self.scan_impl,
                     attention_impl=self.attention_impl,
                     dtype=self.dtype,
+                    channel_multiple=channel_multiple,
                     name=f"levels_{i}",
                 )
             )

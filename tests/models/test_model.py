@@ -1,5 +1,7 @@
 """Model behaviour that the parity tests do not cover: layout helpers, input checks, train mode, backbone API."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,3 +98,60 @@ def test_attention_auto_implementation(monkeypatch, backend, dtype, head_dim, tr
     assert Attention(dim=4 * head_dim, num_heads=4, dtype=dtype)._implementation(head_dim, train) == expected
     with pytest.raises(ValueError, match="attention_impl"):
         Attention(dim=8, num_heads=1, attention_impl="flash")._implementation(8, False)
+
+
+@pytest.mark.parametrize(
+    "backend,dtype,setting,expected",
+    [
+        ("gpu", jnp.bfloat16, None, 8),
+        ("gpu", jnp.float16, None, 8),
+        ("gpu", jnp.float32, None, 1),
+        ("cpu", jnp.bfloat16, None, 1),
+        ("cpu", jnp.float32, 4, 4),
+    ],
+)
+def test_conv_channel_multiple_auto(monkeypatch, backend, dtype, setting, expected):
+    from mambavision_jax.models.mamba_vision import conv_channel_multiple
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert conv_channel_multiple(setting, dtype) == expected
+    with pytest.raises(ValueError, match="conv_channel_multiple"):
+        conv_channel_multiple(0, dtype)
+
+
+def test_padded_conv_channels_give_the_same_model_and_gradients():
+    """dim 20 (stage 1 at 20 channels, like L's 196) with convs padded to multiples of 8: same parameters,
+    same logits, same gradients and BN statistics as unpadded; the lowered program convolves 24 channels."""
+    arch = dict(SMALL, dim=20, in_dim=12, num_heads=(1, 2, 2, 4))
+    plain = mvj.create_model("mamba_vision_T", **arch, conv_channel_multiple=1)
+    padded = mvj.create_model("mamba_vision_T", **arch, conv_channel_multiple=8)
+    images = jax.random.normal(jax.random.PRNGKey(2), (2, 64, 64, 3))
+    variables = plain.init(jax.random.PRNGKey(0), images)
+    assert jax.tree.map(jnp.shape, padded.init(jax.random.PRNGKey(0), images)) == jax.tree.map(jnp.shape, variables)
+    np.testing.assert_allclose(padded.apply(variables, images), plain.apply(variables, images), rtol=1e-5, atol=1e-5)
+
+    def loss_and_stats(model, params):
+        logits, new = model.apply(
+            {**variables, "params": params},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.PRNGKey(3)},
+        )
+        return jnp.sum(logits**2), new["batch_stats"]
+
+    (grads_p, stats_p), (grads_u, stats_u) = [
+        jax.grad(loss_and_stats, argnums=1, has_aux=True)(m, variables["params"]) for m in (padded, plain)
+    ]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads_p, grads_u)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats_p, stats_u)
+    assert conv_channel_counts(plain, variables, images) & {12, 20}, "the unpadded model convolves 12 and 20"
+    assert all(c < 8 or c % 8 == 0 for c in conv_channel_counts(padded, variables, images))
+
+
+def conv_channel_counts(model, variables, images) -> set:
+    """Every input and output channel count of the convolutions in the lowered program."""
+    hlo = jax.jit(model.apply).lower(variables, images).as_text()
+    kernels = re.findall(r"convolution.*tensor<3x3x(\d+)x(\d+)x", hlo)
+    assert kernels, "no 3x3 convolution found in the lowered program"
+    return {int(c) for pair in kernels for c in pair}
