@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mambavision_jax.models.layers import Conv3x3, DropPath, batch_norm, window_partition, window_reverse
+from mambavision_jax.models.layers import Conv3x3, DropPath, batch_norm, gelu_erf, window_partition, window_reverse
 from mambavision_jax.pallas import selective_scan
 
 Dtype = Any
@@ -210,7 +210,7 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.gelu(_dense(self.hidden, "fc1", self.dtype)(x), approximate=False)
+        x = gelu_erf(_dense(self.hidden, "fc1", self.dtype)(x))
         x = nn.Dropout(self.drop)(x, deterministic=not train)
         x = _dense(self.dim, "fc2", self.dtype)(x)
         return nn.Dropout(self.drop)(x, deterministic=not train)

@@ -155,3 +155,20 @@ def conv_channel_counts(model, variables, images) -> set:
     kernels = re.findall(r"convolution.*tensor<3x3x(\d+)x(\d+)x", hlo)
     assert kernels, "no 3x3 convolution found in the lowered program"
     return {int(c) for pair in kernels for c in pair}
+
+
+def test_gelu_erf_matches_torch_formula_and_jax_gradient():
+    """gelu_erf computes torch.nn.GELU()'s x/2 (1 + erf(x/√2)) (float64 math.erf reference), keeps the dtype, and
+    has jax.nn.gelu's exact gradient."""
+    import math
+
+    from mambavision_jax.models.layers import gelu_erf
+
+    x = np.concatenate([np.linspace(-9, 9, 1001), np.random.default_rng(0).normal(0, 3, 1000)]).astype(np.float32)
+    want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(
+        gelu_erf(jnp.asarray(x)), want, rtol=2e-6, atol=1e-6
+    )  # 1 + erf cancels for x << 0, as in torch
+    assert gelu_erf(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
+    grad = jax.vmap(jax.grad(gelu_erf))(jnp.asarray(x))
+    np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=2e-6)
