@@ -177,22 +177,22 @@ class Attention(nn.Module):
         head_dim = self.dim // self.num_heads
         qkv = _dense(3 * self.dim, "qkv", self.dtype)(tokens).reshape(b, n, 3, self.num_heads, head_dim)
         out = jax.nn.dot_product_attention(
-            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self._implementation(head_dim, train)
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self._implementation(head_dim, n, train)
         )  # (B,N,h,hd)
         return _dense(self.dim, "proj", self.dtype)(out.reshape(b, n, self.dim))
 
-    def _implementation(self, head_dim: int, train: bool) -> Optional[str]:
+    def _implementation(self, head_dim: int, length: int, train: bool) -> Optional[str]:
         """``jax.nn.dot_product_attention`` implementation: "xla", "cudnn", or for "auto" cuDNN's fused kernel
-        where it applies (GPU inference in 16-bit, head_dim a multiple of 8) and XLA elsewhere. Training stays
-        on XLA: cuDNN's fused backward refuses MambaVision's stage-4 sequences ("Unsupported sequence length Q
-        49, KV 49", jax 0.11.2 on an H200)."""
+        where it applies (GPU, 16-bit, head_dim a multiple of 8 up to 128; in training only for even sequence
+        lengths: cuDNN's fused backward refused MambaVision's stage-4 windows of 49 tokens, "Unsupported sequence
+        length Q 49, KV 49", jax 0.11.2 on an H200) and XLA elsewhere."""
         if self.attention_impl == "auto":
             fused = (
-                not train
-                and jax.default_backend() == "gpu"
+                jax.default_backend() == "gpu"
                 and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
                 and head_dim % 8 == 0
                 and head_dim <= 128
+                and (not train or length % 2 == 0)
             )
             return "cudnn" if fused else "xla"
         if self.attention_impl not in ("xla", "cudnn"):

@@ -82,22 +82,23 @@ def test_bad_images_are_refused(small, shape, dtype, message):
 
 
 @pytest.mark.parametrize(
-    "backend,dtype,head_dim,train,expected",
+    "backend,dtype,head_dim,length,train,expected",
     [
-        ("gpu", jnp.bfloat16, 40, False, "cudnn"),
-        ("gpu", jnp.bfloat16, 40, True, "xla"),  # cuDNN's fused backward refuses MambaVision's length-49 windows
-        ("gpu", jnp.bfloat16, 49, False, "xla"),  # head_dim not a multiple of 8 (the L variants)
-        ("gpu", jnp.float32, 40, False, "xla"),
-        ("cpu", jnp.bfloat16, 40, False, "xla"),
+        ("gpu", jnp.bfloat16, 40, 49, False, "cudnn"),
+        ("gpu", jnp.bfloat16, 40, 196, True, "cudnn"),
+        ("gpu", jnp.bfloat16, 40, 49, True, "xla"),  # cuDNN's fused backward refuses odd lengths (stage-4 windows)
+        ("gpu", jnp.bfloat16, 49, 196, False, "xla"),  # head_dim not a multiple of 8 (the L variants)
+        ("gpu", jnp.float32, 40, 196, False, "xla"),
+        ("cpu", jnp.bfloat16, 40, 196, False, "xla"),
     ],
 )
-def test_attention_auto_implementation(monkeypatch, backend, dtype, head_dim, train, expected):
+def test_attention_auto_implementation(monkeypatch, backend, dtype, head_dim, length, train, expected):
     from mambavision_jax.models.mamba_vision import Attention
 
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    assert Attention(dim=4 * head_dim, num_heads=4, dtype=dtype)._implementation(head_dim, train) == expected
+    assert Attention(dim=4 * head_dim, num_heads=4, dtype=dtype)._implementation(head_dim, length, train) == expected
     with pytest.raises(ValueError, match="attention_impl"):
-        Attention(dim=8, num_heads=1, attention_impl="flash")._implementation(8, False)
+        Attention(dim=8, num_heads=1, attention_impl="flash")._implementation(8, 49, False)
 
 
 @pytest.mark.parametrize(
