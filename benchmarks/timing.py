@@ -53,10 +53,29 @@ def compile_seconds(jitted: Callable[..., Any], *args) -> tuple[Any, float, dict
     return compiled, seconds, memory
 
 
-def top_device_ops(fn: Callable[..., Any], args: tuple, trace_dir: str, calls: int = 3, top: int = 20) -> list:
-    """Profiles ``calls`` calls of ``fn(*args)`` with the JAX profiler and returns the ``top`` ops by total time as
-    ``[(name, milliseconds per call, fraction of the profiled device time)]``: events on device (GPU) timelines,
-    or on the host when there is no device timeline (CPU). The raw trace stays in ``trace_dir``."""
+OP_KINDS = (  # (kind, substrings of device kernel names), first match wins
+    ("attention", ("sdpa", "flash", "fmha")),
+    ("scan", ("selective_scan",)),
+    ("conv", ("fprop", "dgrad", "wgrad", "convolve", "conv2d", "nhwcAddPadding", "nchwToNhwc", "nhwcToNchw")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "cublas", "xmma")),
+    ("reduction fusion", ("input_",)),
+    ("elementwise fusion", ("loop_", "fusion")),
+)
+
+
+def op_kind(name: str) -> str:
+    """Coarse kind of a device kernel from its name (see ``OP_KINDS``); "other" if none matches."""
+    for kind, keys in OP_KINDS:
+        if any(k in name for k in keys):
+            return kind
+    return "other"
+
+
+def top_device_ops(fn: Callable[..., Any], args: tuple, trace_dir: str, calls: int = 3, top: int = 20) -> dict:
+    """Profiles ``calls`` calls of ``fn(*args)`` with the JAX profiler. Returns ``{"top": [(name, milliseconds per
+    call, fraction of the profiled device time)] for the ``top`` ops by total time, "kinds": {kind: (milliseconds
+    per call, fraction)} over all ops}``: events on device (GPU) timelines, or on the host when there is no device
+    timeline (CPU). The raw trace stays in ``trace_dir``."""
     import collections
     import glob
     import gzip
@@ -72,9 +91,13 @@ def top_device_ops(fn: Callable[..., Any], args: tuple, trace_dir: str, calls: i
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     device = {pid for pid, name in processes.items() if "GPU" in name or "/device:" in name}
-    totals = collections.Counter()
+    totals, kinds = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") == "X" and (e["pid"] in device or not device):
             totals[e["name"]] += e.get("dur", 0.0)
+            kinds[op_kind(e["name"])] += e.get("dur", 0.0)
     whole = sum(totals.values()) or 1.0
-    return [(name, us / 1e3 / calls, us / whole) for name, us in totals.most_common(top)]
+    return {
+        "top": [(name, us / 1e3 / calls, us / whole) for name, us in totals.most_common(top)],
+        "kinds": {kind: (us / 1e3 / calls, us / whole) for kind, us in kinds.most_common()},
+    }
