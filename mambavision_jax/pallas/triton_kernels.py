@@ -27,8 +27,9 @@ Backward (mamba_ssm / axlearn style, recompute instead of store): chunks in reve
 are recomputed from the saved chunk-entry state (K separate values, Python-unrolled), then the K steps are
 walked backwards carrying ``g = a_{t+1}·dh_{t+1}``, with dh_t = g + C_t·dy_t. Outputs: du, dΔ (through
 softplus and bias) in the inputs' dtypes; float32 partial sums reduced outside the kernel:
-dA, dD, d(delta_bias) per batch row (batch, d_state, dim)/(batch, dim); dB, dC per channel block
-(n_blocks, batch, length, d_state).
+dA, dD, d(delta_bias) per batch row (batch, d_state, dim)/(batch, dim); dC and dB side by side per channel block
+(n_blocks, batch, length, 2·d_state). With one warp of 32 channels the 2·d_state channel sums of a step go through
+one butterfly transpose-reduction (``_transpose_sums``: 16 shuffles for d_state 8 instead of 80).
 """
 
 from __future__ import annotations
@@ -116,6 +117,20 @@ class _Math:
 
     def rcp(self, x):
         return self._ptx("rcp", x) if self.fast else 1.0 / x
+
+    def lane_xor(self, x, offset):
+        """Lane l of a one-warp (32,) vector receives lane ``l ^ offset``'s value (PTX ``shfl.sync.bfly``; a gather
+        in interpret mode)."""
+        if not self.fast:
+            return x[jnp.arange(x.shape[0]) ^ offset]
+        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return plt.elementwise_inline_asm(
+            f"shfl.sync.bfly.b32 $0, $1, {offset}, 31, -1;",
+            args=[x],
+            constraints="=r,r",
+            pack=1,
+            result_shape_dtypes=[out],
+        )[0]
 
     def softplus(self, x):
         """log(1 + e^x), x above the threshold passed through (mamba_ssm's). log1p(e) for e = e^-|x| in (0, 1] is
@@ -209,6 +224,30 @@ def _chunk_loop(count, first_t0, step_t0, load, body, carry, prefetch):
         return body(t0, carry, rows), upcoming
 
     return jax.lax.fori_loop(0, count, pipelined, (carry, load(first_t0)))[0]
+
+
+def _butterfly_pair(math_, lo, hi, offset):
+    """One butterfly round for a pair of (32,) one-warp vectors: lanes with bit ``offset`` clear keep ``lo`` and
+    receive their partner's (lane ``l ^ offset``) ``lo``; the others do the same with ``hi``. One shuffle."""
+    upper = (jnp.arange(32) & offset) != 0
+    return jnp.where(upper, hi, lo) + math_.lane_xor(jnp.where(upper, lo, hi), offset)
+
+
+def _transpose_sums(math_, values, offset=16):
+    """Sums of m (32,) one-warp vectors over their lanes, m a power of two <= 32, in m - 1 + log2(32/m) shuffles
+    instead of 5·m: each butterfly round halves the vectors a lane keeps, then the last one is summed. Returns one
+    (32,) vector whose lane l holds the sum of ``values[l >> (5 - log2 m)]``. With ``offset`` < 16, ``values``
+    are what the rounds for the larger offsets already produced (the caller ran them, e.g. to free registers)."""
+    values = list(values)
+    while len(values) > 1:
+        half = len(values) // 2
+        values = [_butterfly_pair(math_, lo, hi, offset) for lo, hi in zip(values[:half], values[half:])]
+        offset //= 2
+    total = values[0]
+    while offset >= 1:
+        total = total + math_.lane_xor(total, offset)
+        offset //= 2
+    return total
 
 
 def _forward_kernel(
@@ -340,10 +379,10 @@ def _backward_kernel(
     the adjoint entering segment s from above, chained here from the summary pass's adjoints and Δ sums.
     ``states_ref`` holds the state entering every chunk, saved by the forward pass.
     refs: [adjoints, delta_sums,] du, ddelta, dA (batch, segments, d_state, dim), dD, dbias (batch, segments, dim),
-    dB, dC."""
+    dCB (n_blocks, batch, length, 2 * d_state)."""
     refs = list(refs)
     summary_refs = (refs.pop(0), refs.pop(0)) if chained else None
-    du_ref, ddelta_ref, dA_ref, dD_ref, dbias_ref, dB_ref, dC_ref = refs
+    du_ref, ddelta_ref, dA_ref, dD_ref, dbias_ref, dCB_ref = refs
     block_d, chunk = config.block_d, config.chunk
     math_ = _Math(fast)
     rows, _ = _program(u_ref, block_d, chunk)
@@ -353,6 +392,10 @@ def _backward_kernel(
     blk = pl.program_id(0)
     segment = pl.program_id(2)
     last = segment * per_segment + per_segment - 1
+    # One channel per lane of one warp: the 2n dB/dC sums of a step go through one butterfly transpose-reduction.
+    butterfly = block_d == 32 and config.num_warps == 1 and 2 * n <= 32
+    lane = jnp.arange(block_d)
+    shift = 5 - int(math.log2(2 * n))
 
     def load(t0):
         return (
@@ -372,6 +415,21 @@ def _backward_kernel(
             )
             for j in range(n)
         )
+
+    def channel_terms(dC_term, dB_term):
+        """The per-lane terms of dC_j and dB_j, kept for :func:`store_channel_sums` (with the butterfly, already
+        through its first round, which pairs dC_j with dB_j: half the registers)."""
+        return [_butterfly_pair(math_, dC_term, dB_term, 16)] if butterfly else [dC_term, dB_term]
+
+    def store_channel_sums(t, valid, terms):
+        """dCB[blk, b, t] = (dC_0..dC_{n-1}, dB_0..dB_{n-1}): the per-lane terms summed over the block's channels."""
+        if not butterfly:
+            for j in range(n):
+                plt.store(dCB_ref.at[blk, rows.b, t, jnp.int32(j)], jnp.sum(terms[2 * j]), mask=valid)
+                plt.store(dCB_ref.at[blk, rows.b, t, jnp.int32(n + j)], jnp.sum(terms[2 * j + 1]), mask=valid)
+            return
+        # Lane l holds the sum of term l >> shift; the 2^shift lanes holding a term all store it (same value).
+        plt.store(dCB_ref.at[blk, rows.b, t, lane >> shift], _transpose_sums(math_, terms, offset=8), mask=valid)
 
     def body(t0, carry, chunk_rows):
         g, dA, dD, dbias = carry
@@ -393,17 +451,17 @@ def _backward_kernel(
             # S = Σ_j B_j·dh_j.
             dS = jnp.zeros_like(dt)
             ddt = jnp.zeros_like(dt)
-            new_g, new_dA = [], []
+            new_g, new_dA, terms = [], [], []
             for j in range(n):
                 dh = g[j] + C_t[j] * dy
-                plt.store(dC_ref.at[blk, rows.b, t, jnp.int32(j)], jnp.sum(h[k + 1][j] * dy), mask=valid)
-                plt.store(dB_ref.at[blk, rows.b, t, jnp.int32(j)], jnp.sum(dh * dtu), mask=valid)
+                terms += channel_terms(h[k + 1][j] * dy, dh * dtu)
                 dh_a = dh * a[j]
                 p_j = dh_a * h[k][j]
                 dS = dS + B_t[j] * dh
                 ddt = ddt + A[j] * p_j
                 new_dA.append(dA[j] + dt * p_j)
                 new_g.append(dh_a)
+            store_channel_sums(t, valid, terms)
             du = dy * D + dt * dS
             ddt = ddt + u * dS
             if delta_softplus:
@@ -544,11 +602,11 @@ def scan_backward(
         jax.ShapeDtypeStruct((batch, segments, n, dim), _F32),
         jax.ShapeDtypeStruct((batch, segments, dim), _F32),
         jax.ShapeDtypeStruct((batch, segments, dim), _F32),
-        jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
-        jax.ShapeDtypeStruct((n_blocks, batch, length, n), _F32),
+        jax.ShapeDtypeStruct((n_blocks, batch, length, 2 * n), _F32),
     ]
     kernel = functools.partial(_backward_kernel, chained=bool(summary), **common)
-    du, ddelta, dA, dD, dbias, dB, dC = _call(kernel, out_shape, u, bwd, interpret, "selective_scan_bwd", segments)(
+    du, ddelta, dA, dD, dbias, dCB = _call(kernel, out_shape, u, bwd, interpret, "selective_scan_bwd", segments)(
         u, delta, A.T, B, C, D, delta_bias, dy, states, *summary
     )
-    return du, ddelta, dA.sum((0, 1)).T, dB.sum(0), dC.sum(0), dD.sum((0, 1)), dbias.sum((0, 1))
+    dCB = dCB.sum(0)
+    return du, ddelta, dA.sum((0, 1)).T, dCB[..., n:], dCB[..., :n], dD.sum((0, 1)), dbias.sum((0, 1))

@@ -45,6 +45,8 @@ CASES = [
     (3, 196, 24, 8, jnp.float32, True, False, True),
     (1, 197, 392, 8, jnp.float32, True, True, True),
     (2, 49, 40, 5, jnp.float32, False, True, True),
+    (2, 9, 40, 16, jnp.float32, True, True, True),  # 2·d_state = 32 channel sums: a full butterfly
+    (1, 9, 24, 2, jnp.float32, True, True, True),
     (3, 49, 40, 8, jnp.bfloat16, True, True, True),
     (1, 197, 24, 8, jnp.float16, True, True, True),
 ]
