@@ -99,12 +99,13 @@ def default_config(batch: int, length: int, dim: int) -> KernelConfig:
 
 
 class _Math:
-    """The kernels' transcendental functions on float32 (block_d,) rows. ``fast``: PTX ``ex2.approx.ftz`` and
-    ``rcp.approx.ftz`` (relative error about 2^-22) through inline assembly, for GPU kernels; otherwise exact jnp
-    (interpret mode). Softplus and its derivative are built from these, so both modes run the same formulas."""
+    """The kernels' transcendental functions and lane shuffles on float32 (block_d,) rows. ``fast``: PTX
+    ``ex2.approx.ftz`` and ``rcp.approx.ftz`` (relative error about 2^-22) through inline assembly; otherwise exact
+    jnp. Softplus and its derivative are built from these, so both modes run the same formulas. ``gpu``: lane
+    shuffles as PTX ``shfl.sync``; otherwise (interpret mode) as the equivalent gather."""
 
-    def __init__(self, fast: bool):
-        self.fast = fast
+    def __init__(self, fast: bool, gpu: bool):
+        self.fast, self.gpu = fast, gpu
 
     def _ptx(self, op, x):
         out = jax.ShapeDtypeStruct(x.shape, x.dtype)
@@ -121,7 +122,7 @@ class _Math:
     def lane_xor(self, x, offset):
         """Lane l of a one-warp (32,) vector receives lane ``l ^ offset``'s value (PTX ``shfl.sync.bfly``; a gather
         in interpret mode)."""
-        if not self.fast:
+        if not self.gpu:
             return x[jnp.arange(x.shape[0]) ^ offset]
         out = jax.ShapeDtypeStruct(x.shape, x.dtype)
         return plt.elementwise_inline_asm(
@@ -260,7 +261,7 @@ def _forward_kernel(
     bias_ref,
     *refs,
     config,
-    fast,
+    math_,
     delta_softplus,
     chunks_per_segment,
     summarize,
@@ -277,7 +278,6 @@ def _forward_kernel(
     refs = list(refs)
     summary_refs = (refs.pop(0), refs.pop(0)) if chained else None
     block_d, chunk = config.block_d, config.chunk
-    math_ = _Math(fast)
     rows, n_chunks = _program(u_ref, block_d, chunk)
     segment = pl.program_id(2)
     A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
@@ -324,13 +324,12 @@ def _forward_kernel(
 
 
 def _adjoint_summary_kernel(
-    delta_ref, A_ref, C_ref, D_ref, bias_ref, dy_ref, g_ref, sums_ref, *, config, fast, delta_softplus, per_segment
+    delta_ref, A_ref, C_ref, D_ref, bias_ref, dy_ref, g_ref, sums_ref, *, config, math_, delta_softplus, per_segment
 ):
     """Pass 1 of a split backward. Program (j, b, s) walks segment s backwards from a zero adjoint through
     dh_t = g + C_t·dy_t, g = exp(Δ_t·A)·dh_t (no states needed) and writes the g it leaves the segment with,
     and the sum of Δ over the segment's valid steps."""
     block_d, chunk = config.block_d, config.chunk
-    math_ = _Math(fast)
     rows, _ = _program(delta_ref, block_d, chunk)
     A, _, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
     A2 = [A_n * _LOG2E for A_n in A]
@@ -370,7 +369,7 @@ def _backward_kernel(
     states_ref,
     *refs,
     config,
-    fast,
+    math_,
     delta_softplus,
     per_segment,
     chained,
@@ -384,7 +383,6 @@ def _backward_kernel(
     summary_refs = (refs.pop(0), refs.pop(0)) if chained else None
     du_ref, ddelta_ref, dA_ref, dD_ref, dbias_ref, dCB_ref = refs
     block_d, chunk = config.block_d, config.chunk
-    math_ = _Math(fast)
     rows, _ = _program(u_ref, block_d, chunk)
     A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
     A2 = [A_n * _LOG2E for A_n in A]
@@ -520,7 +518,9 @@ def _call(kernel, out_shape, u, config, interpret, name, segments):
     batch, _, dim = u.shape
     grid = (pl.cdiv(dim, config.block_d), batch, segments)
     return pl.pallas_call(
-        functools.partial(kernel, config=config, fast=config.fast_math and not interpret),
+        functools.partial(
+            kernel, config=config, math_=_Math(fast=config.fast_math and not interpret, gpu=not interpret)
+        ),
         out_shape=out_shape,
         grid=grid,
         compiler_params=plt.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),

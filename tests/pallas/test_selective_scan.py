@@ -133,7 +133,8 @@ def test_lowers_for_cuda(batch, length, dim, dtype, splits):
 @pytest.mark.parametrize("fast_math", [True, False])
 def test_fast_math_lowers_to_ptx_approximations(fast_math):
     """fast_math puts PTX ex2/rcp approximations into the GPU kernels (interpret mode, which the numerics tests run,
-    computes the same formulas exactly); without it none appear."""
+    computes the same formulas exactly); without it none appear. Either way the backward's dB/dC channel sums
+    lower to PTX butterfly shuffles (interpret mode runs the same butterfly as gathers)."""
     spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     args = (
         spec((2, 49, 40)),
@@ -149,6 +150,9 @@ def test_fast_math_lowers_to_ptx_approximations(fast_math):
     text = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     for op in ("ex2.approx.ftz.f32", "rcp.approx.ftz.f32"):
         assert (op in text) == fast_math, op
+    grad = jax.grad(lambda *a: fwd(*a).sum(), argnums=(0, 3, 4))
+    text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("shfl.sync.bfly.b32") >= 5, "the dB/dC butterfly's shuffles are missing"
 
 
 # ---------------------------------------------------------------------------------------------------------
