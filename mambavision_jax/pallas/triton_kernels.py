@@ -182,11 +182,6 @@ class _Rows:
             out.append(plt.load(ref.at[self.b, t, pl.ds(self.d0, self.block_d)], mask=mask, other=0.0).astype(_F32))
         return out
 
-    def scalars(self, ref, t0):
-        """K lists of the d_state scalars ``ref[b, t, n]`` of B or C (float32)."""
-        n = ref.shape[-1]
-        return [[ref[self.b, t, i].astype(_F32) for i in range(n)] for t, _ in self.times(t0)]
-
 
 class _Coefficients:
     """B or C rows (d_state values per time step) of a chunk, for the forward kernels, from the array flattened to
@@ -383,15 +378,18 @@ def _adjoint_summary_kernel(
     segment = pl.program_id(2)
     last = segment * per_segment + per_segment - 1
 
+    coefficients = _Coefficients(rows, A_ref.shape[0], math_, block_d == 32 and config.num_warps == 1)
+
     def load(t0):
-        return rows.channels(delta_ref, t0), rows.scalars(C_ref, t0), rows.channels(dy_ref, t0, valid_only=True)
+        return rows.channels(delta_ref, t0), coefficients.load(C_ref, t0), rows.channels(dy_ref, t0, valid_only=True)
 
     def body(t0, carry, chunk_rows):
         g, delta_sum = carry
         deltas, Cs, dys = chunk_rows
         for k, (_, valid) in reversed(list(enumerate(rows.times(t0)))):
             _, dt, a = _discretise(math_, deltas[k], bias, A2, delta_softplus)
-            g = tuple(jnp.where(valid, (g_n + C_n * dys[k]) * a_n, g_n) for g_n, C_n, a_n in zip(g, Cs[k], a))
+            C_k = coefficients.step(Cs, k)
+            g = tuple(jnp.where(valid, (g_n + C_n * dys[k]) * a_n, g_n) for g_n, C_n, a_n in zip(g, C_k, a))
             delta_sum = delta_sum + jnp.where(valid, dt, 0.0)
         return g, delta_sum
 
@@ -439,6 +437,7 @@ def _backward_kernel(
     last = segment * per_segment + per_segment - 1
     # One channel per lane of one warp: the 2n dB/dC sums of a step go through one butterfly transpose-reduction.
     butterfly = block_d == 32 and config.num_warps == 1 and 2 * n <= 32
+    coefficients = _Coefficients(rows, n, math_, block_d == 32 and config.num_warps == 1)
     lane = jnp.arange(block_d)
     shift = 5 - int(math.log2(2 * n))
 
@@ -446,8 +445,8 @@ def _backward_kernel(
         return (
             rows.channels(u_ref, t0),
             rows.channels(delta_ref, t0),
-            rows.scalars(B_ref, t0),
-            rows.scalars(C_ref, t0),
+            coefficients.load(B_ref, t0),
+            coefficients.load(C_ref, t0),
             rows.channels(dy_ref, t0, valid_only=True),
         )
 
@@ -482,14 +481,16 @@ def _backward_kernel(
         h = [entry_state(t0)]
         disc = []
         for k in range(chunk):  # recompute the chunk's states from its entry state
-            pre, dt, a, h_next = _lane_step(math_, deltas[k], bias, A2, h[k], us[k], Bs[k], delta_softplus)
+            pre, dt, a, h_next = _lane_step(
+                math_, deltas[k], bias, A2, h[k], us[k], coefficients.step(Bs, k), delta_softplus
+            )
             disc.append((pre, dt, a))
             h.append(h_next)
         times = rows.times(t0)
         for k in reversed(range(chunk)):  # walk back; dy is 0 past the end, so nothing flows from there
             t, valid = times[k]
             pre, dt, a = disc[k]
-            u, B_t, C_t, dy = us[k], Bs[k], Cs[k], dys[k]
+            u, B_t, C_t, dy = us[k], coefficients.step(Bs, k), coefficients.step(Cs, k), dys[k]
             dtu = dt * u
             # Per state j: dh_j = g_j + C_j·dy; dB_j = Σ_d dh_j·Δu; dC_j = Σ_d h_j·dy; the next g_j = a_j·dh_j;
             # with p_j = a_j·dh_j·h_{t-1,j}: dA_j += Δ·p_j and dΔ = Σ_j A_j·p_j + u·S, du = D·dy + Δ·S for
@@ -633,6 +634,7 @@ def scan_backward(
     n_blocks = pl.cdiv(dim, bwd.block_d)
     per_segment, segments = _segments(pl.cdiv(length, bwd.chunk), bwd.splits)
     common = dict(delta_softplus=delta_softplus, per_segment=per_segment)
+    C_flat = C.reshape(batch, length * n)  # B/C rows read as flat (batch, length·d_state), see _Coefficients
     summary = ()
     if segments > 1:
         summary_shape = [
@@ -641,7 +643,7 @@ def scan_backward(
         ]
         summarize = functools.partial(_adjoint_summary_kernel, **common)
         summary = _call(summarize, summary_shape, u, bwd, interpret, "selective_scan_bwd_summary", segments)(
-            delta, A.T, C, D, delta_bias, dy
+            delta, A.T, C_flat, D, delta_bias, dy
         )
     out_shape = [
         jax.ShapeDtypeStruct(u.shape, u.dtype),
@@ -653,7 +655,7 @@ def scan_backward(
     ]
     kernel = functools.partial(_backward_kernel, chained=bool(summary), **common)
     du, ddelta, dA, dD, dbias, dCB = _call(kernel, out_shape, u, bwd, interpret, "selective_scan_bwd", segments)(
-        u, delta, A.T, B, C, D, delta_bias, dy, states, *summary
+        u, delta, A.T, B.reshape(batch, length * n), C_flat, D, delta_bias, dy, states, *summary
     )
     dCB = dCB.sum(0)
     return du, ddelta, dA.sum((0, 1)).T, dCB[..., n:], dCB[..., :n], dD.sum((0, 1)), dbias.sum((0, 1))
