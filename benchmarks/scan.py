@@ -196,19 +196,19 @@ def _cfg_str(cfg):
 
 
 def sweep_configs():
-    """The kernel with exact math (libdevice exp/log1p), the default, then without prefetching (fewer registers,
-    more warps), split into 2/4 parallel segments, other chunks, and two channels a lane in the forward."""
+    """The default, then the candidates the B/C-vector kernels make affordable (longer and prefetched chunks, with
+    0-4 segments), and exact math for reference."""
     K = KernelConfig
     return [
-        K(chunk=4, fast_math=False),
-        K(chunk=4),
-        K(chunk=4, prefetch=False),
-        K(chunk=4, prefetch=False, splits=2),
         K(chunk=4, prefetch=False, splits=4),
-        K(chunk=2, prefetch=False, splits=4),
-        K(chunk=8, prefetch=False),
+        K(chunk=4, prefetch=True),
+        K(chunk=16, prefetch=True),
+        K(chunk=8, prefetch=True),
+        K(chunk=8, prefetch=True, splits=2),
+        K(chunk=16, prefetch=True, splits=2),
+        K(chunk=8, prefetch=False, splits=4),
         K(chunk=4, prefetch=True, splits=4),
-        K(block_d=64, chunk=4, prefetch=False, bwd_block_d=32),
+        K(chunk=4, prefetch=False, splits=4, fast_math=False),
     ]
 
 
