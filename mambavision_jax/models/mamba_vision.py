@@ -32,15 +32,10 @@ def _dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.
     )
 
 
-def _conv(features: int, stride: int, name: str, dtype: Dtype, use_bias: bool, channel_multiple: int) -> "Conv3x3":
-    """3x3 convolution with symmetric padding 1, as ``nn.Conv2d(k=3, padding=1)``."""
-    return Conv3x3(features, stride, use_bias, channel_multiple, dtype, name=name)
-
-
 def conv_channel_multiple(setting: Optional[int], dtype: Dtype) -> int:
     """The multiple the 3x3 convs pad their channel counts to: ``setting`` if given, else 8 for 16-bit compute on
     GPU (cuDNN's tensor-core kernels want channels in multiples of 8 and otherwise pad every call themselves,
-    13 % of MambaVision-L's inference time on an H200) and 1 (no padding) elsewhere."""
+    13 % of MambaVision-L's inference time on an H100) and 1 (no padding) elsewhere."""
     if setting is not None:
         if setting < 1:
             raise ValueError(f"conv_channel_multiple must be >= 1; got {setting}")
@@ -60,9 +55,9 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = _conv(self.in_dim, 2, "conv_down_0", self.dtype, False, self.channel_multiple)(x)
+        x = Conv3x3(self.in_dim, 2, False, self.channel_multiple, self.dtype, name="conv_down_0")(x)
         x = nn.relu(batch_norm("conv_down_1", 1e-4, self.dtype, train)(x))
-        x = _conv(self.dim, 2, "conv_down_3", self.dtype, False, self.channel_multiple)(x)
+        x = Conv3x3(self.dim, 2, False, self.channel_multiple, self.dtype, name="conv_down_3")(x)
         return nn.relu(batch_norm("conv_down_4", 1e-4, self.dtype, train)(x))
 
 
@@ -78,9 +73,9 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         shortcut = x
-        x = _conv(self.dim, 1, "conv1", self.dtype, True, self.channel_multiple)(x)
+        x = Conv3x3(self.dim, 1, True, self.channel_multiple, self.dtype, name="conv1")(x)
         x = nn.gelu(batch_norm("norm1", 1e-5, self.dtype, train)(x), approximate=True)
-        x = _conv(self.dim, 1, "conv2", self.dtype, True, self.channel_multiple)(x)
+        x = Conv3x3(self.dim, 1, True, self.channel_multiple, self.dtype, name="conv2")(x)
         x = batch_norm("norm2", 1e-5, self.dtype, train)(x)
         if self.layer_scale is not None:
             x = x * self.param("gamma", nn.initializers.constant(self.layer_scale), (self.dim,), jnp.float32)
@@ -325,7 +320,7 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _conv(2 * self.dim, 2, "reduction_0", self.dtype, False, self.channel_multiple)(x)
+        return Conv3x3(2 * self.dim, 2, False, self.channel_multiple, self.dtype, name="reduction_0")(x)
 
 
 class MambaVision(nn.Module):
