@@ -133,6 +133,19 @@ class _Math:
             result_shape_dtypes=[out],
         )[0]
 
+    def lane_broadcast(self, x, source):
+        """Every lane of a one-warp (32,) vector receives lane ``source``'s value (PTX ``shfl.sync.idx``)."""
+        if not self.gpu:
+            return jnp.broadcast_to(x[source], x.shape)
+        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return plt.elementwise_inline_asm(
+            f"shfl.sync.idx.b32 $0, $1, {source}, 31, -1;",
+            args=[x],
+            constraints="=r,r",
+            pack=1,
+            result_shape_dtypes=[out],
+        )[0]
+
     def softplus(self, x):
         """log(1 + e^x), x above the threshold passed through (mamba_ssm's). log1p(e) for e = e^-|x| in (0, 1] is
         2·atanh(s) with s = e / (2 + e) in [0, 1/3], a 7-term odd series (truncation < 1e-8 relative)."""
@@ -168,6 +181,37 @@ class _Rows:
             mask = jnp.logical_and(self.dmask, valid) if valid_only else self.dmask
             out.append(plt.load(ref.at[self.b, t, pl.ds(self.d0, self.block_d)], mask=mask, other=0.0).astype(_F32))
         return out
+
+
+class _Coefficients:
+    """B or C rows (d_state values per time step) of a chunk, for the forward kernels, from the array flattened to
+    (batch, length·d_state).
+
+    With one channel per lane of one warp (``vectors``), the chunk's K·d_state contiguous values are loaded as
+    cdiv(K·d_state, 32) (32,) vectors and each value is broadcast to all lanes where it is used (one
+    ``shfl.sync.idx``): K/2 registers a chunk for d_state 8 instead of 16·K for scalars held in registers, which
+    lets chunks of 16 steps be prefetched. Otherwise (several channels a lane) K lists of d_state scalars."""
+
+    def __init__(self, rows, n_state, math_, vectors):
+        self.rows, self.n, self.math, self.vectors = rows, n_state, math_, vectors
+
+    def load(self, flat_ref, t0):
+        rows, n = self.rows, self.n
+        if not self.vectors:
+            return [[flat_ref[rows.b, t * n + i].astype(_F32) for i in range(n)] for t, _ in rows.times(t0)]
+        lane = jnp.arange(32)
+        out = []
+        for v in range(pl.cdiv(rows.chunk * n, 32)):
+            start = t0 * n + 32 * v
+            mask = start + lane < rows.length * n
+            out.append(plt.load(flat_ref.at[rows.b, pl.ds(start, 32)], mask=mask, other=0.0).astype(_F32))
+        return out
+
+    def step(self, loaded, k):
+        """The d_state values of step k of the chunk, each a scalar or a (32,) broadcast vector."""
+        if not self.vectors:
+            return loaded[k]
+        return [self.math.lane_broadcast(loaded[(k * self.n + i) // 32], (k * self.n + i) % 32) for i in range(self.n)]
 
 
 def _program(u_ref, block_d, chunk):
@@ -278,9 +322,11 @@ def _forward_kernel(
     A, D, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
     A2 = [A_n * _LOG2E for A_n in A]
 
+    coefficients = _Coefficients(rows, A_ref.shape[0], math_, block_d == 32 and config.num_warps == 1)
+
     def load(t0):
-        Cs = None if summarize else rows.scalars(C_ref, t0)
-        return rows.channels(u_ref, t0), rows.channels(delta_ref, t0), rows.scalars(B_ref, t0), Cs
+        Cs = None if summarize else coefficients.load(C_ref, t0)
+        return rows.channels(u_ref, t0), rows.channels(delta_ref, t0), coefficients.load(B_ref, t0), Cs
 
     def body(t0, carry, chunk_rows):
         h, delta_sum = carry
@@ -291,14 +337,15 @@ def _forward_kernel(
             for n, h_n in enumerate(h):
                 plt.store(refs[1].at[rows.b, c, jnp.int32(n), pl.ds(rows.d0, block_d)], h_n, mask=chunk_mask)
         for k, (t, valid) in enumerate(rows.times(t0)):
-            _, dt, _, h_next = _lane_step(math_, deltas[k], bias, A2, h, us[k], Bs[k], delta_softplus)
+            B_k = coefficients.step(Bs, k)
+            _, dt, _, h_next = _lane_step(math_, deltas[k], bias, A2, h, us[k], B_k, delta_softplus)
             if summarize:  # steps past the end must not move the segment's end state
                 h = tuple(jnp.where(valid, new, old) for new, old in zip(h_next, h))
                 delta_sum = delta_sum + jnp.where(valid, dt, 0.0)
                 continue
             h = h_next
             y = D * us[k]
-            for h_n, C_n in zip(h, Cs[k]):
+            for h_n, C_n in zip(h, coefficients.step(Cs, k)):
                 y = y + C_n * h_n
             plt.store(
                 refs[0].at[rows.b, t, pl.ds(rows.d0, block_d)],
@@ -554,7 +601,7 @@ def scan_forward(
     n = A.shape[1]
     n_chunks = pl.cdiv(length, config.chunk)
     per_segment, segments = _segments(n_chunks, config.splits)
-    args = (u, delta, A.T, B, C, D, delta_bias)
+    args = (u, delta, A.T, B.reshape(batch, length * n), C.reshape(batch, length * n), D, delta_bias)
     kernel = functools.partial(_forward_kernel, delta_softplus=delta_softplus, chunks_per_segment=per_segment)
     summary = ()
     if segments > 1:
