@@ -157,7 +157,8 @@ def timing(impls, shapes, dtypes, n_sets, seed, bw, interpret, log, configs=None
                 if deadline is not None and time.time() > deadline:
                     log("time budget exhausted; skipping the rest")
                     return rows
-                cfg = config or (default_config(*shape) if impl == "pallas" else None)
+                defaults = impl == "pallas" and config is None  # inference and training defaults may differ
+                cfg = default_config(*shape, training=True) if defaults else config
                 row = {
                     "shape": tag,
                     "batch": shape[0],
@@ -167,8 +168,12 @@ def timing(impls, shapes, dtypes, n_sets, seed, bw, interpret, log, configs=None
                     "impl": impl,
                     "config": None if cfg is None else vars(cfg),
                 }
+                label = "" if cfg is None else _cfg_str(cfg)
+                if defaults:
+                    row["config_inference"] = vars(default_config(*shape))
+                    label = f"{_cfg_str(default_config(*shape))}/{label}"
                 try:
-                    f = scan_fn(impl, cfg, interpret)
+                    f = scan_fn(impl, config, interpret)
                     fwd = in_jit_repeated(lambda args, dy, f=f: f(*args))
                     fwdbwd = in_jit_repeated(lambda args, dy, f=f: jax.vjp(f, *args)[1](dy))
                     calls = INNER_REPS * len(sets)
@@ -178,7 +183,7 @@ def timing(impls, shapes, dtypes, n_sets, seed, bw, interpret, log, configs=None
                     row["fwd_bw_frac"] = fb / (row["fwd_us"] * 1e-6) / bw
                     row["fwdbwd_bw_frac"] = fbb / (row["fwdbwd_us"] * 1e-6) / bw
                     log(
-                        f"{tag:9s} {dtype:8s} {impl:12s} {'' if cfg is None else _cfg_str(cfg):14s} "
+                        f"{tag:9s} {dtype:8s} {impl:12s} {label:14s} "
                         f"fwd {row['fwd_us']:9.1f} us ({row['fwd_bw_frac']:.0%} bw)  "
                         f"fwd+bwd {row['fwdbwd_us']:9.1f} us ({row['fwdbwd_bw_frac']:.0%} bw)"
                     )
@@ -196,18 +201,21 @@ def _cfg_str(cfg):
 
 
 def sweep_configs():
-    """The default, then the candidates the B/C-vector kernels make affordable (longer and prefetched chunks, with
-    0-4 segments), and exact math for reference."""
+    """The current defaults, then the candidates the B/C-vector kernels make affordable (longer and prefetched
+    chunks, with 1-4 segments), and exact math for reference."""
     K = KernelConfig
     return [
         K(chunk=4, prefetch=False, splits=4),
-        K(chunk=4, prefetch=True),
         K(chunk=16, prefetch=True),
-        K(chunk=8, prefetch=True),
-        K(chunk=8, prefetch=True, splits=2),
         K(chunk=16, prefetch=True, splits=2),
-        K(chunk=8, prefetch=False, splits=4),
+        K(chunk=8, prefetch=True, splits=2),
+        K(chunk=8, prefetch=True, splits=4),
+        K(chunk=16, prefetch=True, splits=4),
         K(chunk=4, prefetch=True, splits=4),
+        K(chunk=8, prefetch=True),
+        K(chunk=4, prefetch=True),
+        K(chunk=16, prefetch=False, splits=4),
+        K(chunk=8, prefetch=False, splits=4),
         K(chunk=4, prefetch=False, splits=4, fast_math=False),
     ]
 

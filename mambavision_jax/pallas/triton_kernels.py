@@ -86,13 +86,14 @@ class KernelConfig:
         return dataclasses.replace(self, block_d=self.bwd_block_d or self.block_d, bwd_block_d=None)
 
 
-def default_config(batch: int, length: int, dim: int) -> KernelConfig:
+def default_config(batch: int, length: int, dim: int, training: bool = False) -> KernelConfig:
     """One warp of 32 channels (a lane per channel, its d_state values in registers). Long sequences (>= 128
     steps) run as 4 parallel segments without prefetching (fewer registers, 4x the warps); short ones as one
-    prefetched pass, chunks of 4 steps (2 for very short sequences). Measured on an H200 (benchmarks/NOTES.md):
-    T stage 3 forward+backward 217.9 vs 226.3 µs (one prefetched pass), T stage 4 forward 22.0 vs 32.9 µs
-    (unprefetched)."""
-    del batch, dim
+    prefetched pass, chunks of 4 steps (2 for very short sequences). ``training``: the configuration of the
+    forward that saves chunk states and of the backward (inference runs the forward alone). Measured on an H200
+    (benchmarks/NOTES.md): T stage 3 forward+backward 217.9 vs 226.3 µs (one prefetched pass), T stage 4 forward
+    22.0 vs 32.9 µs (unprefetched)."""
+    del batch, dim, training
     if length >= 128:
         return KernelConfig(block_d=32, chunk=4, prefetch=False, splits=4)
     return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4)

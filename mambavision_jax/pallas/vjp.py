@@ -26,21 +26,39 @@ def _forward(arrays, delta_softplus, config, interpret, save_states):
     )
 
 
+def _config(config, u, training):
+    """``config``, or the default for u's (batch, length, dim) shape; inference (the primal alone) and training
+    (the forward that saves states and its backward, which must agree) have separate defaults."""
+    return config or triton_kernels.default_config(*u.shape, training=training)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-    return _forward((u, delta, A, B, C, D, delta_bias), delta_softplus, config, interpret, save_states=False)[0]
+    arrays = (u, delta, A, B, C, D, delta_bias)
+    return _forward(arrays, delta_softplus, _config(config, u, False), interpret, save_states=False)[0]
 
 
 def _scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
     arrays = (u, delta, A, B, C, D, delta_bias)
-    y, states = _forward(arrays, delta_softplus, config, interpret, save_states=True)
+    y, states = _forward(arrays, delta_softplus, _config(config, u, True), interpret, save_states=True)
     return y, (*arrays, states)
 
 
 def _scan_bwd(delta_softplus, config, interpret, residuals, dy):
     u, delta, A, B, C, D, delta_bias, states = residuals
     du, ddelta, dA, dB, dC, dD, dbias = triton_kernels.scan_backward(
-        u, delta, A, B, C, D, delta_bias, states, dy, delta_softplus=delta_softplus, config=config, interpret=interpret
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        delta_bias,
+        states,
+        dy,
+        delta_softplus=delta_softplus,
+        config=_config(config, u, True),
+        interpret=interpret,
     )
     return (
         du,
@@ -69,10 +87,9 @@ def selective_scan_pallas(
     interpret=False,
     config: KernelConfig | None = None,
 ):
-    """Pallas-Triton selective scan, differentiable. ``config=None`` picks :func:`default_config`."""
-    batch, length, dim = u.shape
-    if config is None:
-        config = triton_kernels.default_config(batch, length, dim)
+    """Pallas-Triton selective scan, differentiable. ``config=None`` picks :func:`default_config` for inference
+    or, under differentiation, for training."""
+    dim = u.shape[2]
     D = jnp.zeros((dim,), jnp.float32) if D is None else D
     delta_bias = jnp.zeros((dim,), jnp.float32) if delta_bias is None else delta_bias
     n = A.shape[1]
