@@ -71,7 +71,7 @@ def op_kind(name: str) -> str:
     return "other"
 
 
-def top_device_ops(fn: Callable[..., Any], args: tuple, trace_dir: str, calls: int = 3, top: int = 20) -> dict:
+def top_device_ops(fn: Callable[..., Any], args: tuple, trace_dir: str, calls: int = 3, top: int | None = 20) -> dict:
     """Profiles ``calls`` calls of ``fn(*args)`` with the JAX profiler. Returns ``{"top": [(name, milliseconds per
     call, fraction of the profiled device time)] for the ``top`` ops by total time, "kinds": {kind: (milliseconds
     per call, fraction)} over all ops}``: events on device (GPU) timelines, or on the host when there is no device
