@@ -60,7 +60,10 @@ class KernelConfig:
     segment); ``prefetch``: load the next chunk's rows while computing the current one (hides latency with
     registers; without it, other warps hide it); ``fast_math``: PTX ex2/rcp approximations (about 2 ulp) on the GPU
     (interpret mode always computes exactly); ``bwd_block_d``: the backward kernels' channel block (None: the
-    forward's; the backward reads the forward's chunk-entry states, so it keeps the forward's chunk)."""
+    forward's; the backward reads the forward's chunk-entry states, so it keeps the forward's chunk);
+    ``state_groups`` (G > 1): the inference forward (no saved states) runs :func:`_grouped_forward_kernel`, G lanes a
+    channel each holding d_state/G of its states, 32/G channels a one-warp program, in one pass (``block_d``,
+    ``num_warps`` and ``splits`` then apply to the training kernels only)."""
 
     block_d: int = 32
     chunk: int = 4
@@ -70,9 +73,10 @@ class KernelConfig:
     prefetch: bool = True
     fast_math: bool = True
     bwd_block_d: int | None = None
+    state_groups: int = 1
 
     def __post_init__(self):
-        for name in ("block_d", "chunk", "num_warps", "bwd_block_d"):
+        for name in ("block_d", "chunk", "num_warps", "bwd_block_d", "state_groups"):
             value = getattr(self, name)
             if value is not None and (value < 1 or value & (value - 1)):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
@@ -80,20 +84,25 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
         if self.splits < 1:
             raise ValueError(f"KernelConfig.splits must be >= 1, got {self.splits}")
+        if self.state_groups > 32:
+            raise ValueError(f"KernelConfig.state_groups must be at most 32, got {self.state_groups}")
 
     def backward(self) -> KernelConfig:
         """The configuration the backward kernels run with."""
         return dataclasses.replace(self, block_d=self.bwd_block_d or self.block_d, bwd_block_d=None)
 
 
-def default_config(batch: int, length: int, dim: int, training: bool = False) -> KernelConfig:
-    """One warp of 32 channels (a lane per channel, its d_state values in registers). Long sequences (>= 128
-    steps) run as 4 parallel segments without prefetching (fewer registers, 4x the warps); short ones as one
-    prefetched pass, chunks of 4 steps (2 for very short sequences). ``training``: the configuration of the
-    forward that saves chunk states and of the backward (inference runs the forward alone). Measured on an H200
-    (benchmarks/NOTES.md): T stage 3 forward+backward 217.9 vs 226.3 µs (one prefetched pass), T stage 4 forward
-    22.0 vs 32.9 µs (unprefetched)."""
-    del batch, dim, training
+def default_config(batch: int, length: int, dim: int, training: bool = False, d_state: int = 8) -> KernelConfig:
+    """Inference (the forward alone): two lanes a channel (``state_groups=2``), one prefetched pass in chunks of 16
+    steps (8 below 128 steps), wherever d_state (padded to a power of two) is 2 to 32. Training (the forward that
+    saves chunk states, and the backward) and other d_state: one warp of 32 channels, a lane a channel with its
+    d_state values in registers; long sequences (>= 128 steps) as 4 parallel segments without prefetching (fewer
+    registers, 4x the warps), short ones as one prefetched pass in chunks of 4 steps (2 for very short ones).
+    Measured on an H200 (benchmarks/NOTES.md), float32 b128 µs: T stage 3 forward 33.1 (grouped) vs 49.7, T stage
+    4 forward 16.7 vs 19.1; T stage 3 forward+backward 176.0 (4 segments)."""
+    del batch, dim
+    if not training and 2 <= pl.next_power_of_2(d_state) <= 32:
+        return KernelConfig(chunk=16 if length >= 128 else 8, state_groups=2)
     if length >= 128:
         return KernelConfig(block_d=32, chunk=4, prefetch=False, splits=4)
     return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4)
@@ -143,6 +152,20 @@ class _Math:
             f"shfl.sync.idx.b32 $0, $1, {source}, 31, -1;",
             args=[x],
             constraints="=r,r",
+            pack=1,
+            result_shape_dtypes=[out],
+        )[0]
+
+    def lane_gather(self, x, source):
+        """Lane l of a one-warp (32,) vector receives lane ``source[l]``'s value, ``source`` an int32 (32,) vector
+        (PTX ``shfl.sync.idx`` with a per-lane source register)."""
+        if not self.gpu:
+            return x[source]
+        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return plt.elementwise_inline_asm(
+            "shfl.sync.idx.b32 $0, $1, $2, 31, -1;",
+            args=[x, source],
+            constraints="=r,r,r",
             pack=1,
             result_shape_dtypes=[out],
         )[0]
@@ -364,6 +387,121 @@ def _forward_kernel(
         for n, h_n in enumerate(h):
             plt.store(ends_ref.at[rows.b, segment, jnp.int32(n), pl.ds(rows.d0, block_d)], h_n, mask=rows.dmask)
         plt.store(sums_ref.at[rows.b, segment, pl.ds(rows.d0, block_d)], delta_sum, mask=rows.dmask)
+
+
+def _grouped_forward_kernel(
+    u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_ref, *, config, math_, delta_softplus
+):
+    """Inference forward (y only) with G = ``config.state_groups`` lanes a channel: program (j, b) runs the whole
+    sequence of channels ``[j·W, (j+1)·W)``, W = 32/G, of batch row b in one warp whose lane l holds channel
+    ``j·W + l mod W`` and its states ``g·S .. g·S+S-1``, g = l div W, S = d_state/G.
+
+    Compared with one lane a channel this gives G times the warps (the one-lane kernel leaves most schedulers with
+    one warp at MambaVision's stage-3 shapes, stalled on its own dependent chain) for a few extra instructions a
+    step: B and C reach each lane by ``shfl.sync.idx`` from (32,) vectors of the chunk's flat B/C values, y's G
+    partial sums meet by ``shfl.sync.bfly``. With softplus, the G lanes of a channel each compute Δ for one of G
+    consecutive steps and pass it round (one softplus per G steps). The time loop runs over the full chunks only,
+    without clamps or masks (addresses are affine in the step, so loads and stores take immediate offsets); the
+    ``length mod chunk`` last steps are the end of the chunk that finishes at the last step, whose rows the last
+    iteration prefetched.
+    """
+    _, length, dim = u_ref.shape
+    n = A_ref.shape[0]
+    groups = config.state_groups
+    width, per_lane = 32 // groups, n // groups
+    lane = jnp.arange(32, dtype=jnp.int32)
+    group = lane // width
+    d0 = pl.program_id(0) * width
+    batch_idx = pl.program_id(1)
+    channel = jnp.minimum(d0 + lane % width, dim - 1)  # loads clamp; stores are masked on the true channel
+    store_mask = jnp.logical_and(d0 + lane % width < dim, group == 0)
+    A2 = [plt.load(A_ref.at[group * per_lane + i, channel]).astype(_F32) * _LOG2E for i in range(per_lane)]
+    D = jnp.where(group == 0, plt.load(D_ref.at[channel]).astype(_F32), 0.0)  # D·u counted once in the group sum
+    bias = plt.load(bias_ref.at[channel]).astype(_F32)
+    share = delta_softplus and groups > 1
+
+    def row(ref, t):
+        return plt.load(ref.at[batch_idx, t, channel]).astype(_F32)
+
+    def load(t0, steps, shared):
+        """u rows, Δ rows (with ``shared``, lane group g's row of each G-step group: step k + g), and the B and C
+        values of steps [t0, t0 + steps) as (32,) vectors (the last one masked when it runs past the chunk)."""
+        us = [row(u_ref, t0 + k) for k in range(steps)]
+        if shared:
+            deltas = [row(delta_ref, t0 + k + group) for k in range(0, steps, groups)]
+        else:
+            deltas = [row(delta_ref, t0 + k) for k in range(steps)]
+        vectors = []
+        for ref in (B_ref, C_ref):
+            out = []
+            for v in range(pl.cdiv(steps * n, 32)):
+                window = ref.at[batch_idx, pl.ds(t0 * n + 32 * v, 32)]
+                if steps * n >= 32 * (v + 1):
+                    out.append(plt.load(window).astype(_F32))
+                else:
+                    out.append(plt.load(window, mask=lane < steps * n - 32 * v, other=0.0).astype(_F32))
+            vectors.append(out)
+        return us, deltas, *vectors
+
+    def body(t0, h, chunk_rows, steps, shared, first=0):
+        """Steps ``first .. steps-1`` of the chunk of rows loaded at ``t0``."""
+        us, deltas, Bs, Cs = chunk_rows
+        dts = {}
+        if shared:  # lane group g computed Δ of step k + g; lane (j·W + c) hands step k + j's to every group
+            for p in range(first // groups, steps // groups):
+                own = math_.softplus(deltas[p] + bias)
+                for j in range(groups):
+                    dts[p * groups + j] = math_.lane_gather(own, j * width + lane % width)
+        else:
+            for k in range(first, steps):
+                dts[k] = math_.softplus(deltas[k] + bias) if delta_softplus else deltas[k] + bias
+        for k in range(first, steps):
+            vector, offset = divmod(k * n, 32)  # step k's B/C values: lanes offset .. offset+n-1 of that vector
+            source = [offset + group * per_lane + i for i in range(per_lane)]
+            dtu = dts[k] * us[k]
+            h = tuple(
+                math_.exp2(dts[k] * A2_i) * h_i + dtu * math_.lane_gather(Bs[vector], src)
+                for A2_i, h_i, src in zip(A2, h, source)
+            )
+            y = D * us[k]
+            for h_i, src in zip(h, source):
+                y = y + math_.lane_gather(Cs[vector], src) * h_i
+            offset_bits = width
+            while offset_bits < 32:
+                y = y + math_.lane_xor(y, offset_bits)
+                offset_bits *= 2
+            if math_.gpu:
+                plt.store(y_ref.at[batch_idx, t0 + k, channel], y.astype(y_ref.dtype), mask=store_mask)
+            else:  # interpret mode stores the first W lanes: a masked store to repeated addresses is undefined there
+                plt.store(
+                    y_ref.at[batch_idx, t0 + k, pl.ds(d0, width)],
+                    y[:width].astype(y_ref.dtype),
+                    mask=d0 + jnp.arange(width) < dim,
+                )
+        return h
+
+    chunk = config.chunk
+    h = tuple(jnp.zeros((32,), _F32) for _ in range(per_lane))
+    full_chunks, tail = divmod(length, chunk)
+    if not full_chunks:  # shorter than a chunk: one static chunk of ``length`` steps
+        t0 = 0 * batch_idx  # traced: a static start would make the masked B/C vector loads' reach past the end an error
+        body(t0, h, load(t0, length, False), length, False)
+        return
+    last_start = length - chunk + 0 * batch_idx  # traced, like every other row index (see above)
+    full = functools.partial(body, steps=chunk, shared=share)
+    load_full = functools.partial(load, steps=chunk, shared=share)
+    if config.prefetch:
+
+        def pipelined(i, state):
+            h, chunk_rows = state
+            upcoming = load_full(jnp.minimum((i + 1) * chunk, last_start))
+            return full(i * chunk, h, chunk_rows), upcoming
+
+        h, last_rows = jax.lax.fori_loop(0, full_chunks, pipelined, (h, load_full(0)))
+    else:
+        h = jax.lax.fori_loop(0, full_chunks, lambda i, h: full(i * chunk, h, load_full(i * chunk)), h)
+    if tail:  # the chunk ending at the last step (prefetched by the last iteration), from its first new step
+        full(last_start, h, last_rows if config.prefetch else load_full(last_start), first=chunk - tail)
 
 
 def _adjoint_summary_kernel(
@@ -600,9 +738,11 @@ def scan_forward(
     (entry_{s+1} = exp(A·Σ_s Δ)·entry_s + end_s) and reruns the segment from it."""
     batch, length, dim = u.shape
     n = A.shape[1]
+    args = (u, delta, A.T, B.reshape(batch, length * n), C.reshape(batch, length * n), D, delta_bias)
+    if config.state_groups > 1 and not save_states:
+        return _grouped_forward(args, delta_softplus, config, interpret), None
     n_chunks = pl.cdiv(length, config.chunk)
     per_segment, segments = _segments(n_chunks, config.splits)
-    args = (u, delta, A.T, B.reshape(batch, length * n), C.reshape(batch, length * n), D, delta_bias)
     kernel = functools.partial(_forward_kernel, delta_softplus=delta_softplus, chunks_per_segment=per_segment)
     summary = ()
     if segments > 1:
@@ -618,6 +758,36 @@ def scan_forward(
     main = functools.partial(kernel, summarize=False, chained=bool(summary), save_states=save_states)
     outs = _call(main, out_shape, u, config, interpret, "selective_scan_fwd", segments)(*args, *summary)
     return outs if save_states else (outs[0], None)
+
+
+def _grouped_forward(args, delta_softplus, config, interpret):
+    """y of :func:`_grouped_forward_kernel` on scan_forward's kernel arguments (A transposed, B/C flat)."""
+    u, n = args[0], args[2].shape[0]
+    groups = config.state_groups
+    if n % groups or n > 32:
+        raise ValueError(
+            f"KernelConfig.state_groups={groups} needs d_state (padded to a power of two: {n}) to be a multiple "
+            "of it and at most 32"
+        )
+    if delta_softplus and config.chunk % groups:
+        raise ValueError(
+            f"KernelConfig.state_groups={groups} needs a chunk that is a multiple of it, got {config.chunk}"
+        )
+    batch, _, dim = u.shape
+    kernel = functools.partial(
+        _grouped_forward_kernel,
+        config=config,
+        math_=_Math(fast=config.fast_math and not interpret, gpu=not interpret),
+        delta_softplus=delta_softplus,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype),
+        grid=(pl.cdiv(dim, 32 // groups), batch),
+        compiler_params=plt.CompilerParams(num_warps=1, num_stages=config.num_stages),
+        interpret=interpret,
+        name="selective_scan_fwd_grouped",
+    )(*args)
 
 
 def scan_backward(

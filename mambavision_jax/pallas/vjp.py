@@ -26,21 +26,21 @@ def _forward(arrays, delta_softplus, config, interpret, save_states):
     )
 
 
-def _config(config, u, training):
-    """``config``, or the default for u's (batch, length, dim) shape; inference (the primal alone) and training
-    (the forward that saves states and its backward, which must agree) have separate defaults."""
-    return config or triton_kernels.default_config(*u.shape, training=training)
+def _config(config, u, A, training):
+    """``config``, or the default for u's (batch, length, dim) shape and A's d_state; inference (the primal alone)
+    and training (the forward that saves states and its backward, which must agree) have separate defaults."""
+    return config or triton_kernels.default_config(*u.shape, training=training, d_state=A.shape[1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
     arrays = (u, delta, A, B, C, D, delta_bias)
-    return _forward(arrays, delta_softplus, _config(config, u, False), interpret, save_states=False)[0]
+    return _forward(arrays, delta_softplus, _config(config, u, A, False), interpret, save_states=False)[0]
 
 
 def _scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
     arrays = (u, delta, A, B, C, D, delta_bias)
-    y, states = _forward(arrays, delta_softplus, _config(config, u, True), interpret, save_states=True)
+    y, states = _forward(arrays, delta_softplus, _config(config, u, A, True), interpret, save_states=True)
     return y, (*arrays, states)
 
 
@@ -57,7 +57,7 @@ def _scan_bwd(delta_softplus, config, interpret, residuals, dy):
         states,
         dy,
         delta_softplus=delta_softplus,
-        config=_config(config, u, True),
+        config=_config(config, u, A, True),
         interpret=interpret,
     )
     return (

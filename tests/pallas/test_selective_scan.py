@@ -101,8 +101,83 @@ def test_pallas_configs(config):
     _check("pallas", (2, 197, 40, 8, jnp.float32, True, True, True), config)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_forward(softplus, config):
+    """Forward alone (no vjp), which is where ``state_groups`` applies: the inference kernel."""
+    return jax.jit(lambda args: selective_scan_pallas(*args, delta_softplus=softplus, interpret=True, config=config))
+
+
+# (batch, length, dim, d_state, dtype, softplus, with D, with bias) for the grouped inference forward.
+GROUPED_CASES = [
+    (1, 1, 24, 8, jnp.float32, True, True, True),
+    (3, 7, 40, 8, jnp.float32, False, False, False),
+    (1, 49, 160, 8, jnp.float32, True, True, False),
+    (3, 196, 24, 8, jnp.float32, True, False, True),
+    (1, 197, 392, 8, jnp.float32, True, True, True),
+    (2, 49, 40, 5, jnp.float32, True, True, True),
+    (2, 9, 40, 16, jnp.float32, True, True, True),
+    (3, 49, 40, 8, jnp.bfloat16, True, True, True),
+]
+
+
+@pytest.mark.parametrize(
+    "case", GROUPED_CASES, ids=lambda c: "b{}_L{}_d{}_n{}_{}_sp{}".format(*c[:4], jnp.dtype(c[4]).name, int(c[5]))
+)
+@pytest.mark.parametrize(
+    "config",
+    [
+        KernelConfig(chunk=16, state_groups=2),
+        KernelConfig(chunk=4, state_groups=4, prefetch=False),
+        KernelConfig(chunk=8, state_groups=8),
+        KernelConfig(chunk=2, state_groups=1),
+    ],
+    ids=lambda c: f"k{c.chunk}g{c.state_groups}{'' if c.prefetch else '-nopf'}",
+)
+def test_grouped_inference_forward(case, config):
+    """The inference forward with G lanes a channel (and the one-lane kernel for G=1) against float64: lengths
+    below, at and past whole chunks (static tails of 1..15 steps), dims that leave partial channel blocks,
+    d_state 5 (padded to 8) and 16, softplus off (no Δ sharing) and bfloat16."""
+    batch, length, dim, n, dtype, softplus, with_d, with_bias = case
+    if n > 8 and config.state_groups == 8:
+        config = KernelConfig(chunk=8, state_groups=4)
+    rng = np.random.default_rng([SEED, zlib.crc32(repr((case, config)).encode())])
+    args = make_inputs(rng, batch, length, dim, n, dtype, softplus=softplus, with_d=with_d, with_bias=with_bias)
+    y_ref, _ = reference_float64(args, jnp.zeros((batch, length, dim), dtype), softplus)
+    y = _jitted_forward(softplus, config)(args)
+    where = f"case={case} config={config} SCAN_TEST_SEED={SEED}"
+    assert y.dtype == dtype and y.shape == (batch, length, dim), where
+    assert rel_err(y, y_ref) <= TOL[dtype][0], f"forward rel err {rel_err(y, y_ref):.2e}; {where}"
+
+
+def test_grouped_config_errors():
+    args = _small_args(n=2)
+    with pytest.raises(ValueError, match="state_groups=4 needs d_state"):
+        selective_scan_pallas(*args, interpret=True, config=KernelConfig(state_groups=4))
+    with pytest.raises(ValueError, match="state_groups=2 needs a chunk that is a multiple"):
+        selective_scan_pallas(
+            *_small_args(), delta_softplus=True, interpret=True, config=KernelConfig(chunk=1, state_groups=2)
+        )
+    with pytest.raises(ValueError, match="state_groups must be a power of two"):
+        KernelConfig(state_groups=3)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CUDA lowering from the CPU host (catches Triton lowering breaks without a GPU).
+
+
+def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels():
+    """state_groups puts the grouped kernel (per-lane shfl.sync.idx sources) into the inference forward only; under
+    differentiation the forward that saves states and the backward run as before."""
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    args = (spec((2, 196, 160)), spec((2, 196, 160)), spec((160, 8)), spec((2, 196, 8)), spec((2, 196, 8)))
+    args += (spec((160,)), spec((160,)))
+    config = KernelConfig(chunk=16, state_groups=2)
+    fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
+    text = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "selective_scan_fwd_grouped" in text and "shfl.sync.idx.b32 $0, $1, $2" in text
+    grad = jax.grad(lambda *a: fwd(*a).sum(), argnums=(0, 3))
+    text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "selective_scan_fwd_grouped" not in text and "selective_scan_bwd" in text
 
 
 @pytest.mark.parametrize("batch,length,dim", [(2, 196, 160), (2, 49, 320), (2, 197, 40)])
