@@ -6,12 +6,18 @@ Layout: the kernels read the caller's arrays in place, with no transposes or pad
   D, delta_bias: (dim,) float32; d_state must be a power of two here (the vjp wrapper pads it otherwise).
 
 Grid: ``(cdiv(dim, block_d), batch, segments)``; program (j, b, s) owns channels ``[j*block_d, (j+1)*block_d)``
-of batch row b for segment s of the sequence (the whole sequence unless ``KernelConfig.splits`` > 1). The state is held as d_state separate (block_d,) float32 vectors and B_t, C_t
-are read as scalars, so a lane owns a channel with its d_state values in registers and every per-step op is
-lane-local: no layout conversions in the dependent chain (a (d_state, block_d) tile formulation of the same
-kernel measured 2.3-2.9x slower at T stage 3 on an H200, benchmarks/NOTES.md). Only the backward's dB/dC sums cross
-lanes. The refs are whole arrays (no BlockSpecs): every vector load/store is a contiguous row of ``block_d``
-channels at one time step, masked on ``channel < dim`` so any ``dim`` works with power-of-two ``block_d``.
+of batch row b for segment s of the sequence (the whole sequence unless ``KernelConfig.splits`` > 1). The state is
+held as d_state separate (block_d,) float32 vectors, so a lane owns a channel with its d_state values in registers
+and the recurrence is lane-local: no layout conversions in the dependent chain (a (d_state, block_d) tile
+formulation of the same kernel measured 2.3-2.9x slower at T stage 3 on an H200, benchmarks/NOTES.md). With one
+warp of 32 channels, B_t and C_t of a chunk are loaded as whole (32,) vectors of the flat (batch, length·d_state)
+arrays and each value reaches the lanes by ``shfl.sync.idx`` (``_Coefficients``: K/2 registers a chunk for d_state
+8 instead of 16·K scalars); otherwise they are read as scalars. The refs are whole arrays (no BlockSpecs): every
+row load/store is a contiguous row of ``block_d`` channels at one time step, masked on ``channel < dim`` so any
+``dim`` works with power-of-two ``block_d``.
+
+The inference forward (no states saved) with ``KernelConfig.state_groups`` G > 1 runs
+:func:`_grouped_forward_kernel` instead: G lanes a channel, d_state/G states each (G times the warps), one pass.
 
 Time runs as a ``fori_loop`` over chunks of ``chunk`` (K) steps whose K rows of u, Δ, B, C (and dy in the
 backward) are loaded together; with ``prefetch`` the *next* chunk's rows are loaded at the top of each iteration
@@ -20,8 +26,8 @@ warps hide it. Row indices outside the sequence are clamped into it; the matchin
 ``length`` works.
 
 Forward, per step: Δ = softplus(delta + bias) (optional), a = exp2(Δ·A·log2e), h = a·h + (Δ·u)·B,
-y = Σ_n C·h + D·u (exp2 and reciprocals as PTX approximations with ``fast_math``, see ``_Math``). When training it also stores the state entering every chunk, ``states``
-(batch, n_chunks, d_state, dim) float32 (≈ d_state/K floats per (b, l, d) element).
+y = Σ_n C·h + D·u (exp2 and reciprocals as PTX approximations with ``fast_math``, see ``_Math``). When training
+it also stores the state entering every chunk, ``states`` (batch, n_chunks, d_state, dim) float32 (≈ d_state/K floats per (b, l, d) element).
 
 Backward (mamba_ssm / axlearn style, recompute instead of store): chunks in reverse; per chunk, the K states
 are recomputed from the saved chunk-entry state (K separate values, Python-unrolled), then the K steps are
