@@ -138,8 +138,6 @@ def test_grouped_inference_forward(case, config):
     below, at and past whole chunks (static tails of 1..15 steps), dims that leave partial channel blocks,
     d_state 5 (padded to 8) and 16, softplus off (no Δ sharing) and bfloat16."""
     batch, length, dim, n, dtype, softplus, with_d, with_bias = case
-    if n > 8 and config.state_groups == 8:
-        config = KernelConfig(chunk=8, state_groups=4)
     rng = np.random.default_rng([SEED, zlib.crc32(repr((case, config)).encode())])
     args = make_inputs(rng, batch, length, dim, n, dtype, softplus=softplus, with_d=with_d, with_bias=with_bias)
     y_ref, _ = reference_float64(args, jnp.zeros((batch, length, dim), dtype), softplus)
