@@ -123,58 +123,40 @@ class _Math:
     def __init__(self, fast: bool, gpu: bool):
         self.fast, self.gpu = fast, gpu
 
-    def _ptx(self, op, x):
-        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    @staticmethod
+    def _asm(text, *args):
+        """One PTX instruction on (32-bit) operands ``args``, elementwise, returning ``args[0]``'s shape and dtype."""
+        out = jax.ShapeDtypeStruct(args[0].shape, args[0].dtype)
+        constraints = ",".join(["=r"] + ["r"] * len(args))
         return plt.elementwise_inline_asm(
-            f"{op}.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1, result_shape_dtypes=[out]
+            text, args=list(args), constraints=constraints, pack=1, result_shape_dtypes=[out]
         )[0]
 
     def exp2(self, x):
-        return self._ptx("ex2", x) if self.fast else jnp.exp2(x)
+        return self._asm("ex2.approx.ftz.f32 $0, $1;", x) if self.fast else jnp.exp2(x)
 
     def rcp(self, x):
-        return self._ptx("rcp", x) if self.fast else 1.0 / x
+        return self._asm("rcp.approx.ftz.f32 $0, $1;", x) if self.fast else 1.0 / x
 
     def lane_xor(self, x, offset):
         """Lane l of a one-warp (32,) vector receives lane ``l ^ offset``'s value (PTX ``shfl.sync.bfly``; a gather
         in interpret mode)."""
         if not self.gpu:
             return x[jnp.arange(x.shape[0]) ^ offset]
-        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-        return plt.elementwise_inline_asm(
-            f"shfl.sync.bfly.b32 $0, $1, {offset}, 31, -1;",
-            args=[x],
-            constraints="=r,r",
-            pack=1,
-            result_shape_dtypes=[out],
-        )[0]
+        return self._asm(f"shfl.sync.bfly.b32 $0, $1, {offset}, 31, -1;", x)
 
     def lane_broadcast(self, x, source):
         """Every lane of a one-warp (32,) vector receives lane ``source``'s value (PTX ``shfl.sync.idx``)."""
         if not self.gpu:
             return jnp.broadcast_to(x[source], x.shape)
-        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-        return plt.elementwise_inline_asm(
-            f"shfl.sync.idx.b32 $0, $1, {source}, 31, -1;",
-            args=[x],
-            constraints="=r,r",
-            pack=1,
-            result_shape_dtypes=[out],
-        )[0]
+        return self._asm(f"shfl.sync.idx.b32 $0, $1, {source}, 31, -1;", x)
 
     def lane_gather(self, x, source):
         """Lane l of a one-warp (32,) vector receives lane ``source[l]``'s value, ``source`` an int32 (32,) vector
         (PTX ``shfl.sync.idx`` with a per-lane source register)."""
         if not self.gpu:
             return x[source]
-        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-        return plt.elementwise_inline_asm(
-            "shfl.sync.idx.b32 $0, $1, $2, 31, -1;",
-            args=[x, source],
-            constraints="=r,r,r",
-            pack=1,
-            result_shape_dtypes=[out],
-        )[0]
+        return self._asm("shfl.sync.idx.b32 $0, $1, $2, 31, -1;", x, source)
 
     def softplus(self, x):
         """log(1 + e^x), x above the threshold passed through (mamba_ssm's). log1p(e) for e = e^-|x| in (0, 1] is

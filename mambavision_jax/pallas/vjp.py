@@ -19,13 +19,6 @@ from mambavision_jax.pallas.triton_kernels import KernelConfig
 __all__ = ["selective_scan_pallas"]
 
 
-def _forward(arrays, delta_softplus, config, interpret, save_states):
-    """``(y, chunk-entry states or None)`` of the forward kernel(s) on (u, delta, A, B, C, D, delta_bias)."""
-    return triton_kernels.scan_forward(
-        *arrays, delta_softplus=delta_softplus, save_states=save_states, config=config, interpret=interpret
-    )
-
-
 def _config(config, u, A, training):
     """``config``, or the default for u's (batch, length, dim) shape and A's d_state; inference (the primal alone)
     and training (the forward that saves states and its backward, which must agree) have separate defaults."""
@@ -34,14 +27,36 @@ def _config(config, u, A, training):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-    arrays = (u, delta, A, B, C, D, delta_bias)
-    return _forward(arrays, delta_softplus, _config(config, u, A, False), interpret, save_states=False)[0]
+    return triton_kernels.scan_forward(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        delta_bias,
+        delta_softplus=delta_softplus,
+        save_states=False,
+        config=_config(config, u, A, False),
+        interpret=interpret,
+    )[0]
 
 
 def _scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-    arrays = (u, delta, A, B, C, D, delta_bias)
-    y, states = _forward(arrays, delta_softplus, _config(config, u, A, True), interpret, save_states=True)
-    return y, (*arrays, states)
+    y, states = triton_kernels.scan_forward(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        delta_bias,
+        delta_softplus=delta_softplus,
+        save_states=True,
+        config=_config(config, u, A, True),
+        interpret=interpret,
+    )
+    return y, (u, delta, A, B, C, D, delta_bias, states)
 
 
 def _scan_bwd(delta_softplus, config, interpret, residuals, dy):
