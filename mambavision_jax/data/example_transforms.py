@@ -1,8 +1,10 @@
-"""Per-example train/eval chains: ``(image, rng) -> float32 (S, S, 3)`` normalised.
+"""Per-example train/eval chains on the host, ending in uint8 (S, S, 3): normalisation (and random erasing, which
+timm applies in normalised space) run on the device inside the jitted step (``device_preprocess``), as timm's
+``PrefetchLoader`` does.
 
 Train (timm ``transforms_imagenet_train`` order): RandomResizedCrop -> hflip -> RandAugment (or ColorJitter when
-rand_augment is '') -> normalise -> RandomErasing (in normalised space).
-Eval: resize (crop_mode/crop_pct, bicubic) -> center crop -> normalise.
+rand_augment is '') -> [normalise -> RandomErasing: on the device; the host draws the erasing rectangle].
+Eval: resize (crop_mode/crop_pct, bicubic) -> center crop -> [normalise: on the device].
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from PIL import Image
 
 from .config_utils import Preprocess, cfg_get, image_size, preprocess_settings
 from .decode import to_pil_rgb
+from .device_preprocess import ERASE_MODES
 from .rand_augment import RandAugment
-from .random_erasing import random_erasing
+from .random_erasing import erasing_box
 from .transforms import color_jitter, eval_resize_crop, normalize, random_resized_crop
 
 
@@ -31,8 +34,13 @@ class TrainTransform:
         self.color_jitter = 0.0 if ra else float(cfg_get(aug, "color_jitter", 0.0) or 0.0)
         self.reprob = float(cfg_get(aug, "reprob", 0.0))
         self.remode = str(cfg_get(aug, "remode", "pixel"))
+        if self.remode not in ERASE_MODES:
+            raise ValueError(
+                f"config.aug.remode={self.remode!r} is not a random-erasing mode; valid: {', '.join(ERASE_MODES)}"
+            )
 
-    def __call__(self, image, rng: np.random.Generator) -> np.ndarray:
+    def __call__(self, image, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """-> (uint8 (S, S, 3) augmented image, int32 (4,) erasing rectangle (top, left, h, w), zeros for none)."""
         img = to_pil_rgb(image)
         img = random_resized_crop(img, rng, self.size, self.scale, self.ratio, self.interpolation)
         if self.hflip > 0 and rng.random() < self.hflip:
@@ -41,10 +49,7 @@ class TrainTransform:
             img = self.rand_augment(img, rng)
         elif self.color_jitter > 0:
             img = color_jitter(img, rng, self.color_jitter)
-        out = normalize(np.asarray(img), self.pre.mean, self.pre.std)
-        if self.reprob > 0:
-            out = random_erasing(out, rng, self.reprob, self.remode)
-        return out
+        return np.asarray(img, np.uint8), erasing_box(rng, self.size, self.size, self.reprob)
 
 
 class EvalTransform:
@@ -53,26 +58,10 @@ class EvalTransform:
         self.size = image_size(config)
 
     def __call__(self, image, rng=None) -> np.ndarray:
+        """-> uint8 (S, S, 3)."""
         img = to_pil_rgb(image)
         img = eval_resize_crop(img, self.size, self.pre.crop_pct, self.pre.crop_mode, self.pre.interpolation)
-        return normalize(np.asarray(img), self.pre.mean, self.pre.std)
-
-
-class NormalizeOnly:
-    """For sources with ``skip_augmentation`` (synthetic): uint8 (S, S, 3) -> normalised float32."""
-
-    def __init__(self, config, preprocess: Preprocess | None = None):
-        self.pre = preprocess or preprocess_settings(config)
-
-    def __call__(self, image, rng=None) -> np.ndarray:
-        return normalize(np.asarray(image), self.pre.mean, self.pre.std)
-
-    def load(self, source, index: int):
-        """(normalised image, label) for ``index``, through ``source.load_normalized`` when it has one."""
-        if hasattr(source, "load_normalized"):
-            return source.load_normalized(index, self.pre.mean, self.pre.std)
-        image, label = source.load(index)
-        return self(image), label
+        return np.asarray(img, np.uint8)
 
 
 def preprocess_image(image, model_name: str) -> np.ndarray:

@@ -20,7 +20,7 @@ import grain
 import numpy as np
 
 from .config_utils import cfg_get, global_batch_size, image_size, local_batch_size
-from .example_transforms import EvalTransform, NormalizeOnly, TrainTransform
+from .example_transforms import EvalTransform, TrainTransform
 from .prefetch import Prefetcher
 from .source_folder import all_skipped_files
 from .sources import build_source
@@ -109,10 +109,6 @@ def _stack(examples):
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def _mean_std(transform):
-    return transform.pre.mean, transform.pre.std
-
-
 def _check_process(process_index: int, process_count: int):
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -135,8 +131,10 @@ class _EpochPermutations:
 
 
 def build_train_iterator(config, *, start_step: int, process_index: int, process_count: int) -> DataIterator:
-    """Infinite iterator of {"image": float32 (L, S, S, 3) normalised, "label": int32 (L,)} with
-    ``L = batch_size_per_device * jax.local_device_count()``; batch k is global step ``start_step + k``."""
+    """Infinite iterator of {"image": uint8 (L, S, S, 3), "label": int32 (L,)} plus, for augmented sources with
+    ``aug.reprob`` > 0, "erase": int32 (L, 4) random-erasing rectangles, with ``L = batch_size_per_device *
+    jax.local_device_count()``; batch k is global step ``start_step + k``. The jitted step normalises the images
+    and erases the rectangles on the device (``device_preprocess.batch_images``)."""
     _check_process(process_index, process_count)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
@@ -146,40 +144,45 @@ def build_train_iterator(config, *, start_step: int, process_index: int, process
     spe = _steps_per_epoch(len(source), glob, cfg_get(config.data, "name"))
     seed = _seed(config)
     perms = _EpochPermutations(seed, len(source))
-    transform = NormalizeOnly(config) if source.skip_augmentation else TrainTransform(config)
 
-    def load(j: int) -> dict:
-        step, k = divmod(int(j), local)
+    def positions(step: int) -> np.ndarray:
+        """Record indices of this process's examples of global step ``step``."""
         epoch, pos = divmod(step, spe)
-        record = int(perms(epoch)[pos * glob + process_index * local + k])
-        if source.skip_augmentation:
-            image, label = transform.load(source, record)
-        else:
-            image, label = source.load(record)
-            image = transform(image, np.random.default_rng([seed, epoch, record, 0]))
-        return {"image": image, "label": np.int32(label)}
+        start = pos * glob + process_index * local
+        return perms(epoch)[start : start + local]
 
-    if hasattr(source, "load_normalized_batch"):  # synthetic: whole batches in one gather, no per-example work
+    if source.skip_augmentation:  # synthetic: whole batches in one gather, no per-example work
 
         def batches():
             step = int(start_step)
             while True:
-                epoch, pos = divmod(step, spe)
-                start = pos * glob + process_index * local
-                image, label = source.load_normalized_batch(perms(epoch)[start : start + local], *_mean_std(transform))
+                image, label = source.load_batch(positions(step))
                 yield {"image": image, "label": label}
                 step += 1
 
-        it = batches()
-    else:
-        ds = grain.MapDataset.range(int(start_step) * local, _STREAM_LEN).map(load)
-        it = iter(ds.to_iter_dataset(_read_options(config, local)).batch(local, drop_remainder=True, batch_fn=_stack))
+        return DataIterator(batches(), source, start_step, int(cfg_get(config.data, "prefetch", 2)))
+
+    transform = TrainTransform(config)
+
+    def load(j: int) -> dict:
+        step, k = divmod(int(j), local)
+        record = int(positions(step)[k])
+        image, label = source.load(record)
+        image, box = transform(image, np.random.default_rng([seed, step // spe, record, 0]))
+        example = {"image": image, "label": np.int32(label)}
+        if transform.reprob > 0:
+            example["erase"] = box
+        return example
+
+    ds = grain.MapDataset.range(int(start_step) * local, _STREAM_LEN).map(load)
+    it = iter(ds.to_iter_dataset(_read_options(config, local)).batch(local, drop_remainder=True, batch_fn=_stack))
     return DataIterator(it, source, start_step, int(cfg_get(config.data, "prefetch", 2)))
 
 
 def build_eval_iterator(config, *, process_index: int, process_count: int) -> DataIterator:
-    """One ordered pass: {"image": float32 (L, S, S, 3), "label": int32 (L,), "mask": float32 (L,)}, ``L =
-    eval_batch_size_per_device * jax.local_device_count()``; the last batches are padded (zeros, mask 0)."""
+    """One ordered pass: {"image": uint8 (L, S, S, 3), "label": int32 (L,), "mask": float32 (L,)}, ``L =
+    eval_batch_size_per_device * jax.local_device_count()``; the last batches are padded (zeros, mask 0). The
+    jitted eval step normalises the images on the device."""
     _check_process(process_index, process_count)
     source = build_source(config, _eval_split(config))
     local = local_batch_size(config, eval=True)
@@ -187,17 +190,15 @@ def build_eval_iterator(config, *, process_index: int, process_count: int) -> Da
     n = len(source)
     num_steps = math.ceil(n / glob)
     size = image_size(config)
-    transform = NormalizeOnly(config) if source.skip_augmentation else EvalTransform(config)
+    transform = None if source.skip_augmentation else EvalTransform(config)
 
     def load(j: int) -> dict:
         step, k = divmod(int(j), local)
         g = step * glob + process_index * local + k
         if g >= n:
-            return {"image": np.zeros((size, size, 3), np.float32), "label": np.int32(0), "mask": np.float32(0)}
-        if source.skip_augmentation:
-            image, label = transform.load(source, g)
-        else:
-            image, label = source.load(g)
+            return {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(0), "mask": np.float32(0)}
+        image, label = source.load(g)
+        if transform is not None:
             image = transform(image)
         return {"image": image, "label": np.int32(label), "mask": np.float32(1)}
 

@@ -1,13 +1,11 @@
 """Synthetic source for throughput benchmarks: random uint8 (S, S, 3) images and random labels, deterministic per
 index, generated directly at the target size. Images come from a fixed pool of ``POOL`` random images
-(image of index i = pool[i % POOL]; label of i = hash(seed, split, i) % num_classes), pre-normalised once, so the
-pipeline builds a batch with one gather (``load_normalized_batch``, no grain, no augmentation)."""
+(image of index i = pool[i % POOL]; label of i = hash(seed, split, i) % num_classes), so the pipeline builds a
+batch with one uint8 gather (``load_batch``, no grain, no augmentation)."""
 
 from __future__ import annotations
 
 import numpy as np
-
-from .transforms import normalize
 
 POOL = 64
 
@@ -24,7 +22,6 @@ class SyntheticSource:
         rng = np.random.default_rng([self._seed, self._split_tag, 2**32])
         s = self.image_size
         self._pool = rng.integers(0, 256, (min(POOL, self.n), s, s, 3), dtype=np.uint8)
-        self._pool_norm: dict = {}
 
     def __len__(self) -> int:
         return self.n
@@ -47,19 +44,7 @@ class SyntheticSource:
         """-> (uint8 (S, S, 3), label)."""
         return self._pool[int(index) % len(self._pool)], self.label(index)
 
-    def load_normalized(self, index: int, mean, std):
-        """-> (float32 (S, S, 3) = normalize(load(index)[0], mean, std), label); read-only array."""
-        key = (tuple(mean), tuple(std))
-        pool = self._pool_norm.get(key)
-        if pool is None:
-            pool = normalize(self._pool, mean, std)
-            pool.flags.writeable = False
-            self._pool_norm[key] = pool
-        return pool[int(index) % len(pool)], self.label(index)
-
-    def load_normalized_batch(self, indices, mean, std):
-        """-> (float32 (B, S, S, 3), int32 (B,)): the same values as ``load_normalized`` per index, in one gather."""
-        self.load_normalized(0, mean, std)
-        pool = self._pool_norm[(tuple(mean), tuple(std))]
+    def load_batch(self, indices):
+        """-> (uint8 (B, S, S, 3), int32 (B,)): ``load(i)`` for every index, in one gather."""
         indices = np.asarray(indices, np.int64)
-        return pool[indices % len(pool)], self.labels(indices)
+        return self._pool[indices % len(self._pool)], self.labels(indices)

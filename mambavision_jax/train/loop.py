@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mambavision_jax.data.config_utils import preprocess_settings
 from mambavision_jax.train import checkpoint as ckpt_lib
 from mambavision_jax.train import metrics as metrics_lib
 from mambavision_jax.train import optim
@@ -88,6 +89,12 @@ def _data_module(data_module):
     import mambavision_jax.data as data
 
     return data
+
+
+def _mean_std(config) -> tuple:
+    """The config's input normalisation (what the eval step applies to uint8 batches)."""
+    pre = preprocess_settings(config)
+    return pre.mean, pre.std
 
 
 def _prefetch(iterator: Iterator[dict], mesh, size: int) -> Iterator[dict]:
@@ -252,7 +259,7 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     )
 
     train_step = step_lib.make_train_step(model, s["tx"], s["schedule"], config, s["spe"], data, mesh, shardings)
-    eval_step = step_lib.make_eval_step(model, mesh, int(config.data.num_classes))
+    eval_step = step_lib.make_eval_step(model, mesh, int(config.data.num_classes), *_mean_std(config))
     writer = metrics_lib.MetricWriter(
         workdir, total_steps=total, initial_step=start, progress=bool(config.get("progress_bar", True))
     )
@@ -332,7 +339,7 @@ def evaluate(config, workdir: str, *, model=None, data_module=None) -> dict:
     """Evaluates ``config.init_from`` (converted weights via from_pretrained) or the workdir's latest checkpoint."""
     data = _data_module(data_module)
     mesh = sharding_lib.make_mesh()
-    eval_step_for = lambda mdl: step_lib.make_eval_step(mdl, mesh, int(config.data.num_classes))
+    eval_step_for = lambda mdl: step_lib.make_eval_step(mdl, mesh, int(config.data.num_classes), *_mean_std(config))
     if config.get("init_from"):
         module, variables = load_pretrained(config)
         variables = jax.device_put(variables, sharding_lib.replicated(mesh))

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mambavision_jax.data.config_utils import preprocess_settings
+from mambavision_jax.data.device_preprocess import batch_images
 from mambavision_jax.train import sharding as sharding_lib
 from mambavision_jax.train.state import TrainState
 
@@ -68,8 +70,12 @@ def _targets_fn(config, data_module) -> Callable:
 def make_train_step(
     model, tx: optax.GradientTransformation, schedule, config, steps_per_epoch: int, data_module, mesh, state_shardings
 ) -> Callable[[TrainState, dict, jax.Array], Any]:
-    """Returns jitted ``train_step(state, batch, base_rng) -> (state, metrics)``; ``state`` is donated."""
+    """Returns jitted ``train_step(state, batch, base_rng) -> (state, metrics)``; ``state`` is donated. ``batch``:
+    "image" uint8 (normalised here with the config's mean/std) or float (already normalised), "label", and
+    optionally "erase" (random-erasing rectangles, filled here; see ``data.batch_images``)."""
     targets_fn = _targets_fn(config, data_module)
+    preprocess = preprocess_settings(config)
+    erase_mode = str(config.aug.get("remode", "pixel"))
     mesa = float(config.get("mesa", 0.0) or 0.0)
     ema_decay = config.get("ema_decay")
     if mesa > 0 and not ema_decay:
@@ -78,7 +84,8 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict, base_rng):
         rng = jax.random.fold_in(base_rng, state.step)
         mix_rng, drop_rng = jax.random.split(rng)
-        images, targets = targets_fn(mix_rng, batch["image"], batch["label"])
+        images = batch_images(batch, preprocess.mean, preprocess.std, erase_mode, jax.random.fold_in(rng, 1))
+        images, targets = targets_fn(mix_rng, images, batch["label"])
 
         if mesa > 0:
             active = mesa_active(state.step, config, steps_per_epoch)
@@ -139,12 +146,13 @@ def make_train_step(
     )
 
 
-def make_eval_step(model, mesh, num_classes: int):
-    """Returns jitted ``eval_step(variables, batch) -> sums`` (loss_sum, correct1, correct5, count; masked)."""
+def make_eval_step(model, mesh, num_classes: int, mean, std):
+    """Returns jitted ``eval_step(variables, batch) -> sums`` (loss_sum, correct1, correct5, count; masked);
+    ``batch["image"]`` uint8 (normalised here with ``mean``/``std``) or float (already normalised)."""
     k = min(5, num_classes)
 
     def eval_step(variables, batch):
-        logits = model.apply(variables, batch["image"]).astype(jnp.float32)
+        logits = model.apply(variables, batch_images(batch, mean, std)).astype(jnp.float32)
         labels = batch["label"]
         mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[:, None], axis=-1)[:, 0]

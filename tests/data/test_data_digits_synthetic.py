@@ -27,7 +27,8 @@ def test_digits_split_and_shapes():
 def test_digits_iterators():
     cfg = make_config("digits", size=32, bs=16, eval_bs=64)
     b = take(D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1), 1)[0]
-    assert b["image"].shape == (16, 32, 32, 3) and b["label"].dtype == np.int32
+    assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.uint8 and b["label"].dtype == np.int32
+    assert b["erase"].shape == (16, 4) and b["erase"].dtype == np.int32  # reprob 0.25: rectangles for the device
     evs = list(D.build_eval_iterator(cfg, process_index=0, process_count=1))
     assert len(evs) == 6 and sum(e["mask"].sum() for e in evs) == 360
     labels = np.concatenate([e["label"][e["mask"] == 1] for e in evs])
@@ -41,7 +42,7 @@ def test_synthetic():
     b = take(D.build_train_iterator(cfg, start_step=6, process_index=0, process_count=1), 2)
     np.testing.assert_array_equal(a[1]["image"], b[0]["image"])
     np.testing.assert_array_equal(a[2]["label"], b[1]["label"])
-    assert a[0]["image"].shape == (8, 24, 24, 3) and a[0]["image"].dtype == np.float32
+    assert a[0]["image"].shape == (8, 24, 24, 3) and a[0]["image"].dtype == np.uint8 and "erase" not in a[0]
     assert ((0 <= a[0]["label"]) & (a[0]["label"] < 7)).all()
     ev = list(D.build_eval_iterator(cfg, process_index=0, process_count=1))
     assert len(ev) == 32 and ev[0]["image"].shape == (8, 24, 24, 3)

@@ -27,12 +27,14 @@ def test_train_batches_shape_dtype_normalisation(mock_imagenet):
     assert D.num_examples(cfg, "train") == N
     assert D.steps_per_epoch(cfg) == N // 8
     b = take(D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1), 2)[1]
-    assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
+    assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.uint8 and "erase" not in b
     assert b["label"].shape == (8,) and b["label"].dtype == np.int32
     assert ((0 <= b["label"]) & (b["label"] < 1000)).all()
     mean, std = np.array(D.IMAGENET_MEAN), np.array(D.IMAGENET_STD)
-    assert np.all(b["image"] >= (0 - mean) / std - 1e-5) and np.all(b["image"] <= (1 - mean) / std + 1e-5)
-    assert abs(float(b["image"].mean())) < 1.5 and 0.2 < float(b["image"].std()) < 2.0
+    x = np.asarray(D.batch_images(b, mean, std))  # what the jitted step feeds the model
+    assert x.dtype == np.float32
+    assert np.all(x >= (0 - mean) / std - 1e-5) and np.all(x <= (1 - mean) / std + 1e-5)
+    assert abs(float(x.mean())) < 1.5 and 0.2 < float(x.std()) < 2.0
 
 
 def test_eval_padding_and_mask(mock_imagenet):

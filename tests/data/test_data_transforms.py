@@ -1,13 +1,17 @@
-"""Host transforms: RandomResizedCrop, eval center/squash crops (incl. timm parity), RandAugment, random erasing."""
+"""Host transforms: RandomResizedCrop, eval center/squash crops (incl. timm parity), RandAugment, random-erasing
+rectangles (their fill runs on the device: test_device_preprocess.py)."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
+from mambavision_jax import data as D
 from mambavision_jax.data import rand_augment as RA
 from mambavision_jax.data.config_utils import Preprocess
+from mambavision_jax.data.device_preprocess import normalize_images
 from mambavision_jax.data.example_transforms import EvalTransform, TrainTransform
-from mambavision_jax.data.random_erasing import random_erasing
+from mambavision_jax.data.random_erasing import erasing_box
 from mambavision_jax.data.transforms import eval_resize_crop, random_resized_crop, random_resized_crop_params
 from mvj_data_helpers import make_config
 
@@ -61,7 +65,10 @@ def test_eval_transform_matches_timm(crop_mode, crop_pct):
     ours = EvalTransform(make_config(size=32), Preprocess(crop_pct=crop_pct, crop_mode=crop_mode))
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (45, 61, 3), dtype=np.uint8))
     ref = tf(img).numpy().transpose(1, 2, 0)
-    np.testing.assert_allclose(ours(img), ref, atol=1e-5)
+    host = ours(img)
+    assert host.dtype == np.uint8  # normalised on the device, as the eval step does
+    device = normalize_images(jnp.asarray(host[None]), D.IMAGENET_MEAN, D.IMAGENET_STD)[0]
+    np.testing.assert_allclose(np.asarray(device), ref, atol=1e-5)
 
 
 def test_rand_augment_parsing():
@@ -107,30 +114,37 @@ def test_rand_augment_changes_most_images():
     assert 60 < changed < 90  # P(at least one of 2 ops applied) = 0.75
 
 
-def test_random_erasing_probability_and_area():
+def test_erasing_box_probability_area_and_bounds():
     hits, areas = 0, []
     for i in range(2000):
-        x = np.full((32, 32, 3), 7.0, np.float32)
-        random_erasing(x, np.random.default_rng(i), prob=0.25, mode="pixel")
-        erased = (x != 7.0).any(-1)
-        if erased.any():
+        top, left, h, w = erasing_box(np.random.default_rng(i), 32, 40, prob=0.25)
+        if h:
             hits += 1
-            areas.append(erased.mean())
+            assert w > 0 and 0 <= top and top + h <= 32 and 0 <= left and left + w <= 40
+            areas.append(h * w / (32 * 40))
+        else:
+            assert (top, left, w) == (0, 0, 0)
     assert abs(hits / 2000 - 0.25) < 0.03
     assert 0.015 < min(areas) and max(areas) < 0.4
+    assert not erasing_box(np.random.default_rng(0), 32, 32, prob=0.0).any()
 
 
 def test_train_transform_deterministic_and_shape():
-    tf = TrainTransform(make_config(size=24))
+    tf = TrainTransform(make_config(size=24, reprob=1.0))
     img = _noise(60, 50)
-    a = tf(np.asarray(img), np.random.default_rng(11))
-    b = tf(img, np.random.default_rng(11))
-    c = tf(img, np.random.default_rng(12))
-    assert a.shape == (24, 24, 3) and a.dtype == np.float32
+    a, box_a = tf(np.asarray(img), np.random.default_rng(11))
+    b, box_b = tf(img, np.random.default_rng(11))
+    c, _ = tf(img, np.random.default_rng(12))
+    assert a.shape == (24, 24, 3) and a.dtype == np.uint8
+    assert box_a.shape == (4,) and box_a.dtype == np.int32 and box_a[2] > 0  # reprob 1: always a rectangle
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(box_a, box_b)
     assert not np.array_equal(a, c)
     cj = TrainTransform(make_config(size=24, rand_augment="", reprob=0.0))
     assert cj.rand_augment is None and cj.color_jitter == 0.4
+    assert not cj(img, np.random.default_rng(0))[1].any()
+    with pytest.raises(ValueError, match="remode='bogus'"):
+        TrainTransform(make_config(size=24, remode="bogus"))
 
 
 def test_preprocess_fallback_chain():

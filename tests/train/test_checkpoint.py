@@ -89,7 +89,7 @@ class _NaNAfter:
         def gen():
             for step, b in enumerate(it, start=start_step):
                 if step >= self._bad:
-                    b = dict(b, image=np.full_like(b["image"], np.nan))
+                    b = dict(b, image=np.full(b["image"].shape, np.nan, np.float32))  # float: used as it is
                 yield b
 
         return gen()

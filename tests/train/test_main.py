@@ -64,8 +64,9 @@ def test_eval_of_converted_weights_matches_from_pretrained(run_main, tmp_path, t
     module, v = mvj.from_pretrained(c.model_name, conv, num_classes=10)
     apply = jax.jit(module.apply)
     correct, nll, n = 0.0, 0.0, 0.0
+    pre = data.preprocess_settings(c)
     for b in data.build_eval_iterator(c, process_index=0, process_count=1):
-        logits = np.asarray(apply(v, jnp.asarray(b["image"])), np.float64)
+        logits = np.asarray(apply(v, data.batch_images(b, pre.mean, pre.std)), np.float64)
         m = b["mask"]
         correct += float(np.sum((logits.argmax(-1) == b["label"]) * m))
         lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)

@@ -52,6 +52,36 @@ def test_train_steps_lower_loss_and_mesa_schedule(tiny_config, jax_cache_env):
     assert not np.allclose(np.asarray(p), np.asarray(e))
 
 
+def test_train_step_normalises_and_erases_uint8_batches(tiny_config, jax_cache_env):
+    """The step normalises uint8 images with the config's mean/std (same loss as the host-normalised float batch)
+    and fills the host's erasing rectangles (whole-image rectangles in 'const' mode = an all-zero float batch)."""
+    c = tiny_config
+    c.aug.remode = "const"
+    mesh = sharding.make_mesh()
+    model = loop.build_model(c)
+    rng = jax.random.PRNGKey(0)
+    abstract = jax.eval_shape(lambda r: model.init({"params": r}, jnp.zeros((1, 32, 32, 3))), rng)["params"]
+    tx, schedule = optim.make_optimizer(c, 1, abstract)
+    state, shardings = state_lib.create_train_state(state_lib.make_init_fn(model, tx, 32, use_ema=False), rng, mesh)
+    train_step = step_lib.make_train_step(model, tx, schedule, c, 1, data, mesh, shardings)
+    pre = data.preprocess_settings(c)
+    rs = np.random.RandomState(0)
+    uint8 = rs.randint(0, 256, size=(16, 32, 32, 3)).astype(np.uint8)
+    labels = rs.randint(0, 10, size=(16,)).astype(np.int32)
+
+    def loss(**batch):
+        st = jax.tree.map(jnp.copy, state)  # the step donates its state
+        _, m = train_step(st, sharding.global_batch(dict(batch, label=labels), mesh), jax.random.PRNGKey(1))
+        return float(m["loss"])
+
+    host = data.transforms.normalize(uint8, pre.mean, pre.std)
+    assert loss(image=uint8) == pytest.approx(loss(image=host), rel=1e-5)
+    whole = np.tile(np.asarray([[0, 0, 32, 32]], np.int32), (16, 1))
+    zeros = loss(image=np.zeros_like(host))
+    assert loss(image=uint8, erase=whole) == pytest.approx(zeros, rel=1e-5)
+    assert loss(image=uint8) != pytest.approx(zeros, rel=1e-3)
+
+
 def test_mesa_kl_matches_reference():
     s = jnp.array([[1.0, 2.0, 0.5], [0.1, -1.0, 3.0]])
     t = jnp.array([[0.5, 2.5, 0.0], [1.0, 0.0, 2.0]])
@@ -84,7 +114,7 @@ def test_eval_step_counts_with_mask():
     batch = sharding.global_batch(
         {"image": images, "label": np.array([0, 2, 5, 5], np.int32), "mask": np.array([1, 1, 1, 0], np.float32)}, mesh
     )
-    out = jax.device_get(step_lib.make_eval_step(_FixedLogits(), mesh, 6)({}, batch))
+    out = jax.device_get(step_lib.make_eval_step(_FixedLogits(), mesh, 6, (0, 0, 0), (1, 1, 1))({}, batch))
     assert float(out["count"]) == 3 and float(out["correct1"]) == 1 and float(out["correct5"]) == 2
     nll = -jax.nn.log_softmax(jnp.asarray(logits), -1)[jnp.arange(3), jnp.array([0, 2, 5])]
     assert float(out["loss_sum"]) == pytest.approx(float(nll.sum()), rel=1e-5)
