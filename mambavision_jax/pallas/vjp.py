@@ -25,38 +25,28 @@ def _config(config, u, A, training):
     return config or triton_kernels.default_config(*u.shape, training=training, d_state=A.shape[1])
 
 
+def _forward(arrays, delta_softplus, config, interpret, training):
+    """``(y, chunk-entry states or None)`` of the forward kernel(s) on (u, delta, A, B, C, D, delta_bias); the
+    training forward saves the states its backward needs."""
+    u, A = arrays[0], arrays[2]
+    return triton_kernels.scan_forward(
+        *arrays,
+        delta_softplus=delta_softplus,
+        save_states=training,
+        config=_config(config, u, A, training),
+        interpret=interpret,
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-    return triton_kernels.scan_forward(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        delta_bias,
-        delta_softplus=delta_softplus,
-        save_states=False,
-        config=_config(config, u, A, False),
-        interpret=interpret,
-    )[0]
+    return _forward((u, delta, A, B, C, D, delta_bias), delta_softplus, config, interpret, training=False)[0]
 
 
 def _scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-    y, states = triton_kernels.scan_forward(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        delta_bias,
-        delta_softplus=delta_softplus,
-        save_states=True,
-        config=_config(config, u, A, True),
-        interpret=interpret,
-    )
-    return y, (u, delta, A, B, C, D, delta_bias, states)
+    arrays = (u, delta, A, B, C, D, delta_bias)
+    y, states = _forward(arrays, delta_softplus, config, interpret, training=True)
+    return y, (*arrays, states)
 
 
 def _scan_bwd(delta_softplus, config, interpret, residuals, dy):
