@@ -47,11 +47,12 @@ def random_images(batch, size, dtype, count, seed=0):
     return [jax.random.normal(k, (batch, size, size, 3), dtype) for k in keys]
 
 
-def inference(name, batch, dtype, size, overrides, profile_dir=None):
+def inference(name, batch, dtype, size, overrides, profile_dir=None, compiler_options=None):
     model = mvj.create_model(name, dtype=dtype, **overrides)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
     images = random_images(batch, size, dtype, 3)
-    compiled, compile_s, memory = compile_seconds(jax.jit(model.apply), variables, images[0])
+    jitted = jax.jit(model.apply, compiler_options=compiler_options)
+    compiled, compile_s, memory = compile_seconds(jitted, variables, images[0])
     seconds = median_seconds(compiled, [(variables, x) for x in images])
     result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
     if profile_dir:
@@ -59,7 +60,7 @@ def inference(name, batch, dtype, size, overrides, profile_dir=None):
     return result
 
 
-def training(name, batch, dtype, size, overrides, profile_dir=None):
+def training(name, batch, dtype, size, overrides, profile_dir=None, compiler_options=None):
     model = mvj.create_model(name, dtype=dtype, **overrides)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
     tx = optax.adamw(1e-4, weight_decay=0.05)
@@ -86,7 +87,7 @@ def training(name, batch, dtype, size, overrides, profile_dir=None):
     images = random_images(batch, size, jnp.float32, 3)
     labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, 1000)
     rng = jax.random.PRNGKey(2)
-    jitted = jax.jit(step, donate_argnums=(0,))
+    jitted = jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options)
     compiled, compile_s, memory = compile_seconds(jitted, state, images[0], labels, rng)
     holder = [state]
 
@@ -134,6 +135,13 @@ def main():
     )
     parser.add_argument("--out", default=None)
     parser.add_argument(
+        "--xla-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an XLA compiler option for every timed executable (repeatable), e.g. xla_gpu_enable_cublaslt=true",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="profile each inference and training config and print its top ops (raw traces under /tmp)",
@@ -143,6 +151,7 @@ def main():
     models = [m for m in args.models.split(",") if m]
     train_models = [m for m in args.train_models.split(",") if m]
     overrides = dict(scan_impl=args.scan_impl, attention_impl=args.attention_impl)
+    compiler_options = parse_compiler_options(args.xla_option)
     dtype = DTYPES[args.dtype]
     device = jax.devices()[0].device_kind
     results = dict(
@@ -150,6 +159,7 @@ def main():
         jax=jax.__version__,
         dtype=args.dtype,
         overrides=overrides,
+        compiler_options=compiler_options,
         date=time.strftime("%Y-%m-%d"),
         inference={},
         training={},
@@ -163,13 +173,13 @@ def main():
     for m in models:
         for batch in (int(b) for b in args.batches.split(",")):
             profile_dir = os.path.join("/tmp", f"trace_{m}_bs{batch}") if args.profile else None
-            r = inference(SHORT[m], batch, dtype, args.size, overrides, profile_dir)
+            r = inference(SHORT[m], batch, dtype, args.size, overrides, profile_dir, compiler_options)
             results["inference"][f"{m}_bs{batch}"] = r
             report(f"infer {m} bs{batch} {args.dtype}", r)
             save()
     for m in train_models:
         profile_dir = os.path.join("/tmp", f"trace_train_{m}") if args.profile else None
-        r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, overrides, profile_dir)
+        r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, overrides, profile_dir, compiler_options)
         results["training"][f"{m}_bs{args.train_batch}"] = r
         report(f"train {m} bs{args.train_batch} bf16 AdamW", r)
         save()
@@ -180,6 +190,25 @@ def main():
         results["official"] = official(models, train_models)
     save()
     print_table(results)
+
+
+def parse_compiler_options(items):
+    """``["name=value", ...]`` -> XLA compiler options: ``true``/``false`` as booleans, integers as ints, else the
+    string (XLA rejects unknown names at compile time)."""
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--xla-option wants NAME=VALUE, got {item!r}")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            options[name] = lowered == "true"
+        else:
+            try:
+                options[name] = int(value)
+            except ValueError:
+                options[name] = value
+    return options or None
 
 
 def report(label, result):
