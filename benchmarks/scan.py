@@ -35,17 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mambavision_jax.pallas import KernelConfig, default_config, selective_scan, selective_scan_pallas  # noqa: E402
 from mambavision_jax.pallas.testing import ARG_NAMES, make_inputs, reference_float64, rel_err  # noqa: E402
+from scan_shapes import INNER_REPS, N_STATE, SHAPES  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
-N_STATE = 8
-SHAPES = {  # tag: (batch, length, dim)
-    "T_stage3": (128, 196, 160),
-    "T_stage4": (128, 49, 320),
-    "B_stage3": (128, 196, 256),
-    "B_stage4": (128, 49, 512),
-    "L_stage3": (128, 196, 392),
-    "L_stage4": (128, 49, 784),
-}
 QUICK_SHAPES = {"tiny_L196": (2, 196, 24), "tiny_L49": (2, 49, 40)}
 TOL = {"float32": (1e-5, 1e-4), "bfloat16": (2e-2, 3e-2)}
 
@@ -65,9 +57,6 @@ def fwd_and_fwdbwd(impl, config=None, interpret=False):
         return y, vjp(dy)
 
     return jax.jit(lambda args, dy: f(*args)), jax.jit(fwdbwd)
-
-
-INNER_REPS = 8
 
 
 def in_jit_repeated(single):
