@@ -12,16 +12,27 @@ Optimizer: clip by global norm (config.optimizer.clip_grad_norm), then LAMB or A
 for 1-D leaves (norm scales, biases, ...) and for any leaf named ``bias``, as timm's ``param_groups_weight_decay``
 does. LAMB follows ``timm.optim.Lamb`` defaults: bias correction, its own global-norm clip at 1.0
 (``lamb_max_grad_norm``) and the trust ratio applied only to the weight-decayed group (``always_adapt=False``).
+Two global-norm clips in a row (timm's train.py clip, then Lamb's own) equal one clip at the smaller bound, so the
+chain clips once.
+
+Norms: the global-norm clip and LAMB's per-leaf trust ratios need a norm of every leaf, ~280 leaves for
+MambaVision-T. Written leaf by leaf, each is a GPU kernel of its own (mostly launch latency); with two clips, the
+trust ratio's two norms and the logged gradient norm that was ~1,400 small reductions and 2 ms of a 22 ms step
+(H200, benchmarks/NOTES.md). :func:`leaf_squared_norms` computes all of a tree's norms in one row reduction.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
+
+NORM_ROW = 2048  # elements per row in leaf_squared_norms (each leaf is zero-padded to whole rows)
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -60,23 +71,79 @@ def weight_decay_mask(params) -> Any:
     return traverse_util.unflatten_dict(mask)
 
 
+def leaf_squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:
+    """Sum of squares of each array in ``leaves``, as a (len(leaves),) float32 vector, in one fused pass: every leaf
+    is flattened and zero-padded to whole rows of ``NORM_ROW`` elements, all rows go through one row reduction, and
+    a sorted segment sum adds each leaf's rows."""
+    if not leaves:
+        return jnp.zeros((0,), jnp.float32)
+    rows, segments = [], []
+    for i, leaf in enumerate(leaves):
+        flat = jnp.ravel(leaf).astype(jnp.float32)
+        n_rows = max(-(-flat.size // NORM_ROW), 1)
+        rows.append(jnp.pad(flat, (0, n_rows * NORM_ROW - flat.size)).reshape(n_rows, NORM_ROW))
+        segments.append(np.full(n_rows, i, np.int32))
+    stacked = jnp.concatenate(rows)
+    per_row = jnp.sum(stacked * stacked, axis=1)
+    return jax.ops.segment_sum(per_row, np.concatenate(segments), num_segments=len(leaves), indices_are_sorted=True)
+
+
+def global_norm(tree) -> jax.Array:
+    """L2 norm of all of ``tree``'s leaves together (``optax.tree.norm``), float32, via :func:`leaf_squared_norms`."""
+    return jnp.sqrt(jnp.sum(leaf_squared_norms(jax.tree.leaves(tree))))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm``: updates scaled by ``max_norm / norm`` where their global norm exceeds
+    ``max_norm``; the norm from :func:`global_norm`."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def scale_by_trust_ratio(mask) -> optax.GradientTransformation:
+    """LAMB's layer-wise trust ratio on the leaves where ``mask`` (a tree of Python bools shaped like the params)
+    is True: each such update is scaled by ||param|| / ||update||, or 1 where either norm is 0
+    (``optax.masked(optax.scale_by_trust_ratio(), mask)``, timm ``Lamb``); the other leaves pass unchanged. The
+    norms come from two :func:`leaf_squared_norms` passes."""
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_trust_ratio needs the current params: call tx.update(grads, state, params).")
+        leaves, treedef = jax.tree.flatten(updates)
+        chosen = [i for i, m in enumerate(treedef.flatten_up_to(mask)) if m]
+        param_leaves = treedef.flatten_up_to(params)
+        param_norm = jnp.sqrt(leaf_squared_norms([param_leaves[i] for i in chosen]))
+        update_norm = jnp.sqrt(leaf_squared_norms([leaves[i] for i in chosen]))
+        ratio = jnp.where((param_norm > 0) & (update_norm > 0), param_norm / update_norm, 1.0)
+        for j, i in enumerate(chosen):
+            leaves[i] = (leaves[i] * ratio[j]).astype(leaves[i].dtype)
+        return treedef.unflatten(leaves), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(config, steps_per_epoch: int, params_shape) -> tuple[optax.GradientTransformation, Any]:
     """Returns (tx, schedule). ``params_shape`` may be abstract (ShapeDtypeStruct leaves)."""
     o = config.optimizer
     schedule = make_schedule(config, steps_per_epoch)
     mask = weight_decay_mask(params_shape)
     b1, b2 = (float(b) for b in o.betas)
-    parts = []
-    if o.get("clip_grad_norm"):
-        parts.append(optax.clip_by_global_norm(float(o.clip_grad_norm)))
     name = o.name.lower()
+    clips = [float(o.clip_grad_norm)] if o.get("clip_grad_norm") else []
+    if name == "lamb" and o.get("lamb_max_grad_norm"):
+        clips.append(float(o.lamb_max_grad_norm))
+    parts = [clip_by_global_norm(min(clips))] if clips else []
     if name == "lamb":
-        if o.get("lamb_max_grad_norm"):
-            parts.append(optax.clip_by_global_norm(float(o.lamb_max_grad_norm)))
         parts += [
             optax.scale_by_adam(b1=b1, b2=b2, eps=float(o.eps)),
             optax.add_decayed_weights(float(o.weight_decay), mask=mask),
-            optax.masked(optax.scale_by_trust_ratio(), mask),
+            scale_by_trust_ratio(mask),
             optax.scale_by_learning_rate(schedule),
         ]
     elif name == "adamw":

@@ -15,6 +15,7 @@ import optax
 
 from mambavision_jax.data.config_utils import preprocess_settings
 from mambavision_jax.data.device_preprocess import batch_images
+from mambavision_jax.train import optim
 from mambavision_jax.train import sharding as sharding_lib
 from mambavision_jax.train.state import TrainState
 
@@ -126,7 +127,7 @@ def make_train_step(
                 ema_params=jax.tree.map(ema, state.ema_params, params),
                 ema_batch_stats=jax.tree.map(ema, state.ema_batch_stats, new_bs),
             )
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optim.global_norm(grads)
         metrics = {
             "loss": loss,
             "top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32),

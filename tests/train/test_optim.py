@@ -77,11 +77,111 @@ def test_optimizer_decays_only_masked_leaves(name):
     np.testing.assert_array_equal(np.asarray(new["b"]), 1.0)
 
 
-def test_gradient_clipping():
-    c = _config(name="adamw", weight_decay=0.0, clip_grad_norm=1.0)
-    tx = optax.chain(optax.clip_by_global_norm(1.0))
-    g = {"w": jnp.full((10,), 100.0)}
-    out, _ = tx.update(g, tx.init(g))
-    assert float(optax.tree.norm(out)) == pytest.approx(1.0, rel=1e-5)
-    full, _ = optim.make_optimizer(c, 10, g)  # builds with clipping first in the chain
-    assert full is not None
+@pytest.mark.parametrize("sizes", [[(3,)], [(2047,), (2048,), (2049,)], [(), (1,), (4, 5, 6), (0,), (4097, 3)]])
+def test_leaf_squared_norms_match_per_leaf_sums(sizes):
+    rng = np.random.default_rng(len(sizes))
+    leaves = [rng.normal(size=s).astype(np.float32) for s in sizes]
+    got = np.asarray(jax.jit(optim.leaf_squared_norms)([jnp.asarray(x) for x in leaves]))
+    want = [np.sum(x.astype(np.float64) ** 2) for x in leaves]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    tree = {"a": leaves[0], "b": [jnp.asarray(x) for x in leaves[1:]]}
+    assert float(optim.global_norm(tree)) == pytest.approx(np.sqrt(sum(want)), rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])
+def test_clip_by_global_norm_matches_optax(scale):
+    rng = np.random.default_rng(1)
+    g = {"w": jnp.asarray(rng.normal(size=(7, 5)) * scale, jnp.float32), "b": jnp.asarray(rng.normal(size=3) * scale)}
+    for max_norm in (0.5, 5.0):
+        want, _ = optax.clip_by_global_norm(max_norm).update(g, optax.EmptyState())
+        got, _ = optim.clip_by_global_norm(max_norm).update(g, optax.EmptyState())
+        for k in g:
+            np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm", [0.5, 3.0, 20.0])
+def test_two_global_norm_clips_equal_one_at_the_smaller_bound(norm):
+    g = {"w": jnp.full((4,), norm / 2.0)}  # global norm == norm
+    two = optax.chain(optax.clip_by_global_norm(5.0), optax.clip_by_global_norm(1.0))
+    want, _ = two.update(g, two.init(g))
+    got, _ = optim.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+    np.testing.assert_allclose(np.asarray(got["w"]), np.asarray(want["w"]), rtol=1e-6)
+
+
+def _timm_lamb_reference(params, grad_steps, lrs, *, clip, max_grad_norm, b1, b2, eps, wd, decayed):
+    """timm's train.py global-norm clip followed by ``timm.optim.Lamb`` (bias correction, grad averaging,
+    max_grad_norm, trust ratio on the decayed group only), in float64 NumPy."""
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v2 = {k: np.zeros_like(v) for k, v in p.items()}
+    out = []
+    for t, (grads, lr) in enumerate(zip(grad_steps, lrs), start=1):
+        g = {k: x.astype(np.float64) for k, x in grads.items()}
+        norm = np.sqrt(sum(np.sum(x**2) for x in g.values()))
+        if norm > clip:  # torch.nn.utils.clip_grad_norm_
+            g = {k: x * clip / norm for k, x in g.items()}
+        norm = np.sqrt(sum(np.sum(x**2) for x in g.values()))
+        divisor = norm / max_grad_norm if norm > max_grad_norm else 1.0
+        for k in p:
+            gk = g[k] / divisor
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v2[k] = b2 * v2[k] + (1 - b2) * gk * gk
+            update = (m[k] / (1 - b1**t)) / (np.sqrt(v2[k]) / np.sqrt(1 - b2**t) + eps)
+            if decayed[k]:
+                update = update + wd * p[k]
+                w_norm, u_norm = np.linalg.norm(p[k]), np.linalg.norm(update)
+                update = update * (w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0)
+            p[k] = p[k] - lr * update
+        out.append({k: x.copy() for k, x in p.items()})
+    return out
+
+
+def test_lamb_matches_timm_lamb_reference():
+    """The LAMB chain (one fused clip, fused trust-ratio norms) against timm's algorithm over 4 steps whose
+    gradient norms fall below, between and above the two clip bounds; a zero weight matrix checks ratio 1."""
+    rng = np.random.default_rng(0)
+    params = {
+        "kernel": rng.normal(size=(6, 5)).astype(np.float32),
+        "zero_kernel": np.zeros((3, 4), np.float32),
+        "bias": rng.normal(size=(5,)).astype(np.float32),
+        "scale": np.ones((7,), np.float32),
+    }
+    c = _config(warmup_epochs=0, lr=0.02, min_lr=0.02, weight_decay=0.05)
+    tx, schedule = optim.make_optimizer(c, 10, params)
+    grad_norms = [0.3, 2.0, 12.0, 0.9]
+    grad_steps = []
+    for norm in grad_norms:
+        g = {k: rng.normal(size=v.shape) for k, v in params.items()}
+        total = np.sqrt(sum(np.sum(x**2) for x in g.values()))
+        grad_steps.append({k: (x * norm / total).astype(np.float32) for k, x in g.items()})
+    lrs = [float(schedule(i)) for i in range(len(grad_steps))]
+    want = _timm_lamb_reference(
+        params,
+        grad_steps,
+        lrs,
+        clip=5.0,
+        max_grad_norm=1.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        wd=0.05,
+        decayed={"kernel": True, "zero_kernel": True, "bias": False, "scale": False},
+    )
+    state, p = tx.init(params), {k: jnp.asarray(v) for k, v in params.items()}
+
+    @jax.jit
+    def step(p, state, g):
+        updates, state = tx.update(g, state, p)
+        return optax.apply_updates(p, updates), state
+
+    for g, expected in zip(grad_steps, want):
+        p, state = step(p, state, {k: jnp.asarray(v) for k, v in g.items()})
+        for k in params:
+            np.testing.assert_allclose(np.asarray(p[k]), expected[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    assert np.any(np.asarray(p["zero_kernel"]) != 0)  # the zero matrix moved (trust ratio 1, not 0 or nan)
+
+
+def test_trust_ratio_needs_params():
+    tx = optim.scale_by_trust_ratio({"w": True})
+    with pytest.raises(ValueError, match="needs the current params"):
+        tx.update({"w": jnp.ones((2, 2))}, tx.init(None))
