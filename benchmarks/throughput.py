@@ -11,9 +11,15 @@ outputs + temporaries, from XLA's memory analysis) are reported separately from 
 warm-up and are medians of timed windows synchronised with ``block_until_ready``. ``--compare-official`` runs
 ``.anchor/official_torch.py`` (see shared/anchor/README.md) in a subprocess after the JAX runs, so the ratio
 comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
+
+Recipe: ``--recipe-configs configs/tiny.py,...`` times the step ``main.py`` runs for each config (its optimizer,
+gradient clipping, EMA, mixup/cutmix, random erasing, soft-target loss, uint8 images normalised on the device) on
+device-resident synthetic batches of ``--train-batch``, so the host input pipeline is left out; with
+``--recipe-mesa`` the step is timed in the second half of the schedule, where MESA's EMA-teacher forward runs.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +28,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -102,6 +109,70 @@ def training(name, batch, dtype, size, overrides, profile_dir=None, compiler_opt
     return result
 
 
+def load_config(path):
+    """``get_config()`` of a config file (configs/*.py)."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def recipe_batches(batch, size, count, random_erasing, seed=0):
+    """``count`` batches as the input pipeline hands them to the train step: uint8 images, int32 labels and, with
+    ``random_erasing``, one erasing rectangle (top, left, height, width) per image."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        b = dict(
+            image=jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)),
+            label=jnp.asarray(rng.integers(0, 1000, (batch,), dtype=np.int32)),
+        )
+        if random_erasing:
+            corner = rng.integers(0, size // 2, (batch, 2))
+            extent = rng.integers(0, size // 2, (batch, 2))
+            b["erase"] = jnp.asarray(np.concatenate([corner, extent], axis=1).astype(np.int32))
+        batches.append(b)
+    return batches
+
+
+def recipe(config_path, batch, mesa, profile_dir=None):
+    """img/s of ``main.py``'s train step for ``config_path`` (see the module docstring)."""
+    from mambavision_jax import data
+    from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
+
+    config = load_config(config_path)
+    config.batch_size_per_device = batch // jax.device_count()
+    config.data.name = "synthetic"
+    config.data.synthetic_examples = 10 * batch
+    model = loop.build_model(config)
+    mesh = sharding.make_mesh()
+    steps_per_epoch = data.steps_per_epoch(config)
+    size = int(config.data.image_size)
+    rng = jax.random.PRNGKey(0)
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    params_shape = jax.eval_shape(lambda r: model.init({"params": r}, dummy), rng)["params"]
+    tx, schedule = optim.make_optimizer(config, steps_per_epoch, params_shape)
+    init_fn = state_lib.make_init_fn(model, tx, size, use_ema=bool(config.get("ema_decay")))
+    shardings = sharding.state_shardings(jax.eval_shape(init_fn, rng), mesh)
+    state = jax.jit(init_fn, out_shardings=shardings)(rng)
+    if mesa:
+        state = state.replace(step=jnp.asarray(config.optimizer.epochs * steps_per_epoch // 2, state.step.dtype))
+    train_step = step_lib.make_train_step(model, tx, schedule, config, steps_per_epoch, data, mesh, shardings)
+    batches = recipe_batches(batch, size, 3, float(config.aug.get("reprob", 0.0)) > 0)
+    compiled, compile_s, memory = compile_seconds(train_step, state, batches[0], rng)
+    holder = [state]
+
+    def run(b):
+        holder[0], metrics = compiled(holder[0], b, rng)
+        return metrics["loss"]
+
+    seconds = median_seconds(run, [(b,) for b in batches], windows=5)
+    result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+    if profile_dir:
+        result["profile"] = top_device_ops(run, (batches[0],), profile_dir, top=None)
+    return result
+
+
 def official(models, train_models):
     """Runs the anchor script; returns its JSON (img/s per model and batch)."""
     env = dict(
@@ -123,6 +194,8 @@ def main():
     parser.add_argument("--batches", default="128,256")
     parser.add_argument("--train-models", default="T,B")
     parser.add_argument("--train-batch", type=int, default=128)
+    parser.add_argument("--recipe-configs", default="", help="comma list of configs/*.py whose main.py step to time")
+    parser.add_argument("--recipe-mesa", action="store_true", help="time the recipe steps with MESA's teacher on")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--scan-impl", default="auto")
@@ -163,6 +236,7 @@ def main():
         date=time.strftime("%Y-%m-%d"),
         inference={},
         training={},
+        recipe={},
     )
     out = args.out or os.path.join(os.environ.get("OUT", "."), "throughput.json")
 
@@ -182,6 +256,13 @@ def main():
         r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, overrides, profile_dir, compiler_options)
         results["training"][f"{m}_bs{args.train_batch}"] = r
         report(f"train {m} bs{args.train_batch} bf16 AdamW", r)
+        save()
+    for path in (p for p in args.recipe_configs.split(",") if p):
+        name = os.path.splitext(os.path.basename(path))[0]
+        profile_dir = os.path.join("/tmp", f"trace_recipe_{name}") if args.profile else None
+        r = recipe(path, args.train_batch, args.recipe_mesa, profile_dir)
+        results["recipe"][f"{name}_bs{args.train_batch}"] = r
+        report(f"recipe {name} bs{args.train_batch}{' MESA on' if args.recipe_mesa else ''}", r)
         save()
     if args.official_json:
         with open(args.official_json) as f:
@@ -229,10 +310,10 @@ def print_table(results):
     official_results = results.get("official", {})
     print(f"\n{results['device']}, jax {results['jax']}, {results['date']}")
     print(f"{'what':<22}{'ours img/s':>12}{'official':>10}{'ratio':>8}{'compile s':>11}{'mem GiB':>9}")
-    for kind, prefix in (("inference", "infer"), ("training", "train")):
+    for kind, prefix in (("inference", "infer"), ("training", "train"), ("recipe", "recipe")):
         for key, r in results[kind].items():
             m, bs = key.split("_bs")
-            theirs = official_results.get(f"{prefix}_{SHORT[m]}_bs{bs}")
+            theirs = official_results.get(f"{prefix}_{SHORT[m]}_bs{bs}") if m in SHORT else None
             ratio = f"{r['img_per_s'] / theirs:.2f}" if theirs else "-"
             print(
                 f"{prefix + ' ' + key:<22}{r['img_per_s']:>12.0f}{theirs or '-':>10}{ratio:>8}"
