@@ -37,7 +37,16 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self.directory}")
-        return self.manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
+        try:
+            return self.manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
+        except ValueError as e:
+            if "mismatch" not in str(e).lower():
+                raise
+            raise ValueError(
+                f"The checkpoint of step {step} in {self.directory} does not match the train state this config "
+                "builds (a different model, optimizer or EMA setting, or a checkpoint written by another version of "
+                f"mambavision_jax). Use a fresh --workdir, or the config it was written with. Orbax: {e}"
+            ) from e
 
     def wait(self):
         self.manager.wait_until_finished()

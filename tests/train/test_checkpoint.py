@@ -107,3 +107,24 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
     assert ck.all_steps() == [3]
     rows = _rows(workdir, "train")
     assert max(rows) == 4 and all(np.isfinite(r["loss"]) for r in rows.values())  # logged at 4, stopped at 5
+
+
+def test_restore_into_a_different_state_structure_names_the_problem(tmp_path):
+    """A checkpoint written with another optimizer chain (here one clip more) is refused with a message that says
+    so, not half-restored."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    params = {"w": jnp.ones((4, 4)), "b": jnp.ones((4,))}
+    written = optax.chain(optax.clip_by_global_norm(5.0), optax.clip_by_global_norm(1.0), optax.scale_by_adam())
+    wanted = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam())
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
+    ckpt.save(3, {"params": params, "opt_state": written.init(params)})
+    ckpt.wait()
+    abstract = jax.eval_shape(lambda: {"params": params, "opt_state": wanted.init(params)})
+    with pytest.raises(ValueError, match="step 3 .* does not match the train state"):
+        ckpt.restore(abstract)
+    restored = ckpt.restore(jax.eval_shape(lambda: {"params": params, "opt_state": written.init(params)}))
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), 1.0)
+    ckpt.close()
