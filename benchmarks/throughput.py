@@ -155,11 +155,11 @@ def recipe(config_path, batch, mesa, profile_dir=None):
     init_fn = state_lib.make_init_fn(model, tx, size, use_ema=bool(config.get("ema_decay")))
     shardings = sharding.state_shardings(jax.eval_shape(init_fn, rng), mesh)
     state = jax.jit(init_fn, out_shardings=shardings)(rng)
-    if mesa:
-        state = state.replace(step=jnp.asarray(config.optimizer.epochs * steps_per_epoch // 2, state.step.dtype))
+    step = config.optimizer.epochs * steps_per_epoch // 2 if mesa else 0
+    state = state.replace(step=jnp.asarray(step, state.step.dtype))
     train_step = step_lib.make_train_step(model, tx, schedule, config, steps_per_epoch, data, mesh, shardings)
     batches = recipe_batches(batch, size, 3, float(config.aug.get("reprob", 0.0)) > 0)
-    compiled, compile_s, memory = compile_seconds(train_step, state, batches[0], rng)
+    compiled, compile_s, memory = compile_seconds(train_step, state, batches[0], rng, step)
     holder = [state]
 
     def run(b):

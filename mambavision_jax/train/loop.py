@@ -307,7 +307,7 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     try:
         for step in range(start, total):
             batch = next(batches)
-            state, m = train_step(state, batch, s["train_rng"])
+            state, m = train_step(state, batch, s["train_rng"], step)
             cur = step + 1
             pending.append((cur, m))
             last = cur == total

@@ -67,8 +67,8 @@ def compare_steps():
         train_step = step_lib.make_train_step(model, tx, schedule, c, spe, data, mesh, shardings)
         batch = sharding.global_batch({"image": images, "label": labels}, mesh)
         losses = []
-        for _ in range(2):
-            st, m = train_step(st, batch, jax.random.PRNGKey(1))
+        for i in range(2):
+            st, m = train_step(st, batch, jax.random.PRNGKey(1), i)
             losses.append(float(m["loss"]))
         out[strategy] = {"losses": losses, "n_sharded_leaves": n_sharded}
         for k, v in traverse_util.flatten_dict(jax.device_get(st.params)).items():

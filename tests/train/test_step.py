@@ -38,8 +38,8 @@ def test_train_steps_lower_loss_and_mesa_schedule(tiny_config, jax_cache_env):
         mesh,
     )
     ce, mesa = [], []
-    for _ in range(6):
-        state, m = train_step(state, batch, jax.random.PRNGKey(1))
+    for i in range(6):
+        state, m = train_step(state, batch, jax.random.PRNGKey(1), i)
         ce.append(float(m["ce"]))
         mesa.append(float(m["mesa_loss"]))
         assert bool(m["finite"])
@@ -47,6 +47,11 @@ def test_train_steps_lower_loss_and_mesa_schedule(tiny_config, jax_cache_env):
     assert ce[-1] < ce[0] - 0.1, ce
     assert mesa[0] == 0.0 and mesa[1] == 0.0, mesa  # epochs 0, 1: 0/4, 1/4 are not > 0.25
     assert all(v > 0 for v in mesa[2:]), mesa  # epoch 2: 2/4 > 0.25
+    # the choice is made on the host: neither executable branches on the device
+    for step in (0, 2):
+        hlo = train_step.lower(state, batch, jax.random.PRNGKey(1), step).as_text()
+        assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo
+    assert [step_lib.mesa_active(s, c, spe) for s in range(4)] == [False, False, True, True]
     # EMA moved towards the params but is not equal to them
     p, e = jax.tree.leaves(state.params)[0], jax.tree.leaves(state.ema_params)[0]
     assert not np.allclose(np.asarray(p), np.asarray(e))
@@ -71,7 +76,7 @@ def test_train_step_normalises_and_erases_uint8_batches(tiny_config, jax_cache_e
 
     def loss(**batch):
         st = jax.tree.map(jnp.copy, state)  # the step donates its state
-        _, m = train_step(st, sharding.global_batch(dict(batch, label=labels), mesh), jax.random.PRNGKey(1))
+        _, m = train_step(st, sharding.global_batch(dict(batch, label=labels), mesh), jax.random.PRNGKey(1), 0)
         return float(m["loss"])
 
     host = data.transforms.normalize(uint8, pre.mean, pre.std)
