@@ -76,9 +76,9 @@ class TrainStep:
 
     ``step`` is the host's count of updates done so far (``state.step``, as a Python int, which the training loop
     keeps anyway). It picks one of two executables, with and without MESA's EMA-teacher forward, so that the choice
-    costs no device-to-host copy: a ``lax.cond`` on ``state.step`` made the GPU wait for its predicate every step
-    (about 1.4 ms of idle GPU in MambaVision-T's 20.5 ms recipe step on an H200). ``lower(...)`` takes the same
-    arguments; the executable it compiles takes ``(state, batch, base_rng)``."""
+    costs no device-to-host copy: a ``lax.cond`` on ``state.step`` made the host wait for its predicate every step
+    (MambaVision-T's recipe step measured 1-2 % faster without it on an H200, benchmarks/NOTES.md).
+    ``lower(...)`` takes the same arguments; the executable it compiles takes ``(state, batch, base_rng)``."""
 
     def __init__(self, jitted, mesa_on_at: Callable[[int], bool]):
         self._jitted, self._mesa_on_at = jitted, mesa_on_at
