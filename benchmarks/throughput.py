@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -138,26 +139,22 @@ def recipe_batches(batch, size, count, random_erasing, seed=0):
 def recipe(config_path, batch, mesa, profile_dir=None):
     """img/s of ``main.py``'s train step for ``config_path`` (see the module docstring)."""
     from mambavision_jax import data
-    from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
+    from mambavision_jax.train import loop, step as step_lib
 
     config = load_config(config_path)
     config.batch_size_per_device = batch // jax.device_count()
     config.data.name = "synthetic"
     config.data.synthetic_examples = 10 * batch
-    model = loop.build_model(config)
-    mesh = sharding.make_mesh()
-    steps_per_epoch = data.steps_per_epoch(config)
-    size = int(config.data.image_size)
-    rng = jax.random.PRNGKey(0)
-    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-    params_shape = jax.eval_shape(lambda r: model.init({"params": r}, dummy), rng)["params"]
-    tx, schedule = optim.make_optimizer(config, steps_per_epoch, params_shape)
-    init_fn = state_lib.make_init_fn(model, tx, size, use_ema=bool(config.get("ema_decay")))
-    shardings = sharding.state_shardings(jax.eval_shape(init_fn, rng), mesh)
-    state = jax.jit(init_fn, out_shardings=shardings)(rng)
-    step = config.optimizer.epochs * steps_per_epoch // 2 if mesa else 0
+    with tempfile.TemporaryDirectory() as workdir:  # main.py's setup (its checkpointer wants a workdir)
+        s = loop._setup(config, workdir, None, data)
+        s["ckpt"].close()
+    state = jax.jit(s["init_fn"], out_shardings=s["shardings"])(s["init_rng"])
+    step = config.optimizer.epochs * s["spe"] // 2 if mesa else 0
     state = state.replace(step=jnp.asarray(step, state.step.dtype))
-    train_step = step_lib.make_train_step(model, tx, schedule, config, steps_per_epoch, data, mesh, shardings)
+    train_step = step_lib.make_train_step(
+        s["model"], s["tx"], s["schedule"], config, s["spe"], data, s["mesh"], s["shardings"]
+    )
+    size, rng = s["image_size"], s["train_rng"]
     batches = recipe_batches(batch, size, 3, float(config.aug.get("reprob", 0.0)) > 0)
     compiled, compile_s, memory = compile_seconds(train_step, state, batches[0], rng, step)
     holder = [state]
