@@ -1,8 +1,10 @@
 """custom_vjp wiring of the Pallas-Triton selective scan (forward and backward are both Pallas kernels).
 
-Shapes as in :mod:`mambavision_jax.pallas.triton_kernels`. Absent ``D``/``delta_bias`` become zero vectors
-(their gradients are dropped by the caller); a ``d_state`` that is not a power of two is zero-padded (padded
-states stay exactly 0 and contribute nothing; their gradients are sliced away by autodiff of the pad).
+Shapes as in :mod:`mambavision_jax.pallas.triton_kernels`. Each kernel call is batch-parallel under SPMD
+(:mod:`mambavision_jax.pallas.partitioning`): with the batch sharded, every device scans its own rows. Absent
+``D``/``delta_bias`` become zero vectors (their gradients are dropped by the caller); a ``d_state`` that is not a
+power of two is zero-padded (padded states stay exactly 0 and contribute nothing; their gradients are sliced away
+by autodiff of the pad).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from mambavision_jax.pallas import triton_kernels
+from mambavision_jax.pallas.partitioning import batch_parallel
 from mambavision_jax.pallas.triton_kernels import KernelConfig
 
 __all__ = ["selective_scan_pallas"]
@@ -25,33 +28,44 @@ def _config(config, u, A, training):
     return config or triton_kernels.default_config(*u.shape, training=training, d_state=A.shape[1])
 
 
-def _forward(arrays, delta_softplus, config, interpret, training):
-    """``(y, chunk-entry states or None)`` of the forward kernel(s) on (u, delta, A, B, C, D, delta_bias); the
-    training forward saves the states its backward needs."""
-    u, A = arrays[0], arrays[2]
-    return triton_kernels.scan_forward(
-        *arrays,
+def _forward_inference_kernels(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
+    """``(y,)``: the inference forward (no saved states)."""
+    y, _ = triton_kernels.scan_forward(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        delta_bias,
         delta_softplus=delta_softplus,
-        save_states=training,
-        config=_config(config, u, A, training),
+        save_states=False,
+        config=_config(config, u, A, False),
+        interpret=interpret,
+    )
+    return (y,)
+
+
+def _forward_training_kernels(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
+    """``(y, chunk-entry states)``: the training forward, saving the states its backward needs."""
+    return triton_kernels.scan_forward(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        delta_bias,
+        delta_softplus=delta_softplus,
+        save_states=True,
+        config=_config(config, u, A, True),
         interpret=interpret,
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-    return _forward((u, delta, A, B, C, D, delta_bias), delta_softplus, config, interpret, training=False)[0]
-
-
-def _scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-    arrays = (u, delta, A, B, C, D, delta_bias)
-    y, states = _forward(arrays, delta_softplus, config, interpret, training=True)
-    return y, (*arrays, states)
-
-
-def _scan_bwd(delta_softplus, config, interpret, residuals, dy):
-    u, delta, A, B, C, D, delta_bias, states = residuals
-    du, ddelta, dA, dB, dC, dD, dbias = triton_kernels.scan_backward(
+def _backward_kernels(u, delta, A, B, C, D, delta_bias, states, dy, delta_softplus, config, interpret):
+    """``(du, ddelta, dA, dB, dC, dD, d(delta_bias))``, dA/dD/d(delta_bias) summed over this call's batch rows."""
+    return triton_kernels.scan_backward(
         u,
         delta,
         A,
@@ -64,6 +78,36 @@ def _scan_bwd(delta_softplus, config, interpret, residuals, dy):
         delta_softplus=delta_softplus,
         config=_config(config, u, A, True),
         interpret=interpret,
+    )
+
+
+# Factors: b batch, l length, d dim, n d_state, c chunks. Each device scans its own batch rows.
+_ARRAYS = "b l d, b l d, d n, b l n, b l n, d, d"
+_forward_inference = batch_parallel(_forward_inference_kernels, f"{_ARRAYS} -> b l d", num_static=3)
+_forward_training = batch_parallel(_forward_training_kernels, f"{_ARRAYS} -> b l d, b c n d", num_static=3)
+_backward = batch_parallel(
+    _backward_kernels,
+    f"{_ARRAYS}, b c n d, b l d -> b l d, b l d, d n, b l n, b l n, d, d",
+    num_static=3,
+    summed_results=(2, 5, 6),
+)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
+    return _forward_inference(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret)[0]
+
+
+def _scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
+    arrays = (u, delta, A, B, C, D, delta_bias)
+    y, states = _forward_training(*arrays, delta_softplus, config, interpret)
+    return y, (*arrays, states)
+
+
+def _scan_bwd(delta_softplus, config, interpret, residuals, dy):
+    u, delta, A, B, C, D, delta_bias, states = residuals
+    du, ddelta, dA, dB, dC, dD, dbias = _backward(
+        u, delta, A, B, C, D, delta_bias, states, dy, delta_softplus, config, interpret
     )
     return (
         du,
