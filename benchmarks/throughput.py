@@ -19,9 +19,11 @@ device-resident synthetic batches of ``--train-batch``, so the host input pipeli
 """
 
 import argparse
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,9 +147,11 @@ def recipe(config_path, batch, mesa, profile_dir=None):
     config.batch_size_per_device = batch // jax.device_count()
     config.data.name = "synthetic"
     config.data.synthetic_examples = 10 * batch
-    with tempfile.TemporaryDirectory() as workdir:  # main.py's setup (its checkpointer wants a workdir)
-        s = loop._setup(config, workdir, None, data)
-        s["ckpt"].close()
+    # main.py's setup; its checkpointer wants a workdir, kept until exit (orbax cleans it up in a background thread).
+    workdir = tempfile.mkdtemp(prefix="mvj_recipe_")
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    s = loop._setup(config, workdir, None, data)
+    s["ckpt"].close()
     state = jax.jit(s["init_fn"], out_shardings=s["shardings"])(s["init_rng"])
     step = config.optimizer.epochs * s["spe"] // 2 if mesa else 0
     state = state.replace(step=jnp.asarray(step, state.step.dtype))
