@@ -28,9 +28,10 @@ def _config(config, u, A, training):
     return config or triton_kernels.default_config(*u.shape, training=training, d_state=A.shape[1])
 
 
-def _forward_inference_kernels(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-    """``(y,)``: the inference forward (no saved states)."""
-    y, _ = triton_kernels.scan_forward(
+def _forward_kernels(training, u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
+    """The forward kernel(s): ``(y,)`` for inference, ``(y, chunk-entry states)`` for training (the states its
+    backward needs)."""
+    y, states = triton_kernels.scan_forward(
         u,
         delta,
         A,
@@ -39,28 +40,11 @@ def _forward_inference_kernels(u, delta, A, B, C, D, delta_bias, delta_softplus,
         D,
         delta_bias,
         delta_softplus=delta_softplus,
-        save_states=False,
-        config=_config(config, u, A, False),
+        save_states=training,
+        config=_config(config, u, A, training),
         interpret=interpret,
     )
-    return (y,)
-
-
-def _forward_training_kernels(u, delta, A, B, C, D, delta_bias, delta_softplus, config, interpret):
-    """``(y, chunk-entry states)``: the training forward, saving the states its backward needs."""
-    return triton_kernels.scan_forward(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        delta_bias,
-        delta_softplus=delta_softplus,
-        save_states=True,
-        config=_config(config, u, A, True),
-        interpret=interpret,
-    )
+    return (y, states) if training else (y,)
 
 
 def _backward_kernels(u, delta, A, B, C, D, delta_bias, states, dy, delta_softplus, config, interpret):
@@ -83,8 +67,10 @@ def _backward_kernels(u, delta, A, B, C, D, delta_bias, states, dy, delta_softpl
 
 # Factors: b batch, l length, d dim, n d_state, c chunks. Each device scans its own batch rows.
 _ARRAYS = "b l d, b l d, d n, b l n, b l n, d, d"
-_forward_inference = batch_parallel(_forward_inference_kernels, f"{_ARRAYS} -> b l d", num_static=3)
-_forward_training = batch_parallel(_forward_training_kernels, f"{_ARRAYS} -> b l d, b c n d", num_static=3)
+_forward_inference = batch_parallel(functools.partial(_forward_kernels, False), f"{_ARRAYS} -> b l d", num_static=3)
+_forward_training = batch_parallel(
+    functools.partial(_forward_kernels, True), f"{_ARRAYS} -> b l d, b c n d", num_static=3
+)
 _backward = batch_parallel(
     _backward_kernels,
     f"{_ARRAYS}, b c n d, b l d -> b l d, b l d, d n, b l n, b l n, d, d",
