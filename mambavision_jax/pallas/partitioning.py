@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 __all__ = ["BATCH_FACTOR", "batch_parallel"]
@@ -51,9 +51,8 @@ def batch_parallel(fn: Callable, rule: str, num_static: int, summed_results: Seq
 
     def partition(*args):
         *static, mesh, arg_shapes, _ = args  # (static..., mesh, operand and result shapes)
+        # None (an unsharded batch, or a sharding without axis names): every device computes it all, as XLA would.
         batch_axes = _batch_axes(arg_shapes[0].sharding, arg_shapes[0].shape[0])
-        if batch_axes is None:  # unsharded batch or no named mesh: one device computes it all, as XLA would
-            mesh, batch_axes = _replicated_mesh(mesh, arg_shapes[0].sharding), None
 
         def sharding(axes):
             leading = batch_axes if axes and axes[0] == BATCH_FACTOR else None
@@ -82,13 +81,3 @@ def _batch_axes(sharding, batch: int):
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     size = int(np.prod([sharding.mesh.shape[a] for a in axes]))
     return axes if size > 1 and batch % size == 0 else None
-
-
-def _replicated_mesh(mesh, sharding) -> Mesh:
-    """``mesh`` if it has axes, else a one-axis mesh over the sharding's devices (in the program's order)."""
-    if isinstance(sharding, NamedSharding):
-        return sharding.mesh
-    if not getattr(mesh, "empty", True):
-        return mesh
-    devices = getattr(sharding, "_device_assignment", None) or sorted(sharding.device_set, key=lambda d: d.id)
-    return Mesh(np.asarray(devices), ("devices",))
