@@ -108,3 +108,17 @@ def test_batch_sharded_without_axis_names_is_computed_whole(results):
     assert row["forward_partitioned_calls"] == 1
     assert row["forward_max_err"] < 1e-6
     assert row["grad_max_err"] < 1e-5
+
+
+@pytest.mark.parametrize(
+    "rule, summed, message",
+    [
+        ("l b d -> l b d", (), "must lead"),
+        ("b l d, d n -> b l d, b n", (1,), "still has the batch axis"),
+    ],
+)
+def test_batch_parallel_rejects_bad_rules(rule, summed, message):
+    from mambavision_jax.pallas.partitioning import batch_parallel
+
+    with pytest.raises(ValueError, match=message):
+        batch_parallel(lambda *a: a, rule, num_static=0, summed_results=summed)
