@@ -12,7 +12,6 @@ so the time is the producer's own); three warm-up batches are excluded. ``--work
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -22,13 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import mambavision_jax.data as data  # noqa: E402
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("benchmark_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from config_file import load_config  # noqa: E402
 
 
 def measure(config, source: str, batches: int) -> dict:

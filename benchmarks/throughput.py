@@ -20,7 +20,6 @@ device-resident synthetic batches of ``--train-batch``, so the host input pipeli
 
 import argparse
 import atexit
-import importlib.util
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mambavision_jax as mvj  # noqa: E402
+from config_file import load_config  # noqa: E402
 from timing import compile_seconds, median_seconds, top_device_ops  # noqa: E402
 
 SHORT = {
@@ -110,14 +110,6 @@ def training(name, batch, dtype, size, overrides, profile_dir=None, compiler_opt
     if profile_dir:
         result["profile"] = top_device_ops(run, (images[0],), profile_dir, top=None)
     return result
-
-
-def load_config(path):
-    """``get_config()`` of a config file (configs/*.py)."""
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def recipe_batches(batch, size, count, random_erasing, seed=0):
