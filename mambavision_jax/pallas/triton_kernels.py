@@ -367,7 +367,7 @@ def _forward_kernel(
         return h, delta_sum
 
     zeros = jnp.zeros((block_d,), _F32)
-    h = _chained_entry(math_, *summary_refs, A2, rows, segment, reverse=False) if chained else tuple(zeros for _ in A)
+    h = _chained_rows(math_, *summary_refs, A2, rows, segment, reverse=False) if chained else tuple(zeros for _ in A)
     first = segment * chunks_per_segment * chunk
     h, delta_sum = _chunk_loop(chunks_per_segment, first, chunk, load, body, (h, zeros), config.prefetch)
     if summarize:
@@ -378,21 +378,41 @@ def _forward_kernel(
 
 
 def _grouped_forward_kernel(
-    u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_ref, *, config, math_, delta_softplus
+    u_ref,
+    delta_ref,
+    A_ref,
+    B_ref,
+    C_ref,
+    D_ref,
+    bias_ref,
+    *refs,
+    config,
+    math_,
+    delta_softplus,
+    segments,
+    summarize,
 ):
-    """Inference forward (y only) with G = ``config.state_groups`` lanes a channel: program (j, b) runs the whole
-    sequence of channels ``[j·W, (j+1)·W)``, W = 32/G, of batch row b in one warp whose lane l holds channel
+    """Inference forward (y only) with G = ``config.state_groups`` lanes a channel: program (j, b, s) runs segment s
+    of the sequence of channels ``[j·W, (j+1)·W)``, W = 32/G, of batch row b in one warp whose lane l holds channel
     ``j·W + l mod W`` and its states ``g·S .. g·S+S-1``, g = l div W, S = d_state/G.
 
     Compared with one lane a channel this gives G times the warps (the one-lane kernel leaves most schedulers with
     one warp at MambaVision's stage-3 shapes, stalled on its own dependent chain) for a few extra instructions a
     step: B and C reach each lane by ``shfl.sync.idx`` from (32,) vectors of the chunk's flat B/C values, y's G
     partial sums meet by ``shfl.sync.bfly``. With softplus, the G lanes of a channel each compute Δ for one of G
-    consecutive steps and pass it round (one softplus per G steps). The time loop runs over the full chunks only,
+    consecutive steps and pass it round (one softplus per G steps). The time loop runs over full chunks only,
     without clamps or masks (addresses are affine in the step, so loads and stores take immediate offsets); the
     ``length mod chunk`` last steps are the end of the chunk that finishes at the last step, whose rows the last
     iteration prefetched.
+
+    ``segments`` > 1 (``KernelConfig.splits``): the full chunks are cut into that many segments of
+    ``cdiv(full chunks, segments)`` chunks (the last also runs the tail). ``summarize=True`` (pass 1, grid over the
+    first ``segments - 1`` segments; refs: ends [, delta_sums when segments > 2]) runs its segment from zero and
+    writes the end state (batch, segments - 1, d_state, dim) and the sum of Δ (batch, segments - 1, dim).
+    ``summarize=False`` (refs: [ends, [delta_sums,]] y) starts segment s from the state chained from the summaries
+    (entry_0 = 0, entry_{s+1} = exp(A·Σ_s Δ)·entry_s + end_s) and writes y.
     """
+    refs = list(refs)
     _, length, dim = u_ref.shape
     n = A_ref.shape[0]
     groups = config.state_groups
@@ -401,15 +421,40 @@ def _grouped_forward_kernel(
     group = lane // width
     d0 = pl.program_id(0) * width
     batch_idx = pl.program_id(1)
+    segment = pl.program_id(2)
     channel = jnp.minimum(d0 + lane % width, dim - 1)  # loads clamp; stores are masked on the true channel
-    store_mask = jnp.logical_and(d0 + lane % width < dim, group == 0)
-    A2 = [plt.load(A_ref.at[group * per_lane + i, channel]).astype(_F32) * _LOG2E for i in range(per_lane)]
+    channel_valid = d0 + lane % width < dim
+    store_mask = jnp.logical_and(channel_valid, group == 0)
+    states = [group * per_lane + i for i in range(per_lane)]  # the state index of each of a lane's values
+    A2 = [plt.load(A_ref.at[state, channel]).astype(_F32) * _LOG2E for state in states]
     D = jnp.where(group == 0, plt.load(D_ref.at[channel]).astype(_F32), 0.0)  # D·u counted once in the group sum
     bias = plt.load(bias_ref.at[channel]).astype(_F32)
     share = delta_softplus and groups > 1
+    with_sums = segments > 2  # with two segments the second's entry is the first's end, no decay needed
+    ends_ref = refs.pop(0) if segments > 1 else None
+    sums_ref = refs.pop(0) if with_sums else None
+    y_ref = None if summarize else refs.pop(0)
 
     def row(ref, t):
         return plt.load(ref.at[batch_idx, t, channel]).astype(_F32)
+
+    def store(ref, index, value, i=None):
+        """``ref[*index, channel]`` = lane group 0's values (y, Δ sums) or, with ``i``, ``ref[*index, state,
+        channel]`` = every lane's i-th state; channels past ``dim`` masked."""
+        if math_.gpu:
+            if i is None:
+                plt.store(ref.at[(*index, channel)], value, mask=store_mask)
+            else:
+                plt.store(ref.at[(*index, states[i], channel)], value, mask=channel_valid)
+            return
+        # interpret mode stores W-lane slices: a masked store to repeated addresses is undefined there
+        for g in range(1 if i is None else groups):
+            state = () if i is None else (jnp.int32(g * per_lane + i),)
+            plt.store(
+                ref.at[(*index, *state, pl.ds(d0, width))],
+                value[g * width : (g + 1) * width],
+                mask=d0 + jnp.arange(width) < dim,
+            )
 
     def load(t0, steps, shared):
         """u rows, Δ rows (with ``shared``, lane group g's row of each G-step group: step k + g), and the B and C
@@ -420,7 +465,7 @@ def _grouped_forward_kernel(
         else:
             deltas = [row(delta_ref, t0 + k) for k in range(steps)]
         vectors = []
-        for ref in (B_ref, C_ref):
+        for ref in (B_ref,) if summarize else (B_ref, C_ref):
             out = []
             for v in range(pl.cdiv(steps * n, 32)):
                 window = ref.at[batch_idx, pl.ds(t0 * n + 32 * v, 32)]
@@ -431,9 +476,10 @@ def _grouped_forward_kernel(
             vectors.append(out)
         return us, deltas, *vectors
 
-    def body(t0, h, chunk_rows, steps, shared, first=0):
-        """Steps ``first .. steps-1`` of the chunk of rows loaded at ``t0``."""
-        us, deltas, Bs, Cs = chunk_rows
+    def body(t0, carry, chunk_rows, steps, shared, first=0):
+        """Steps ``first .. steps-1`` of the chunk of rows loaded at ``t0``; carry = (state, Δ sum)."""
+        h, delta_sum = carry
+        us, deltas, Bs = chunk_rows[:3]
         dts = {}
         if shared:  # lane group g computed Δ of step k + g; lane (j·W + c) hands step k + j's to every group
             for p in range(first // groups, steps // groups):
@@ -445,64 +491,95 @@ def _grouped_forward_kernel(
                 dts[k] = math_.softplus(deltas[k] + bias) if delta_softplus else deltas[k] + bias
         for k in range(first, steps):
             vector, offset = divmod(k * n, 32)  # step k's B/C values: lanes offset .. offset+n-1 of that vector
-            source = [offset + group * per_lane + i for i in range(per_lane)]
+            source = [offset + state for state in states]
             dtu = dts[k] * us[k]
             h = tuple(
                 math_.exp2(dts[k] * A2_i) * h_i + dtu * math_.lane_gather(Bs[vector], src)
                 for A2_i, h_i, src in zip(A2, h, source)
             )
+            if summarize:
+                if with_sums:
+                    delta_sum = delta_sum + dts[k]
+                continue
             y = D * us[k]
             for h_i, src in zip(h, source):
-                y = y + math_.lane_gather(Cs[vector], src) * h_i
+                y = y + math_.lane_gather(chunk_rows[3][vector], src) * h_i
             offset_bits = width
             while offset_bits < 32:
                 y = y + math_.lane_xor(y, offset_bits)
                 offset_bits *= 2
-            if math_.gpu:
-                plt.store(y_ref.at[batch_idx, t0 + k, channel], y.astype(y_ref.dtype), mask=store_mask)
-            else:  # interpret mode stores the first W lanes: a masked store to repeated addresses is undefined there
-                plt.store(
-                    y_ref.at[batch_idx, t0 + k, pl.ds(d0, width)],
-                    y[:width].astype(y_ref.dtype),
-                    mask=d0 + jnp.arange(width) < dim,
-                )
-        return h
+            store(y_ref, (batch_idx, t0 + k), y.astype(y_ref.dtype))
+        return h, delta_sum
 
     chunk = config.chunk
-    h = tuple(jnp.zeros((32,), _F32) for _ in range(per_lane))
+    zeros = jnp.zeros((32,), _F32)
+    h = tuple(zeros for _ in states)
     full_chunks, tail = divmod(length, chunk)
     if not full_chunks:  # shorter than a chunk: one static chunk of ``length`` steps
         t0 = 0 * batch_idx  # traced: a static start would make the masked B/C vector loads' reach past the end an error
-        body(t0, h, load(t0, length, False), length, False)
+        body(t0, (h, zeros), load(t0, length, False), length, False)
         return
+    per_segment = pl.cdiv(full_chunks, segments)
+    if segments > 1 and not summarize:  # the state entering this segment, chained from the summaries
+        h = _chained_entry(
+            math_,
+            lambda i, n, up: plt.load(ends_ref.at[batch_idx, jnp.int32(i), states[n], channel], mask=up, other=0.0),
+            lambda i, up: plt.load(sums_ref.at[batch_idx, jnp.int32(i), channel], mask=up, other=0.0),
+            A2,
+            segments - 1,
+            segment,
+            reverse=False,
+        )
+    last_segment = segment == segments - 1
+    count = jnp.where(last_segment, full_chunks - (segments - 1) * per_segment, per_segment)
+    first_t0 = segment * per_segment * chunk
     last_start = length - chunk + 0 * batch_idx  # traced, like every other row index (see above)
     full = functools.partial(body, steps=chunk, shared=share)
     load_full = functools.partial(load, steps=chunk, shared=share)
+    carry = (h, zeros)
     if config.prefetch:
 
         def pipelined(i, state):
-            h, chunk_rows = state
-            upcoming = load_full(jnp.minimum((i + 1) * chunk, last_start))
-            return full(i * chunk, h, chunk_rows), upcoming
+            carry, chunk_rows = state
+            t0 = first_t0 + i * chunk
+            upcoming = load_full(jnp.minimum(t0 + chunk, last_start))
+            return full(t0, carry, chunk_rows), upcoming
 
-        h, last_rows = jax.lax.fori_loop(0, full_chunks, pipelined, (h, load_full(0)))
+        carry, last_rows = jax.lax.fori_loop(0, count, pipelined, (carry, load_full(first_t0)))
     else:
-        h = jax.lax.fori_loop(0, full_chunks, lambda i, h: full(i * chunk, h, load_full(i * chunk)), h)
+        carry = jax.lax.fori_loop(
+            0, count, lambda i, c: full(first_t0 + i * chunk, c, load_full(first_t0 + i * chunk)), carry
+        )
+    if summarize:
+        h, delta_sum = carry
+        for i, h_i in enumerate(h):
+            store(ends_ref, (batch_idx, segment), h_i, i)
+        if with_sums:
+            store(sums_ref, (batch_idx, segment), delta_sum)
+        return
     if tail:  # the chunk ending at the last step (prefetched by the last iteration), from its first new step
-        full(last_start, h, last_rows if config.prefetch else load_full(last_start), first=chunk - tail)
+
+        def run_tail():
+            full(last_start, carry, last_rows if config.prefetch else load_full(last_start), first=chunk - tail)
+
+        if segments > 1:
+            jax.lax.cond(last_segment, run_tail, lambda: None)
+        else:
+            run_tail()
 
 
 def _adjoint_summary_kernel(
     delta_ref, A_ref, C_ref, D_ref, bias_ref, dy_ref, g_ref, sums_ref, *, config, math_, delta_softplus, per_segment
 ):
-    """Pass 1 of a split backward. Program (j, b, s) walks segment s backwards from a zero adjoint through
-    dh_t = g + C_t·dy_t, g = exp(Δ_t·A)·dh_t (no states needed) and writes the g it leaves the segment with,
-    and the sum of Δ over the segment's valid steps."""
+    """Pass 1 of a split backward. Program (j, b, s) walks segment s + 1 backwards from a zero adjoint through
+    dh_t = g + C_t·dy_t, g = exp(Δ_t·A)·dh_t (no states needed) and writes, as summary s, the g it leaves the
+    segment with and the sum of Δ over the segment's valid steps (segment 0 needs no summary)."""
     block_d, chunk = config.block_d, config.chunk
     rows, _ = _program(delta_ref, block_d, chunk)
     A, _, bias = _lane_params(A_ref, D_ref, bias_ref, rows)
     A2 = [A_n * _LOG2E for A_n in A]
-    segment = pl.program_id(2)
+    summary = pl.program_id(2)  # the first segment needs no summary: program s walks segment s + 1
+    segment = summary + 1
     last = segment * per_segment + per_segment - 1
 
     coefficients = _Coefficients(rows, A_ref.shape[0], math_, block_d == 32 and config.num_warps == 1)
@@ -525,8 +602,8 @@ def _adjoint_summary_kernel(
         per_segment, last * chunk, -chunk, load, body, (tuple(zeros for _ in A), zeros), config.prefetch
     )
     for n, g_n in enumerate(g):
-        plt.store(g_ref.at[rows.b, segment, jnp.int32(n), pl.ds(rows.d0, block_d)], g_n, mask=rows.dmask)
-    plt.store(sums_ref.at[rows.b, segment, pl.ds(rows.d0, block_d)], delta_sum, mask=rows.dmask)
+        plt.store(g_ref.at[rows.b, summary, jnp.int32(n), pl.ds(rows.d0, block_d)], g_n, mask=rows.dmask)
+    plt.store(sums_ref.at[rows.b, summary, pl.ds(rows.d0, block_d)], delta_sum, mask=rows.dmask)
 
 
 def _backward_kernel(
@@ -649,7 +726,7 @@ def _backward_kernel(
 
     zeros = jnp.zeros((block_d,), _F32)
     zeros_n = tuple(zeros for _ in range(n))
-    g = _chained_entry(math_, *summary_refs, A2, rows, segment, reverse=True) if chained else zeros_n
+    g = _chained_rows(math_, *summary_refs, A2, rows, segment, reverse=True) if chained else zeros_n
     _, dA, dD, dbias = _chunk_loop(
         per_segment, last * chunk, -chunk, load, body, (g, zeros_n, zeros, zeros), config.prefetch
     )
@@ -665,28 +742,48 @@ def _segments(n_chunks: int, splits: int) -> tuple[int, int]:
     return per_segment, pl.cdiv(n_chunks, per_segment)
 
 
-def _chained_entry(math_, values_ref, sums_ref, A2, rows, segment, *, reverse):
-    """The state (forward) or adjoint (backward, ``reverse``) entering ``segment`` of a split scan, as d_state
-    (block_d,) float32 vectors, chained from the summary pass's outputs of the other segments.
-
-    ``values_ref`` (batch, S, d_state, dim): what each segment produces from a zero start; ``sums_ref``
-    (batch, S, dim): its Δ sums, so exp(A·sum) is its total decay (``A2`` = A·log2 e). Forward: entry_0 = 0,
-    entry_{s+1} = decay_s·entry_s + values_s. Reverse: entry_{S-1} = 0, entry_{s-1} = decay_s·entry_s + values_s.
-    S is at most a handful, so every program redoes the few steps it needs (no extra launch)."""
-    segments = values_ref.shape[1]
-    entry = tuple(jnp.zeros((rows.block_d,), _F32) for _ in A2)
-    for s in range(segments - 1, 0, -1) if reverse else range(segments - 1):
-        upstream = segment < s if reverse else s < segment
-        mask = jnp.logical_and(rows.dmask, upstream)
-        total = plt.load(sums_ref.at[rows.b, jnp.int32(s), pl.ds(rows.d0, rows.block_d)], mask=mask, other=0.0)
-        entry = tuple(
-            math_.exp2(total * A2_n) * e_n
-            + plt.load(
-                values_ref.at[rows.b, jnp.int32(s), jnp.int32(n), pl.ds(rows.d0, rows.block_d)], mask=mask, other=0.0
-            )
-            for n, (A2_n, e_n) in enumerate(zip(A2, entry))
-        )
+def _chained_entry(math_, load_value, load_sum, A2, summaries, segment, *, reverse):
+    """The state (forward) or adjoint (backward, ``reverse``) entering ``segment`` of a split scan (a tuple of
+    d_state float32 vectors), chained from the summary pass's outputs. There are ``summaries`` = S - 1 of them: one
+    a segment but the last (forward) or the first (reverse); summary i describes segment i (forward) or i + 1
+    (reverse). ``load_value(i, n, upstream)``: state n of what summary i's segment produces from a zero start;
+    ``load_sum(i, upstream)``: its Δ sum, so exp(A·sum) is its total decay (``A2`` = A·log2 e); both zero where
+    ``upstream`` is false. Forward: entry_0 = 0, entry_{s+1} = decay_s·entry_s + value_s. Reverse: entry_{S-1} = 0,
+    entry_{s-1} = decay_s·entry_s + value_s. S is at most a handful, so every program redoes the few steps it needs
+    (no extra launch); the decay of the first segment in chain order is never needed."""
+    entry = None
+    for i in range(summaries - 1, -1, -1) if reverse else range(summaries):
+        upstream = segment <= i if reverse else i < segment
+        values = [load_value(i, n, upstream) for n in range(len(A2))]
+        if entry is None:
+            entry = tuple(values)
+            continue
+        total = load_sum(i, upstream)
+        entry = tuple(math_.exp2(total * A2_n) * e_n + v_n for A2_n, e_n, v_n in zip(A2, entry, values))
     return entry
+
+
+def _chained_rows(math_, values_ref, sums_ref, A2, rows, segment, *, reverse):
+    """:func:`_chained_entry` for the one-lane kernels: (block_d,) rows of ``values_ref`` (batch, S - 1, d_state,
+    dim) and ``sums_ref`` (batch, S - 1, dim)."""
+    channels = pl.ds(rows.d0, rows.block_d)
+
+    def load_value(i, n, upstream):
+        mask = jnp.logical_and(rows.dmask, upstream)
+        return plt.load(values_ref.at[rows.b, jnp.int32(i), jnp.int32(n), channels], mask=mask, other=0.0)
+
+    def load_sum(i, upstream):
+        mask = jnp.logical_and(rows.dmask, upstream)
+        return plt.load(sums_ref.at[rows.b, jnp.int32(i), channels], mask=mask, other=0.0)
+
+    return _chained_entry(math_, load_value, load_sum, A2, values_ref.shape[1], segment, reverse=reverse)
+
+
+def _summary_shapes(batch, segments, n, dim, with_sums=True):
+    """Outputs of a split scan's summary pass: a value (batch, S - 1, d_state, dim) and a Δ sum (batch, S - 1, dim)
+    float32 for every segment but one (see :func:`_chained_entry`)."""
+    shapes = [jax.ShapeDtypeStruct((batch, segments - 1, n, dim), _F32)]
+    return shapes + [jax.ShapeDtypeStruct((batch, segments - 1, dim), _F32)] if with_sums else shapes
 
 
 def _call(kernel, out_shape, u, config, interpret, name, segments):
@@ -734,12 +831,11 @@ def scan_forward(
     kernel = functools.partial(_forward_kernel, delta_softplus=delta_softplus, chunks_per_segment=per_segment)
     summary = ()
     if segments > 1:
-        summary_shape = [
-            jax.ShapeDtypeStruct((batch, segments, n, dim), _F32),
-            jax.ShapeDtypeStruct((batch, segments, dim), _F32),
-        ]
+        summary_shape = _summary_shapes(batch, segments, n, dim)
         summarize = functools.partial(kernel, summarize=True, chained=False, save_states=False)
-        summary = _call(summarize, summary_shape, u, config, interpret, "selective_scan_fwd_summary", segments)(*args)
+        summary = _call(summarize, summary_shape, u, config, interpret, "selective_scan_fwd_summary", segments - 1)(
+            *args
+        )
     out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((batch, n_chunks, n, dim), _F32))
@@ -761,21 +857,33 @@ def _grouped_forward(args, delta_softplus, config, interpret):
         raise ValueError(
             f"KernelConfig.state_groups={groups} needs a chunk that is a multiple of it, got {config.chunk}"
         )
-    batch, _, dim = u.shape
+    batch, length, dim = u.shape
+    full_chunks = length // config.chunk
+    segments = _segments(full_chunks, config.splits)[1] if full_chunks else 1
     kernel = functools.partial(
         _grouped_forward_kernel,
         config=config,
         math_=_Math(fast=config.fast_math and not interpret, gpu=not interpret),
         delta_softplus=delta_softplus,
+        segments=segments,
     )
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype),
-        grid=(pl.cdiv(dim, 32 // groups), batch),
-        compiler_params=plt.CompilerParams(num_warps=1, num_stages=config.num_stages),
-        interpret=interpret,
-        name="selective_scan_fwd_grouped",
-    )(*args)
+
+    def call(summarize, out_shape, grid_segments, name):
+        return pl.pallas_call(
+            functools.partial(kernel, summarize=summarize),
+            out_shape=out_shape,
+            grid=(pl.cdiv(dim, 32 // groups), batch, grid_segments),
+            compiler_params=plt.CompilerParams(num_warps=1, num_stages=config.num_stages),
+            interpret=interpret,
+            name=name,
+        )
+
+    summary = ()
+    if segments > 1:
+        summary_shape = _summary_shapes(batch, segments, n, dim, with_sums=segments > 2)
+        summary = call(True, summary_shape, segments - 1, "selective_scan_fwd_grouped_summary")(*args)
+    y_shape = jax.ShapeDtypeStruct(u.shape, u.dtype)
+    return call(False, [y_shape], segments, "selective_scan_fwd_grouped")(*args, *summary)[0]
 
 
 def scan_backward(
@@ -796,12 +904,9 @@ def scan_backward(
     C_flat = C.reshape(batch, length * n)  # B/C rows read as flat (batch, length·d_state), see _Coefficients
     summary = ()
     if segments > 1:
-        summary_shape = [
-            jax.ShapeDtypeStruct((batch, segments, n, dim), _F32),
-            jax.ShapeDtypeStruct((batch, segments, dim), _F32),
-        ]
+        summary_shape = _summary_shapes(batch, segments, n, dim)
         summarize = functools.partial(_adjoint_summary_kernel, **common)
-        summary = _call(summarize, summary_shape, u, bwd, interpret, "selective_scan_bwd_summary", segments)(
+        summary = _call(summarize, summary_shape, u, bwd, interpret, "selective_scan_bwd_summary", segments - 1)(
             delta, A.T, C_flat, D, delta_bias, dy
         )
     out_shape = [

@@ -130,13 +130,18 @@ GROUPED_CASES = [
         KernelConfig(chunk=4, state_groups=4, prefetch=False),
         KernelConfig(chunk=8, state_groups=8),
         KernelConfig(chunk=2, state_groups=1),
+        KernelConfig(chunk=8, state_groups=2, splits=2),
+        KernelConfig(chunk=2, state_groups=2, splits=3, prefetch=False),
+        KernelConfig(chunk=4, state_groups=4, splits=5),
     ],
-    ids=lambda c: f"k{c.chunk}g{c.state_groups}{'' if c.prefetch else '-nopf'}",
+    ids=lambda c: f"k{c.chunk}g{c.state_groups}s{c.splits}{'' if c.prefetch else '-nopf'}",
 )
 def test_grouped_inference_forward(case, config):
     """The inference forward with G lanes a channel (and the one-lane kernel for G=1) against float64: lengths
     below, at and past whole chunks (static tails of 1..15 steps), dims that leave partial channel blocks,
-    d_state 5 (padded to 8) and 16, softplus off (no Δ sharing) and bfloat16."""
+    d_state 5 (padded to 8) and 16, softplus off (no Δ sharing), bfloat16, and the sequence split into 2, 3 or 5
+    segments (two passes; fewer segments where there are fewer full chunks, a last segment shorter than the
+    others, a tail after it)."""
     batch, length, dim, n, dtype, softplus, with_d, with_bias = case
     rng = np.random.default_rng([SEED, zlib.crc32(repr((case, config)).encode())])
     args = make_inputs(rng, batch, length, dim, n, dtype, softplus=softplus, with_d=with_d, with_bias=with_bias)
@@ -176,6 +181,10 @@ def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels():
     grad = jax.grad(lambda *a: fwd(*a).sum(), argnums=(0, 3))
     text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "selective_scan_fwd_grouped" not in text and "selective_scan_bwd" in text
+    split = KernelConfig(chunk=16, state_groups=2, splits=3)
+    split_fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=split)
+    text = jax.jit(split_fwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "selective_scan_fwd_grouped_summary" in text
 
 
 @pytest.mark.parametrize("batch,length,dim", [(2, 196, 160), (2, 49, 320), (2, 197, 40)])
