@@ -531,7 +531,8 @@ def _grouped_forward_kernel(
             reverse=False,
         )
     last_segment = segment == segments - 1
-    count = jnp.where(last_segment, full_chunks - (segments - 1) * per_segment, per_segment)
+    # (not jnp.where: Pallas-Triton lowers a select of two constants on a scalar predicate to i1)
+    count = per_segment - (segments * per_segment - full_chunks) * last_segment.astype(jnp.int32)
     first_t0 = segment * per_segment * chunk
     last_start = length - chunk + 0 * batch_idx  # traced, like every other row index (see above)
     full = functools.partial(body, steps=chunk, shared=share)

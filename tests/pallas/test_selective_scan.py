@@ -168,7 +168,27 @@ def test_grouped_config_errors():
 # CUDA lowering from the CPU host (catches Triton lowering breaks without a GPU).
 
 
-def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels():
+@pytest.fixture
+def verified_triton_modules(monkeypatch):
+    """Runs MLIR's verifier on every Triton module lowered during the test (what the GPU's Triton compiler rejects
+    first, e.g. an ``scf.for`` whose bounds differ in type, which ``.lower()`` alone lets through); returns the
+    list of verified modules' names."""
+    from jax._src.pallas.triton import lowering
+
+    original = lowering.lower_jaxpr_to_triton_module
+    names = []
+
+    def verified(*args, **kwargs):
+        result = original(*args, **kwargs)
+        result.module.operation.verify()  # raises with the verifier's message
+        names.append(str(result.module.body.operations[0].attributes["sym_name"]))
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", verified)
+    return names
+
+
+def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels(verified_triton_modules):
     """state_groups puts the grouped kernel (per-lane shfl.sync.idx sources) into the inference forward only; under
     differentiation the forward that saves states and the backward run as before."""
     spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -181,16 +201,24 @@ def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels():
     grad = jax.grad(lambda *a: fwd(*a).sum(), argnums=(0, 3))
     text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "selective_scan_fwd_grouped" not in text and "selective_scan_bwd" in text
-    split = KernelConfig(chunk=16, state_groups=2, splits=3)
-    split_fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=split)
-    text = jax.jit(split_fwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "selective_scan_fwd_grouped_summary" in text
+    assert len(verified_triton_modules) == 3
+    for length, split in (
+        (196, KernelConfig(chunk=16, state_groups=2, splits=3)),
+        (49, KernelConfig(chunk=8, state_groups=2, splits=2, prefetch=False)),
+    ):
+        split_args = tuple(
+            jax.ShapeDtypeStruct((*a.shape[:1], length, *a.shape[2:]), a.dtype) if a.ndim == 3 else a for a in args
+        )
+        split_fwd = lambda *a, c=split: selective_scan_pallas(*a, delta_softplus=True, config=c)
+        text = jax.jit(split_fwd).trace(*split_args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "selective_scan_fwd_grouped_summary" in text
+    assert len(verified_triton_modules) == 7
 
 
 @pytest.mark.parametrize("batch,length,dim", [(2, 196, 160), (2, 49, 320), (2, 197, 40)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_lowers_for_cuda(batch, length, dim, dtype, splits):
+def test_lowers_for_cuda(batch, length, dim, dtype, splits, verified_triton_modules):
     n = 8
     spec = lambda shape, t=dtype: jax.ShapeDtypeStruct(shape, t)
     args = (
@@ -210,6 +238,7 @@ def test_lowers_for_cuda(batch, length, dim, dtype, splits):
     for fn, expected in ((fwd, 1 + extra), (grad, 2 + 2 * extra)):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == expected, text[:2000]
+    assert len(verified_triton_modules) == 3 + 3 * extra
 
 
 @pytest.mark.parametrize("fast_math", [True, False])
