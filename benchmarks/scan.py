@@ -199,21 +199,23 @@ def _cfg_str(cfg):
 
 
 def sweep_configs():
-    """The training defaults and their neighbours (one lane a channel, 1-4 segments), then the inference forward's
+    """The training defaults and their neighbours (one lane a channel, 1-10 segments), then the inference forward's
     grouped kernel (2 or 4 lanes a channel; its forward+backward column times the one-lane training kernels of the
     same chunk), and exact math for reference."""
     K = KernelConfig
     return [
+        K(chunk=4, prefetch=False, splits=7),
         K(chunk=4, prefetch=False, splits=4),
-        K(chunk=4, prefetch=True, splits=4),
-        K(chunk=8, prefetch=False, splits=4),
+        K(chunk=4, prefetch=False, splits=10),
+        K(chunk=4, prefetch=True, splits=7),
+        K(chunk=8, prefetch=False, splits=7),
         K(chunk=16, prefetch=True),
         K(chunk=16, state_groups=2),
         K(chunk=8, state_groups=2),
         K(chunk=32, state_groups=2),
         K(chunk=16, state_groups=2, prefetch=False),
         K(chunk=8, state_groups=4),
-        K(chunk=4, prefetch=False, splits=4, fast_math=False),
+        K(chunk=4, prefetch=False, splits=7, fast_math=False),
     ]
 
 

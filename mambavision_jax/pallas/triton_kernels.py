@@ -102,15 +102,15 @@ def default_config(batch: int, length: int, dim: int, training: bool = False, d_
     """Inference (the forward alone): two lanes a channel (``state_groups=2``), one prefetched pass in chunks of 16
     steps (8 below 128 steps), wherever d_state (padded to a power of two) is 2 to 32. Training (the forward that
     saves chunk states, and the backward) and other d_state: one warp of 32 channels, a lane a channel with its
-    d_state values in registers; long sequences (>= 128 steps) as 4 parallel segments without prefetching (fewer
-    registers, 4x the warps), short ones as one prefetched pass in chunks of 4 steps (2 for very short ones).
+    d_state values in registers; long sequences (>= 128 steps) as 7 parallel segments without prefetching (fewer
+    registers, more warps), short ones as one prefetched pass in chunks of 4 steps (2 for very short ones).
     Measured on an H200 (benchmarks/NOTES.md), float32 b128 µs: T stage 3 forward 33.1 (grouped) vs 49.7, T stage
-    4 forward 16.7 vs 19.1; T stage 3 forward+backward 176.0 (4 segments)."""
+    4 forward 16.7 vs 19.1; T stage 3 forward+backward 153.7 with 7 segments (162.0 with 4, 163.9 with 10)."""
     del batch, dim
     if not training and 2 <= pl.next_power_of_2(d_state) <= 32:
         return KernelConfig(chunk=16 if length >= 128 else 8, state_groups=2)
     if length >= 128:
-        return KernelConfig(block_d=32, chunk=4, prefetch=False, splits=4)
+        return KernelConfig(block_d=32, chunk=4, prefetch=False, splits=7)
     return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4)
 
 
@@ -378,41 +378,21 @@ def _forward_kernel(
 
 
 def _grouped_forward_kernel(
-    u_ref,
-    delta_ref,
-    A_ref,
-    B_ref,
-    C_ref,
-    D_ref,
-    bias_ref,
-    *refs,
-    config,
-    math_,
-    delta_softplus,
-    segments,
-    summarize,
+    u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_ref, *, config, math_, delta_softplus
 ):
-    """Inference forward (y only) with G = ``config.state_groups`` lanes a channel: program (j, b, s) runs segment s
-    of the sequence of channels ``[j·W, (j+1)·W)``, W = 32/G, of batch row b in one warp whose lane l holds channel
+    """Inference forward (y only) with G = ``config.state_groups`` lanes a channel: program (j, b) runs the whole
+    sequence of channels ``[j·W, (j+1)·W)``, W = 32/G, of batch row b in one warp whose lane l holds channel
     ``j·W + l mod W`` and its states ``g·S .. g·S+S-1``, g = l div W, S = d_state/G.
 
     Compared with one lane a channel this gives G times the warps (the one-lane kernel leaves most schedulers with
     one warp at MambaVision's stage-3 shapes, stalled on its own dependent chain) for a few extra instructions a
     step: B and C reach each lane by ``shfl.sync.idx`` from (32,) vectors of the chunk's flat B/C values, y's G
     partial sums meet by ``shfl.sync.bfly``. With softplus, the G lanes of a channel each compute Δ for one of G
-    consecutive steps and pass it round (one softplus per G steps). The time loop runs over full chunks only,
+    consecutive steps and pass it round (one softplus per G steps). The time loop runs over the full chunks only,
     without clamps or masks (addresses are affine in the step, so loads and stores take immediate offsets); the
     ``length mod chunk`` last steps are the end of the chunk that finishes at the last step, whose rows the last
     iteration prefetched.
-
-    ``segments`` > 1 (``KernelConfig.splits``): the full chunks are cut into that many segments of
-    ``cdiv(full chunks, segments)`` chunks (the last also runs the tail). ``summarize=True`` (pass 1, grid over the
-    first ``segments - 1`` segments; refs: ends [, delta_sums when segments > 2]) runs its segment from zero and
-    writes the end state (batch, segments - 1, d_state, dim) and the sum of Δ (batch, segments - 1, dim).
-    ``summarize=False`` (refs: [ends, [delta_sums,]] y) starts segment s from the state chained from the summaries
-    (entry_0 = 0, entry_{s+1} = exp(A·Σ_s Δ)·entry_s + end_s) and writes y.
     """
-    refs = list(refs)
     _, length, dim = u_ref.shape
     n = A_ref.shape[0]
     groups = config.state_groups
@@ -421,40 +401,15 @@ def _grouped_forward_kernel(
     group = lane // width
     d0 = pl.program_id(0) * width
     batch_idx = pl.program_id(1)
-    segment = pl.program_id(2)
     channel = jnp.minimum(d0 + lane % width, dim - 1)  # loads clamp; stores are masked on the true channel
-    channel_valid = d0 + lane % width < dim
-    store_mask = jnp.logical_and(channel_valid, group == 0)
-    states = [group * per_lane + i for i in range(per_lane)]  # the state index of each of a lane's values
-    A2 = [plt.load(A_ref.at[state, channel]).astype(_F32) * _LOG2E for state in states]
+    store_mask = jnp.logical_and(d0 + lane % width < dim, group == 0)
+    A2 = [plt.load(A_ref.at[group * per_lane + i, channel]).astype(_F32) * _LOG2E for i in range(per_lane)]
     D = jnp.where(group == 0, plt.load(D_ref.at[channel]).astype(_F32), 0.0)  # D·u counted once in the group sum
     bias = plt.load(bias_ref.at[channel]).astype(_F32)
     share = delta_softplus and groups > 1
-    with_sums = segments > 2  # with two segments the second's entry is the first's end, no decay needed
-    ends_ref = refs.pop(0) if segments > 1 else None
-    sums_ref = refs.pop(0) if with_sums else None
-    y_ref = None if summarize else refs.pop(0)
 
     def row(ref, t):
         return plt.load(ref.at[batch_idx, t, channel]).astype(_F32)
-
-    def store(ref, index, value, i=None):
-        """``ref[*index, channel]`` = lane group 0's values (y, Δ sums) or, with ``i``, ``ref[*index, state,
-        channel]`` = every lane's i-th state; channels past ``dim`` masked."""
-        if math_.gpu:
-            if i is None:
-                plt.store(ref.at[(*index, channel)], value, mask=store_mask)
-            else:
-                plt.store(ref.at[(*index, states[i], channel)], value, mask=channel_valid)
-            return
-        # interpret mode stores W-lane slices: a masked store to repeated addresses is undefined there
-        for g in range(1 if i is None else groups):
-            state = () if i is None else (jnp.int32(g * per_lane + i),)
-            plt.store(
-                ref.at[(*index, *state, pl.ds(d0, width))],
-                value[g * width : (g + 1) * width],
-                mask=d0 + jnp.arange(width) < dim,
-            )
 
     def load(t0, steps, shared):
         """u rows, Δ rows (with ``shared``, lane group g's row of each G-step group: step k + g), and the B and C
@@ -465,7 +420,7 @@ def _grouped_forward_kernel(
         else:
             deltas = [row(delta_ref, t0 + k) for k in range(steps)]
         vectors = []
-        for ref in (B_ref,) if summarize else (B_ref, C_ref):
+        for ref in (B_ref, C_ref):
             out = []
             for v in range(pl.cdiv(steps * n, 32)):
                 window = ref.at[batch_idx, pl.ds(t0 * n + 32 * v, 32)]
@@ -476,10 +431,9 @@ def _grouped_forward_kernel(
             vectors.append(out)
         return us, deltas, *vectors
 
-    def body(t0, carry, chunk_rows, steps, shared, first=0):
-        """Steps ``first .. steps-1`` of the chunk of rows loaded at ``t0``; carry = (state, Δ sum)."""
-        h, delta_sum = carry
-        us, deltas, Bs = chunk_rows[:3]
+    def body(t0, h, chunk_rows, steps, shared, first=0):
+        """Steps ``first .. steps-1`` of the chunk of rows loaded at ``t0``."""
+        us, deltas, Bs, Cs = chunk_rows
         dts = {}
         if shared:  # lane group g computed Δ of step k + g; lane (j·W + c) hands step k + j's to every group
             for p in range(first // groups, steps // groups):
@@ -491,82 +445,51 @@ def _grouped_forward_kernel(
                 dts[k] = math_.softplus(deltas[k] + bias) if delta_softplus else deltas[k] + bias
         for k in range(first, steps):
             vector, offset = divmod(k * n, 32)  # step k's B/C values: lanes offset .. offset+n-1 of that vector
-            source = [offset + state for state in states]
+            source = [offset + group * per_lane + i for i in range(per_lane)]
             dtu = dts[k] * us[k]
             h = tuple(
                 math_.exp2(dts[k] * A2_i) * h_i + dtu * math_.lane_gather(Bs[vector], src)
                 for A2_i, h_i, src in zip(A2, h, source)
             )
-            if summarize:
-                if with_sums:
-                    delta_sum = delta_sum + dts[k]
-                continue
             y = D * us[k]
             for h_i, src in zip(h, source):
-                y = y + math_.lane_gather(chunk_rows[3][vector], src) * h_i
+                y = y + math_.lane_gather(Cs[vector], src) * h_i
             offset_bits = width
             while offset_bits < 32:
                 y = y + math_.lane_xor(y, offset_bits)
                 offset_bits *= 2
-            store(y_ref, (batch_idx, t0 + k), y.astype(y_ref.dtype))
-        return h, delta_sum
+            if math_.gpu:
+                plt.store(y_ref.at[batch_idx, t0 + k, channel], y.astype(y_ref.dtype), mask=store_mask)
+            else:  # interpret mode stores the first W lanes: a masked store to repeated addresses is undefined there
+                plt.store(
+                    y_ref.at[batch_idx, t0 + k, pl.ds(d0, width)],
+                    y[:width].astype(y_ref.dtype),
+                    mask=d0 + jnp.arange(width) < dim,
+                )
+        return h
 
     chunk = config.chunk
-    zeros = jnp.zeros((32,), _F32)
-    h = tuple(zeros for _ in states)
+    h = tuple(jnp.zeros((32,), _F32) for _ in range(per_lane))
     full_chunks, tail = divmod(length, chunk)
     if not full_chunks:  # shorter than a chunk: one static chunk of ``length`` steps
         t0 = 0 * batch_idx  # traced: a static start would make the masked B/C vector loads' reach past the end an error
-        body(t0, (h, zeros), load(t0, length, False), length, False)
+        body(t0, h, load(t0, length, False), length, False)
         return
-    per_segment = pl.cdiv(full_chunks, segments)
-    if segments > 1 and not summarize:  # the state entering this segment, chained from the summaries
-        h = _chained_entry(
-            math_,
-            lambda i, n, up: plt.load(ends_ref.at[batch_idx, jnp.int32(i), states[n], channel], mask=up, other=0.0),
-            lambda i, up: plt.load(sums_ref.at[batch_idx, jnp.int32(i), channel], mask=up, other=0.0),
-            A2,
-            segments - 1,
-            segment,
-            reverse=False,
-        )
-    last_segment = segment == segments - 1
-    # (not jnp.where: Pallas-Triton lowers a select of two constants on a scalar predicate to i1)
-    count = per_segment - (segments * per_segment - full_chunks) * last_segment.astype(jnp.int32)
-    first_t0 = segment * per_segment * chunk
     last_start = length - chunk + 0 * batch_idx  # traced, like every other row index (see above)
     full = functools.partial(body, steps=chunk, shared=share)
     load_full = functools.partial(load, steps=chunk, shared=share)
-    carry = (h, zeros)
     if config.prefetch:
 
         def pipelined(i, state):
-            carry, chunk_rows = state
-            t0 = first_t0 + i * chunk
-            upcoming = load_full(jnp.minimum(t0 + chunk, last_start))
-            return full(t0, carry, chunk_rows), upcoming
+            h, chunk_rows = state
+            upcoming = load_full(jnp.minimum((i + 1) * chunk, last_start))
+            return full(i * chunk, h, chunk_rows), upcoming
 
-        carry, last_rows = jax.lax.fori_loop(0, count, pipelined, (carry, load_full(first_t0)))
+        h, last_rows = jax.lax.fori_loop(0, full_chunks, pipelined, (h, load_full(0)))
     else:
-        carry = jax.lax.fori_loop(
-            0, count, lambda i, c: full(first_t0 + i * chunk, c, load_full(first_t0 + i * chunk)), carry
-        )
-    if summarize:
-        h, delta_sum = carry
-        for i, h_i in enumerate(h):
-            store(ends_ref, (batch_idx, segment), h_i, i)
-        if with_sums:
-            store(sums_ref, (batch_idx, segment), delta_sum)
-        return
+        h = jax.lax.fori_loop(0, full_chunks, lambda i, h: full(i * chunk, h, load_full(i * chunk)), h)
     if tail:  # the chunk ending at the last step (prefetched by the last iteration), from its first new step
-
-        def run_tail():
-            full(last_start, carry, last_rows if config.prefetch else load_full(last_start), first=chunk - tail)
-
-        if segments > 1:
-            jax.lax.cond(last_segment, run_tail, lambda: None)
-        else:
-            run_tail()
+        full(last_start, h, last_rows if config.prefetch else load_full(last_start), first=chunk - tail)
 
 
 def _adjoint_summary_kernel(
@@ -780,11 +703,13 @@ def _chained_rows(math_, values_ref, sums_ref, A2, rows, segment, *, reverse):
     return _chained_entry(math_, load_value, load_sum, A2, values_ref.shape[1], segment, reverse=reverse)
 
 
-def _summary_shapes(batch, segments, n, dim, with_sums=True):
+def _summary_shapes(batch, segments, n, dim):
     """Outputs of a split scan's summary pass: a value (batch, S - 1, d_state, dim) and a Δ sum (batch, S - 1, dim)
     float32 for every segment but one (see :func:`_chained_entry`)."""
-    shapes = [jax.ShapeDtypeStruct((batch, segments - 1, n, dim), _F32)]
-    return shapes + [jax.ShapeDtypeStruct((batch, segments - 1, dim), _F32)] if with_sums else shapes
+    return [
+        jax.ShapeDtypeStruct((batch, segments - 1, n, dim), _F32),
+        jax.ShapeDtypeStruct((batch, segments - 1, dim), _F32),
+    ]
 
 
 def _call(kernel, out_shape, u, config, interpret, name, segments):
@@ -858,33 +783,21 @@ def _grouped_forward(args, delta_softplus, config, interpret):
         raise ValueError(
             f"KernelConfig.state_groups={groups} needs a chunk that is a multiple of it, got {config.chunk}"
         )
-    batch, length, dim = u.shape
-    full_chunks = length // config.chunk
-    segments = _segments(full_chunks, config.splits)[1] if full_chunks else 1
+    batch, _, dim = u.shape
     kernel = functools.partial(
         _grouped_forward_kernel,
         config=config,
         math_=_Math(fast=config.fast_math and not interpret, gpu=not interpret),
         delta_softplus=delta_softplus,
-        segments=segments,
     )
-
-    def call(summarize, out_shape, grid_segments, name):
-        return pl.pallas_call(
-            functools.partial(kernel, summarize=summarize),
-            out_shape=out_shape,
-            grid=(pl.cdiv(dim, 32 // groups), batch, grid_segments),
-            compiler_params=plt.CompilerParams(num_warps=1, num_stages=config.num_stages),
-            interpret=interpret,
-            name=name,
-        )
-
-    summary = ()
-    if segments > 1:
-        summary_shape = _summary_shapes(batch, segments, n, dim, with_sums=segments > 2)
-        summary = call(True, summary_shape, segments - 1, "selective_scan_fwd_grouped_summary")(*args)
-    y_shape = jax.ShapeDtypeStruct(u.shape, u.dtype)
-    return call(False, [y_shape], segments, "selective_scan_fwd_grouped")(*args, *summary)[0]
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype),
+        grid=(pl.cdiv(dim, 32 // groups), batch),
+        compiler_params=plt.CompilerParams(num_warps=1, num_stages=config.num_stages),
+        interpret=interpret,
+        name="selective_scan_fwd_grouped",
+    )(*args)
 
 
 def scan_backward(
