@@ -367,7 +367,7 @@ def _forward_kernel(
         return h, delta_sum
 
     zeros = jnp.zeros((block_d,), _F32)
-    h = _chained_rows(math_, *summary_refs, A2, rows, segment, reverse=False) if chained else tuple(zeros for _ in A)
+    h = _chained_entry(math_, *summary_refs, A2, rows, segment, reverse=False) if chained else tuple(zeros for _ in A)
     first = segment * chunks_per_segment * chunk
     h, delta_sum = _chunk_loop(chunks_per_segment, first, chunk, load, body, (h, zeros), config.prefetch)
     if summarize:
@@ -650,7 +650,7 @@ def _backward_kernel(
 
     zeros = jnp.zeros((block_d,), _F32)
     zeros_n = tuple(zeros for _ in range(n))
-    g = _chained_rows(math_, *summary_refs, A2, rows, segment, reverse=True) if chained else zeros_n
+    g = _chained_entry(math_, *summary_refs, A2, rows, segment, reverse=True) if chained else zeros_n
     _, dA, dD, dbias = _chunk_loop(
         per_segment, last * chunk, -chunk, load, body, (g, zeros_n, zeros, zeros), config.prefetch
     )
@@ -666,41 +666,31 @@ def _segments(n_chunks: int, splits: int) -> tuple[int, int]:
     return per_segment, pl.cdiv(n_chunks, per_segment)
 
 
-def _chained_entry(math_, load_value, load_sum, A2, summaries, segment, *, reverse):
-    """The state (forward) or adjoint (backward, ``reverse``) entering ``segment`` of a split scan (a tuple of
-    d_state float32 vectors), chained from the summary pass's outputs. There are ``summaries`` = S - 1 of them: one
-    a segment but the last (forward) or the first (reverse); summary i describes segment i (forward) or i + 1
-    (reverse). ``load_value(i, n, upstream)``: state n of what summary i's segment produces from a zero start;
-    ``load_sum(i, upstream)``: its Δ sum, so exp(A·sum) is its total decay (``A2`` = A·log2 e); both zero where
-    ``upstream`` is false. Forward: entry_0 = 0, entry_{s+1} = decay_s·entry_s + value_s. Reverse: entry_{S-1} = 0,
-    entry_{s-1} = decay_s·entry_s + value_s. S is at most a handful, so every program redoes the few steps it needs
-    (no extra launch); the decay of the first segment in chain order is never needed."""
+def _chained_entry(math_, values_ref, sums_ref, A2, rows, segment, *, reverse):
+    """The state (forward) or adjoint (backward, ``reverse``) entering ``segment`` of a split scan, as d_state
+    (block_d,) float32 vectors, chained from the summary pass's outputs.
+
+    ``values_ref`` (batch, S - 1, d_state, dim): what a segment produces from a zero start; ``sums_ref``
+    (batch, S - 1, dim): its Δ sums, so exp(A·sum) is its total decay (``A2`` = A·log2 e). Summary i describes
+    segment i (forward; the last segment needs none) or i + 1 (reverse; the first needs none). Forward:
+    entry_0 = 0, entry_{s+1} = decay_s·entry_s + values_s. Reverse: entry_{S-1} = 0, entry_{s-1} = decay_s·entry_s
+    + values_s. S is at most a handful, so every program redoes the few steps it needs (no extra launch); the
+    first summary in chain order multiplies a zero entry, so its decay is not loaded."""
+    summaries = values_ref.shape[1]
+    channels = pl.ds(rows.d0, rows.block_d)
     entry = None
     for i in range(summaries - 1, -1, -1) if reverse else range(summaries):
-        upstream = segment <= i if reverse else i < segment
-        values = [load_value(i, n, upstream) for n in range(len(A2))]
+        mask = jnp.logical_and(rows.dmask, segment <= i if reverse else i < segment)
+        values = [
+            plt.load(values_ref.at[rows.b, jnp.int32(i), jnp.int32(n), channels], mask=mask, other=0.0)
+            for n in range(len(A2))
+        ]
         if entry is None:
             entry = tuple(values)
             continue
-        total = load_sum(i, upstream)
+        total = plt.load(sums_ref.at[rows.b, jnp.int32(i), channels], mask=mask, other=0.0)
         entry = tuple(math_.exp2(total * A2_n) * e_n + v_n for A2_n, e_n, v_n in zip(A2, entry, values))
     return entry
-
-
-def _chained_rows(math_, values_ref, sums_ref, A2, rows, segment, *, reverse):
-    """:func:`_chained_entry` for the one-lane kernels: (block_d,) rows of ``values_ref`` (batch, S - 1, d_state,
-    dim) and ``sums_ref`` (batch, S - 1, dim)."""
-    channels = pl.ds(rows.d0, rows.block_d)
-
-    def load_value(i, n, upstream):
-        mask = jnp.logical_and(rows.dmask, upstream)
-        return plt.load(values_ref.at[rows.b, jnp.int32(i), jnp.int32(n), channels], mask=mask, other=0.0)
-
-    def load_sum(i, upstream):
-        mask = jnp.logical_and(rows.dmask, upstream)
-        return plt.load(sums_ref.at[rows.b, jnp.int32(i), channels], mask=mask, other=0.0)
-
-    return _chained_entry(math_, load_value, load_sum, A2, values_ref.shape[1], segment, reverse=reverse)
 
 
 def _summary_shapes(batch, segments, n, dim):
