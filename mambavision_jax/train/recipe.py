@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.progress_bar = True
+    c.gc_freeze = True  # gc.freeze() once the step is compiled (see train.loop.train_and_evaluate)
     c.mode = "train"
     return c
 

@@ -1,6 +1,7 @@
 """Kill-and-resume reproduces the uninterrupted run; a non-finite loss stops the run and keeps the last good
 checkpoint; metrics.jsonl rows carry step/split/metrics."""
 
+import gc
 import os
 
 import numpy as np
@@ -103,6 +104,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
     workdir = str(tmp_path / "nan")
     with pytest.raises(loop.NonFiniteLossError, match=r"Non-finite loss at step 5 .*last good checkpoint \(step 3\)"):
         loop.train_and_evaluate(c, workdir, data_module=_NaNAfter(4))  # the 5th batch produces step 5
+    assert gc.get_freeze_count() == 0  # the loop's gc.freeze() is undone on the error path too
     ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ck.all_steps() == [3]
     rows = _rows(workdir, "train")
