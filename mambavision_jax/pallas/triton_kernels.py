@@ -408,8 +408,8 @@ def _grouped_forward_kernel(
     bias = plt.load(bias_ref.at[channel]).astype(_F32)
     share = delta_softplus and groups > 1
 
-    def row(ref, t):
-        return plt.load(ref.at[batch_idx, t, channel]).astype(_F32)
+    def row(ref, t):  # u and Δ are read once: evicted first (B, C: read by every channel block of the row: last)
+        return plt.load(ref.at[batch_idx, t, channel], eviction_policy="evict_first").astype(_F32)
 
     def load(t0, steps, shared):
         """u rows, Δ rows (with ``shared``, lane group g's row of each G-step group: step k + g), and the B and C
@@ -425,9 +425,10 @@ def _grouped_forward_kernel(
             for v in range(pl.cdiv(steps * n, 32)):
                 window = ref.at[batch_idx, pl.ds(t0 * n + 32 * v, 32)]
                 if steps * n >= 32 * (v + 1):
-                    out.append(plt.load(window).astype(_F32))
+                    out.append(plt.load(window, eviction_policy="evict_last").astype(_F32))
                 else:
-                    out.append(plt.load(window, mask=lane < steps * n - 32 * v, other=0.0).astype(_F32))
+                    mask = lane < steps * n - 32 * v
+                    out.append(plt.load(window, mask=mask, other=0.0, eviction_policy="evict_last").astype(_F32))
             vectors.append(out)
         return us, deltas, *vectors
 
@@ -459,7 +460,8 @@ def _grouped_forward_kernel(
                 y = y + math_.lane_xor(y, offset_bits)
                 offset_bits *= 2
             if math_.gpu:
-                plt.store(y_ref.at[batch_idx, t0 + k, channel], y.astype(y_ref.dtype), mask=store_mask)
+                y_row = y_ref.at[batch_idx, t0 + k, channel]
+                plt.store(y_row, y.astype(y_ref.dtype), mask=store_mask, eviction_policy="evict_first")
             else:  # interpret mode stores the first W lanes: a masked store to repeated addresses is undefined there
                 plt.store(
                     y_ref.at[batch_idx, t0 + k, pl.ds(d0, width)],
