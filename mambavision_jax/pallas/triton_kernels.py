@@ -285,20 +285,18 @@ def _butterfly_pair(math_, lo, hi, offset):
     return jnp.where(upper, hi, lo) + math_.lane_xor(jnp.where(upper, lo, hi), offset)
 
 
-def _transpose_sums(math_, values, offset=16, smallest=1):
+def _transpose_sums(math_, values, offset=16):
     """Sums of m (32,) one-warp vectors over their lanes, m a power of two <= 32, in m - 1 + log2(32/m) shuffles
     instead of 5·m: each butterfly round halves the vectors a lane keeps, then the last one is summed. Returns one
     (32,) vector whose lane l holds the sum of ``values[l >> (5 - log2 m)]``. With ``offset`` < 16, ``values``
-    are what the rounds for the larger offsets already produced (the caller ran them, e.g. to free registers).
-    With ``smallest`` = 32/m the sums stop at the butterfly rounds: lane l holds the sum of that vector over the m
-    lanes ``l ^ (i·32/m)`` only (the m lanes that share a channel in the grouped forward)."""
+    are what the rounds for the larger offsets already produced (the caller ran them, e.g. to free registers)."""
     values = list(values)
     while len(values) > 1:
         half = len(values) // 2
         values = [_butterfly_pair(math_, lo, hi, offset) for lo, hi in zip(values[:half], values[half:])]
         offset //= 2
     total = values[0]
-    while offset >= smallest:
+    while offset >= 1:
         total = total + math_.lane_xor(total, offset)
         offset //= 2
     return total
@@ -404,7 +402,7 @@ def _grouped_forward_kernel(
     d0 = pl.program_id(0) * width
     batch_idx = pl.program_id(1)
     channel = jnp.minimum(d0 + lane % width, dim - 1)  # loads clamp; stores are masked on the true channel
-    channel_valid = d0 + lane % width < dim
+    store_mask = jnp.logical_and(d0 + lane % width < dim, group == 0)
     A2 = [plt.load(A_ref.at[group * per_lane + i, channel]).astype(_F32) * _LOG2E for i in range(per_lane)]
     D = jnp.where(group == 0, plt.load(D_ref.at[channel]).astype(_F32), 0.0)  # D·u counted once in the group sum
     bias = plt.load(bias_ref.at[channel]).astype(_F32)
@@ -434,22 +432,6 @@ def _grouped_forward_kernel(
             vectors.append(out)
         return us, deltas, *vectors
 
-    def store_rows(t_first, y, rows):
-        """Stores y's rows t_first .. t_first + rows - 1 (rows 1 or G), lane group g holding row t_first + g, into
-        y_ref viewed flat as (batch, length·dim) (the per-lane part of the address is then loop-invariant)."""
-        if math_.gpu:
-            lane_offset = group * dim + channel if rows > 1 else channel
-            mask = channel_valid if rows > 1 else jnp.logical_and(channel_valid, group == 0)
-            y_row = y_ref.at[batch_idx, t_first * dim + lane_offset]
-            plt.store(y_row, y.astype(y_ref.dtype), mask=mask, eviction_policy="evict_first")
-            return
-        for g in range(rows):  # interpret mode: W lanes a store (a masked store to repeated addresses is undefined)
-            plt.store(
-                y_ref.at[batch_idx, pl.ds((t_first + g) * dim + d0, width)],
-                y[g * width : (g + 1) * width].astype(y_ref.dtype),
-                mask=d0 + jnp.arange(width) < dim,
-            )
-
     def body(t0, h, chunk_rows, steps, shared, first=0):
         """Steps ``first .. steps-1`` of the chunk of rows loaded at ``t0``."""
         us, deltas, Bs, Cs = chunk_rows
@@ -462,8 +444,6 @@ def _grouped_forward_kernel(
         else:
             for k in range(first, steps):
                 dts[k] = math_.softplus(deltas[k] + bias) if delta_softplus else deltas[k] + bias
-        partial_ys = []  # the lane's part of y (its states' C·h, plus D·u in group 0) of steps k0 .. k
-        blocks_end = first + (steps - first) // groups * groups
         for k in range(first, steps):
             vector, offset = divmod(k * n, 32)  # step k's B/C values: lanes offset .. offset+n-1 of that vector
             source = [offset + group * per_lane + i for i in range(per_lane)]
@@ -475,13 +455,19 @@ def _grouped_forward_kernel(
             y = D * us[k]
             for h_i, src in zip(h, source):
                 y = y + math_.lane_gather(Cs[vector], src) * h_i
-            partial_ys.append(y)
-            if k < blocks_end and len(partial_ys) < groups:
-                continue
-            # G steps (or one past the last whole block of G): lane group g receives the sums of the block's step g
-            sums = _transpose_sums(math_, partial_ys, smallest=width)
-            store_rows(t0 + k + 1 - len(partial_ys), sums, len(partial_ys))
-            partial_ys = []
+            offset_bits = width
+            while offset_bits < 32:
+                y = y + math_.lane_xor(y, offset_bits)
+                offset_bits *= 2
+            if math_.gpu:
+                y_row = y_ref.at[batch_idx, t0 + k, channel]
+                plt.store(y_row, y.astype(y_ref.dtype), mask=store_mask, eviction_policy="evict_first")
+            else:  # interpret mode stores the first W lanes: a masked store to repeated addresses is undefined there
+                plt.store(
+                    y_ref.at[batch_idx, t0 + k, pl.ds(d0, width)],
+                    y[:width].astype(y_ref.dtype),
+                    mask=d0 + jnp.arange(width) < dim,
+                )
         return h
 
     chunk = config.chunk
@@ -789,22 +775,21 @@ def _grouped_forward(args, delta_softplus, config, interpret):
         raise ValueError(
             f"KernelConfig.state_groups={groups} needs a chunk that is a multiple of it, got {config.chunk}"
         )
+    batch, _, dim = u.shape
     kernel = functools.partial(
         _grouped_forward_kernel,
         config=config,
         math_=_Math(fast=config.fast_math and not interpret, gpu=not interpret),
         delta_softplus=delta_softplus,
     )
-    batch, length, dim = u.shape
-    y_flat = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((batch, length * dim), u.dtype),
+        out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype),
         grid=(pl.cdiv(dim, 32 // groups), batch),
         compiler_params=plt.CompilerParams(num_warps=1, num_stages=config.num_stages),
         interpret=interpret,
         name="selective_scan_fwd_grouped",
     )(*args)
-    return y_flat.reshape(batch, length, dim)
 
 
 def scan_backward(
