@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +136,18 @@ class _Math:
     def exp2(self, x):
         return self._asm("ex2.approx.ftz.f32 $0, $1;", x) if self.fast else jnp.exp2(x)
 
+    def fma(self, a, b, c):
+        """a·b + c on float32 rows, rounded once (PTX ``fma.rn.f32``) on the GPU; ``c`` may be a Python float (an
+        immediate operand). Spelled out because the device's Triton pipeline emits ``mul.rn``/``add.rn``, which
+        ptxas never contracts: the grouped forward's SASS on the card had no FFMA at all (benchmarks/NOTES.md,
+        session 10)."""
+        if not self.gpu:
+            return a * b + c
+        if isinstance(c, float):
+            bits = struct.unpack("<I", struct.pack("<f", c))[0]
+            return self._asm(f"fma.rn.f32 $0, $1, $2, 0f{bits:08X};", *jnp.broadcast_arrays(a, b))
+        return self._asm("fma.rn.f32 $0, $1, $2, $3;", *jnp.broadcast_arrays(a, b, c))
+
     def rcp(self, x):
         return self._asm("rcp.approx.ftz.f32 $0, $1;", x) if self.fast else 1.0 / x
 
@@ -164,10 +177,10 @@ class _Math:
         e = self.exp2(-jnp.abs(x) * _LOG2E)
         s = e * self.rcp(2.0 + e)
         s2 = s * s
-        series = jnp.full_like(s, 1.0 / 13.0)
+        series = jnp.full_like(s, 2.0 / 13.0)  # 2·atanh(s)/s = Σ_k 2/k·s^(k-1), k odd
         for k in (11, 9, 7, 5, 3, 1):
-            series = series * s2 + 1.0 / k
-        return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.maximum(x, 0.0) + 2.0 * s * series)
+            series = self.fma(series, s2, 2.0 / k)
+        return jnp.where(x > SOFTPLUS_THRESHOLD, x, self.fma(s, series, jnp.maximum(x, 0.0)))
 
     def softplus_grad(self, x):
         """d softplus / dx = sigmoid(x) (1 above the threshold)."""
@@ -257,7 +270,7 @@ def _lane_step(math_, delta_raw, bias, A2, h, u, B, delta_softplus):
     """One recurrence step on (block_d,) rows: returns (pre-softplus Δ, Δ, decays, new state)."""
     pre, dt, a = _discretise(math_, delta_raw, bias, A2, delta_softplus)
     dtu = dt * u
-    return pre, dt, a, tuple(a_n * h_n + dtu * B_n for a_n, h_n, B_n in zip(a, h, B))
+    return pre, dt, a, tuple(math_.fma(a_n, h_n, dtu * B_n) for a_n, h_n, B_n in zip(a, h, B))
 
 
 def _chunk_loop(count, first_t0, step_t0, load, body, carry, prefetch):
@@ -358,7 +371,7 @@ def _forward_kernel(
             h = h_next
             y = D * us[k]
             for h_n, C_n in zip(h, coefficients.step(Cs, k)):
-                y = y + C_n * h_n
+                y = math_.fma(C_n, h_n, y)
             plt.store(
                 refs[0].at[rows.b, t, pl.ds(rows.d0, block_d)],
                 y.astype(refs[0].dtype),
@@ -449,12 +462,12 @@ def _grouped_forward_kernel(
             source = [offset + group * per_lane + i for i in range(per_lane)]
             dtu = dts[k] * us[k]
             h = tuple(
-                math_.exp2(dts[k] * A2_i) * h_i + dtu * math_.lane_gather(Bs[vector], src)
+                math_.fma(math_.exp2(dts[k] * A2_i), h_i, dtu * math_.lane_gather(Bs[vector], src))
                 for A2_i, h_i, src in zip(A2, h, source)
             )
             y = D * us[k]
             for h_i, src in zip(h, source):
-                y = y + math_.lane_gather(Cs[vector], src) * h_i
+                y = math_.fma(math_.lane_gather(Cs[vector], src), h_i, y)
             offset_bits = width
             while offset_bits < 32:
                 y = y + math_.lane_xor(y, offset_bits)
@@ -625,25 +638,23 @@ def _backward_kernel(
             # Per state j: dh_j = g_j + C_j·dy; dB_j = Σ_d dh_j·Δu; dC_j = Σ_d h_j·dy; the next g_j = a_j·dh_j;
             # with p_j = a_j·dh_j·h_{t-1,j}: dA_j += Δ·p_j and dΔ = Σ_j A_j·p_j + u·S, du = D·dy + Δ·S for
             # S = Σ_j B_j·dh_j.
-            dS = jnp.zeros_like(dt)
-            ddt = jnp.zeros_like(dt)
             new_g, new_dA, terms = [], [], []
             for j in range(n):
-                dh = g[j] + C_t[j] * dy
+                dh = math_.fma(C_t[j], dy, g[j])
                 terms += channel_terms(h[k + 1][j] * dy, dh * dtu)
                 dh_a = dh * a[j]
                 p_j = dh_a * h[k][j]
-                dS = dS + B_t[j] * dh
-                ddt = ddt + A[j] * p_j
-                new_dA.append(dA[j] + dt * p_j)
+                dS = B_t[j] * dh if j == 0 else math_.fma(B_t[j], dh, dS)
+                ddt = A[j] * p_j if j == 0 else math_.fma(A[j], p_j, ddt)
+                new_dA.append(math_.fma(dt, p_j, dA[j]))
                 new_g.append(dh_a)
             store_channel_sums(t, valid, terms)
-            du = dy * D + dt * dS
-            ddt = ddt + u * dS
+            du = math_.fma(dt, dS, dy * D)
+            ddt = math_.fma(u, dS, ddt)
             if delta_softplus:
                 ddt = ddt * math_.softplus_grad(pre)
             g, dA = tuple(new_g), tuple(new_dA)
-            dD = dD + dy * u
+            dD = math_.fma(dy, u, dD)
             dbias = dbias + ddt
             row_mask = jnp.logical_and(rows.dmask, valid)
             plt.store(du_ref.at[rows.b, t, pl.ds(rows.d0, block_d)], du.astype(du_ref.dtype), mask=row_mask)

@@ -168,20 +168,21 @@ def test_grouped_config_errors():
 def verified_triton_modules(monkeypatch):
     """Runs MLIR's verifier on every Triton module lowered during the test (what the GPU's Triton compiler rejects
     first, e.g. an ``scf.for`` whose bounds differ in type, which ``.lower()`` alone lets through); returns the
-    list of verified modules' names."""
+    verified modules as a list of (kernel name, module text)."""
     from jax._src.pallas.triton import lowering
 
     original = lowering.lower_jaxpr_to_triton_module
-    names = []
+    modules = []
 
     def verified(*args, **kwargs):
         result = original(*args, **kwargs)
         result.module.operation.verify()  # raises with the verifier's message
-        names.append(str(result.module.body.operations[0].attributes["sym_name"]))
+        name = str(result.module.body.operations[0].attributes["sym_name"]).strip('"')
+        modules.append((name, result.module.operation.get_asm(enable_debug_info=False)))
         return result
 
     monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", verified)
-    return names
+    return modules
 
 
 def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels(verified_triton_modules):
@@ -198,6 +199,10 @@ def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels(ver
     text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "selective_scan_fwd_grouped" not in text and "selective_scan_bwd" in text
     assert len(verified_triton_modules) == 3
+    # The device's Triton pipeline emits mul.rn/add.rn, which ptxas never fuses: the multiply-adds are spelled out.
+    fmas = {name: text.count("fma.rn.f32") for name, text in verified_triton_modules}
+    assert fmas["selective_scan_fwd_grouped"] >= 16 * 8, fmas  # per step: 4 state updates, 4 C·h terms (chunk 16)
+    assert fmas["selective_scan_fwd"] >= 4 * 16 and fmas["selective_scan_bwd"] >= 4 * 8 * 3, fmas
 
 
 @pytest.mark.parametrize("batch,length,dim", [(2, 196, 160), (2, 49, 320), (2, 197, 40)])
