@@ -139,7 +139,7 @@ class _Math:
     def fma(self, a, b, c):
         """a·b + c on float32 rows, rounded once (PTX ``fma.rn.f32``) on the GPU; ``c`` may be a Python float (an
         immediate operand). Spelled out because the device's Triton pipeline emits ``mul.rn``/``add.rn``, which
-        ptxas never contracts: the grouped forward's SASS on the card had no FFMA at all (benchmarks/NOTES.md,
+        ptxas does not contract: the grouped forward's SASS on the card had no FFMA at all (benchmarks/NOTES.md,
         session 10)."""
         if not self.gpu:
             return a * b + c
