@@ -199,7 +199,7 @@ def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels(ver
     text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "selective_scan_fwd_grouped" not in text and "selective_scan_bwd" in text
     assert len(verified_triton_modules) == 3
-    # The device's Triton pipeline emits mul.rn/add.rn, which ptxas never fuses: the multiply-adds are spelled out.
+    # The device's Triton pipeline emits mul.rn/add.rn, which ptxas does not fuse: the multiply-adds are spelled out.
     fmas = {name: text.count("fma.rn.f32") for name, text in verified_triton_modules}
     assert fmas["selective_scan_fwd_grouped"] >= 16 * 8, fmas  # per step: 4 state updates, 4 C·h terms (chunk 16)
     assert fmas["selective_scan_fwd"] >= 4 * 16 and fmas["selective_scan_bwd"] >= 4 * 8 * 3, fmas
