@@ -11,7 +11,10 @@
    median over timed windows; each window cycles through several input sets (> L2) and ends in
    block_until_ready. Achieved bandwidth = bytes that must move / time, as a fraction of the measured
    device-to-device copy bandwidth.
-3. --sweep: pallas KernelConfig variants (math, prefetch, splits, chunk, block_d) at --sweep-shapes.
+3. --sweep: pallas KernelConfig variants (math, prefetch, splits, chunk, block_d) at --sweep-shapes; or those of
+   --sweep-configs ("chunk=16,state_groups=2;chunk=16,state_groups=2,coefficient_lookahead=2", fields of
+   KernelConfig), each also checked against float64 at the numerics shapes first; --sweep-forward-only times (and
+   checks) the forward alone, which is where the grouped inference kernels' fields apply.
 
 JSON (to --out, else $OUT/scan.json if $OUT is set) is rewritten after every section: keys "results" (one row per
 shape/dtype/impl with shape tag e.g. "T_stage3", fwd_us, fwdbwd_us), "numerics", "sweep", "sweep_best".
@@ -20,6 +23,7 @@ shape/dtype/impl with shape tag e.g. "T_stage3", fwd_us, fwdbwd_us), "numerics",
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import json
 import os
@@ -112,7 +116,9 @@ def input_sets(shape, dtype, count, seed):
     return out
 
 
-def numerics(impls, shapes, interpret, seed, log):
+def numerics(impls, shapes, interpret, seed, log, extra_configs=(), forward_only=False):
+    """Rows of relative errors against float64 for every impl (pallas with its defaults and a split one-lane
+    config, plus ``extra_configs``); ``forward_only`` checks the extra configs' forward alone."""
     rows = []
     for (tag, (_, length, dim)), dtype in itertools.product(shapes.items(), ("float32", "bfloat16")):
         batch = min(8, shapes[tag][0])
@@ -121,17 +127,18 @@ def numerics(impls, shapes, interpret, seed, log):
         dy = jnp.asarray(rng.normal(0.0, 1.0, (batch, length, dim)), dtype)
         y_ref, g_ref = reference_float64(args, dy, softplus=True)
         fwd_tol, grad_tol = TOL[dtype]
-        variants = [(impl, None) for impl in impls]
+        variants = [(impl, None, False) for impl in impls]
         if "pallas" in impls:
-            variants.append(("pallas", KernelConfig(chunk=4, prefetch=False, splits=4)))
-        for impl, config in variants:
+            variants.append(("pallas", KernelConfig(chunk=4, prefetch=False, splits=4), False))
+        variants += [("pallas", config, forward_only) for config in extra_configs]
+        for impl, config, only_forward in variants:
             forward, forward_backward = fwd_and_fwdbwd(impl, config, interpret=interpret)
-            y, grads = forward_backward(args, dy)
-            errs = {
-                "y_inference": rel_err(forward(args, dy), y_ref),  # the forward alone (pallas: inference kernel)
-                "y": rel_err(y, y_ref),
-                **{f"d{n}": rel_err(g, r) for n, g, r in zip(ARG_NAMES, grads, g_ref)},
-            }
+            # the forward alone: for pallas the inference kernel
+            errs = {"y_inference": rel_err(forward(args, dy), y_ref)}
+            if not only_forward:
+                y, grads = forward_backward(args, dy)
+                errs["y"] = rel_err(y, y_ref)
+                errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip(ARG_NAMES, grads, g_ref)})
             ok = all(v <= (fwd_tol if k.startswith("y") else grad_tol) for k, v in errs.items())
             label = impl if config is None else f"{impl}/{_cfg_str(config)}"
             rows.append({"shape": tag, "batch": batch, "dtype": dtype, "impl": label, "ok": ok, "rel_err": errs})
@@ -142,8 +149,11 @@ def numerics(impls, shapes, interpret, seed, log):
     return rows
 
 
-def timing(impls, shapes, dtypes, n_sets, seed, bw, interpret, log, configs=None, deadline=None):
-    """One row per (shape, dtype, impl[, config]); errors are recorded, not raised."""
+def timing(
+    impls, shapes, dtypes, n_sets, seed, bw, interpret, log, configs=None, deadline=None, forward_only=False
+):
+    """One row per (shape, dtype, impl[, config]); errors are recorded, not raised. ``forward_only`` skips the
+    forward+backward timing."""
     rows = []
     for (tag, shape), dtype in itertools.product(shapes.items(), dtypes):
         sets = input_sets(shape, jnp.dtype(dtype), n_sets, seed)
@@ -173,16 +183,16 @@ def timing(impls, shapes, dtypes, n_sets, seed, bw, interpret, log, configs=None
                     fwd = in_jit_repeated(lambda args, dy, f=f: f(*args))
                     fwdbwd = in_jit_repeated(lambda args, dy, f=f: jax.vjp(f, *args)[1](dy))
                     calls = INNER_REPS * len(sets)
-                    row["fwd_us"] = time_us(fwd, [(sets,)]) / calls
-                    row["fwdbwd_us"] = time_us(fwdbwd, [(sets,)]) / calls
                     fb, fbb = bytes_moved(*shape, dtype, cfg.chunk if cfg else 8)
+                    row["fwd_us"] = time_us(fwd, [(sets,)]) / calls
                     row["fwd_bw_frac"] = fb / (row["fwd_us"] * 1e-6) / bw
-                    row["fwdbwd_bw_frac"] = fbb / (row["fwdbwd_us"] * 1e-6) / bw
-                    log(
-                        f"{tag:9s} {dtype:8s} {impl:12s} {label:14s} "
-                        f"fwd {row['fwd_us']:9.1f} us ({row['fwd_bw_frac']:.0%} bw)  "
-                        f"fwd+bwd {row['fwdbwd_us']:9.1f} us ({row['fwdbwd_bw_frac']:.0%} bw)"
-                    )
+                    line = f"{tag:9s} {dtype:8s} {impl:12s} {label:14s} fwd {row['fwd_us']:9.1f} us "
+                    line += f"({row['fwd_bw_frac']:.0%} bw)"
+                    if not forward_only:
+                        row["fwdbwd_us"] = time_us(fwdbwd, [(sets,)]) / calls
+                        row["fwdbwd_bw_frac"] = fbb / (row["fwdbwd_us"] * 1e-6) / bw
+                        line += f"  fwd+bwd {row['fwdbwd_us']:9.1f} us ({row['fwdbwd_bw_frac']:.0%} bw)"
+                    log(line)
                 except Exception as e:  # pylint: disable=broad-except
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     log(f"{tag} {dtype} {impl} {cfg}: ERROR {row['error']}")
@@ -194,7 +204,8 @@ def _cfg_str(cfg):
     flags = ("" if cfg.prefetch else "-nopf") + ("" if cfg.fast_math else "-exact")
     bwd = f"-bd{cfg.bwd_block_d}" if cfg.bwd_block_d else ""
     if cfg.state_groups > 1:
-        return f"g{cfg.state_groups}k{cfg.chunk}{flags}"
+        ahead = f"a{cfg.coefficient_lookahead}" if cfg.coefficient_lookahead else ""
+        return f"g{cfg.state_groups}k{cfg.chunk}{ahead}{flags}"
     return f"d{cfg.block_d}k{cfg.chunk}w{cfg.num_warps}x{cfg.splits}{flags}{bwd}"
 
 
@@ -219,6 +230,15 @@ def sweep_configs():
     ]
 
 
+def parse_configs(spec):
+    """``"field=value,...;..."`` -> KernelConfigs (values parsed as Python literals)."""
+    configs = []
+    for item in filter(None, spec.split(";")):
+        fields = dict(pair.split("=", 1) for pair in item.split(","))
+        configs.append(KernelConfig(**{k.strip(): ast.literal_eval(v.strip()) for k, v in fields.items()}))
+    return configs
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impls", default="pallas,associative,sequential")
@@ -227,6 +247,8 @@ def main():
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-shapes", default="T_stage3,T_stage4")
     p.add_argument("--sweep-dtypes", default="float32")
+    p.add_argument("--sweep-configs", default="", help="KernelConfigs to sweep instead of the built-in list")
+    p.add_argument("--sweep-forward-only", action="store_true", help="sweep (and check) the forward alone")
     p.add_argument("--sets", type=int, default=4, help="input sets cycled per timed window (defeats L2)")
     p.add_argument("--budget-s", type=float, default=540, help="stop timing after this many seconds")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 input sets (CPU smoke test)")
@@ -272,9 +294,11 @@ def main():
             with open(out_path, "w") as f:
                 json.dump(report, f, indent=1)
 
+    swept = (parse_configs(a.sweep_configs) if a.sweep_configs else sweep_configs()) if a.sweep else []
     if not a.skip_numerics:
         num_shapes = QUICK_SHAPES if a.quick else {k: SHAPES[k] for k in ("T_stage3", "T_stage4")}
-        report["numerics"] = numerics(impls, num_shapes, a.interpret, seed, log)
+        checked = swept if a.sweep_configs else ()
+        report["numerics"] = numerics(impls, num_shapes, a.interpret, seed, log, checked, a.sweep_forward_only)
         save()
     n_sets = 2 if a.quick else a.sets
     report["results"] = timing(
@@ -291,8 +315,9 @@ def main():
             bw,
             a.interpret,
             log,
-            configs=sweep_configs(),
+            configs=swept,
             deadline=deadline,
+            forward_only=a.sweep_forward_only,
         )
         for key in ("fwd_us", "fwdbwd_us"):
             for tag in sweep_shapes:
