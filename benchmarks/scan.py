@@ -12,7 +12,7 @@
    block_until_ready. Achieved bandwidth = bytes that must move / time, as a fraction of the measured
    device-to-device copy bandwidth.
 3. --sweep: pallas KernelConfig variants (math, prefetch, splits, chunk, block_d) at --sweep-shapes; or those of
-   --sweep-configs ("chunk=16,state_groups=2;chunk=16,state_groups=2,coefficient_lookahead=2", fields of
+   --sweep-configs ("chunk=16,state_groups=2;chunk=8,state_groups=2,prefetch=False", fields of
    KernelConfig), each also checked against float64 at the numerics shapes first; --sweep-forward-only times (and
    checks) the forward alone, which is where the grouped inference kernels' fields apply.
 
@@ -204,8 +204,7 @@ def _cfg_str(cfg):
     flags = ("" if cfg.prefetch else "-nopf") + ("" if cfg.fast_math else "-exact")
     bwd = f"-bd{cfg.bwd_block_d}" if cfg.bwd_block_d else ""
     if cfg.state_groups > 1:
-        ahead = f"a{cfg.coefficient_lookahead}" if cfg.coefficient_lookahead else ""
-        return f"g{cfg.state_groups}k{cfg.chunk}{ahead}{flags}"
+        return f"g{cfg.state_groups}k{cfg.chunk}{flags}"
     return f"d{cfg.block_d}k{cfg.chunk}w{cfg.num_warps}x{cfg.splits}{flags}{bwd}"
 
 

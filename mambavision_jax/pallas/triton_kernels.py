@@ -70,9 +70,7 @@ class KernelConfig:
     forward's; the backward reads the forward's chunk-entry states, so it keeps the forward's chunk);
     ``state_groups`` (G > 1): the inference forward (no saved states) runs :func:`_grouped_forward_kernel`, G lanes a
     channel each holding d_state/G of its states, 32/G channels a one-warp program, in one pass (``block_d``,
-    ``num_warps`` and ``splits`` then apply to the training kernels only); ``coefficient_lookahead`` (grouped
-    forward only): 0 gathers each step's B/C values from the chunk's (32,) vectors by ``shfl.sync.idx``; A > 0 has
-    each lane load its own d_state/G B and C values of a step as one vector load, issued A steps before their use."""
+    ``num_warps`` and ``splits`` then apply to the training kernels only)."""
 
     block_d: int = 32
     chunk: int = 4
@@ -83,7 +81,6 @@ class KernelConfig:
     fast_math: bool = True
     bwd_block_d: int | None = None
     state_groups: int = 1
-    coefficient_lookahead: int = 0
 
     def __post_init__(self):
         for name in ("block_d", "chunk", "num_warps", "bwd_block_d", "state_groups"):
@@ -94,8 +91,6 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
         if self.splits < 1:
             raise ValueError(f"KernelConfig.splits must be >= 1, got {self.splits}")
-        if self.coefficient_lookahead < 0:
-            raise ValueError(f"KernelConfig.coefficient_lookahead must be >= 0, got {self.coefficient_lookahead}")
         if self.state_groups > 32:
             raise ValueError(f"KernelConfig.state_groups must be at most 32, got {self.state_groups}")
 
@@ -395,15 +390,6 @@ def _forward_kernel(
         plt.store(sums_ref.at[rows.b, segment, pl.ds(rows.d0, block_d)], delta_sum, mask=rows.dmask)
 
 
-def _tile_columns(tile):
-    """The m columns of a (32, m) tile (m a power of two) as m (32,) vectors: ``tt.split`` in registers when a lane
-    holds its row, as after a vector load."""
-    parts = [tile]
-    while parts[0].shape[1] > 1:
-        parts = [half for part in parts for half in jax.lax.split(part, (part.shape[1] // 2,) * 2, axis=1)]
-    return [part.reshape(tile.shape[0]) for part in parts]
-
-
 def _grouped_forward_kernel(
     u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, y_ref, *, config, math_, delta_softplus
 ):
@@ -413,13 +399,12 @@ def _grouped_forward_kernel(
 
     Compared with one lane a channel this gives G times the warps (the one-lane kernel leaves most schedulers with
     one warp at MambaVision's stage-3 shapes, stalled on its own dependent chain) for a few extra instructions a
-    step: y's G partial sums meet by ``shfl.sync.bfly``, and B and C reach each lane either by ``shfl.sync.idx``
-    from (32,) vectors of the chunk's flat B/C values (``coefficient_lookahead`` 0) or as one (32, S) vector load
-    each a step, issued ``coefficient_lookahead`` steps ahead through a queue carried across chunks. With softplus,
-    the G lanes of a channel each compute Δ for one of G consecutive steps and pass it round (one softplus per G
-    steps). The time loop runs over the full chunks only, without clamps or masks (addresses are affine in the
-    step, so loads and stores take immediate offsets); the ``length mod chunk`` last steps are the end of the
-    chunk that finishes at the last step, whose rows the last iteration prefetched.
+    step: B and C reach each lane by ``shfl.sync.idx`` from (32,) vectors of the chunk's flat B/C values, y's G
+    partial sums meet by ``shfl.sync.bfly``. With softplus, the G lanes of a channel each compute Δ for one of G
+    consecutive steps and pass it round (one softplus per G steps). The time loop runs over the full chunks only,
+    without clamps or masks (addresses are affine in the step, so loads and stores take immediate offsets); the
+    ``length mod chunk`` last steps are the end of the chunk that finishes at the last step, whose rows the last
+    iteration prefetched.
     """
     _, length, dim = u_ref.shape
     n = A_ref.shape[0]
@@ -435,24 +420,20 @@ def _grouped_forward_kernel(
     D = jnp.where(group == 0, plt.load(D_ref.at[channel]).astype(_F32), 0.0)  # D·u counted once in the group sum
     bias = plt.load(bias_ref.at[channel]).astype(_F32)
     share = delta_softplus and groups > 1
-    chunk, ahead = config.chunk, config.coefficient_lookahead
-    full_chunks, tail = divmod(length, chunk)
-    lane_states = group[:, None] * per_lane + jnp.arange(per_lane, dtype=jnp.int32)[None, :]  # (32, S)
 
     def row(ref, t):  # u and Δ are read once: evicted first (B, C: read by every channel block of the row: last)
         return plt.load(ref.at[batch_idx, t, channel], eviction_policy="evict_first").astype(_F32)
 
     def load(t0, steps, shared):
-        """u rows, Δ rows (with ``shared``, lane group g's row of each G-step group: step k + g), and (without
-        lookahead) the B and C values of steps [t0, t0 + steps) as (32,) vectors (the last one masked when it runs
-        past the chunk)."""
+        """u rows, Δ rows (with ``shared``, lane group g's row of each G-step group: step k + g), and the B and C
+        values of steps [t0, t0 + steps) as (32,) vectors (the last one masked when it runs past the chunk)."""
         us = [row(u_ref, t0 + k) for k in range(steps)]
         if shared:
             deltas = [row(delta_ref, t0 + k + group) for k in range(0, steps, groups)]
         else:
             deltas = [row(delta_ref, t0 + k) for k in range(steps)]
         vectors = []
-        for ref in (B_ref, C_ref) if not ahead else ():
+        for ref in (B_ref, C_ref):
             out = []
             for v in range(pl.cdiv(steps * n, 32)):
                 window = ref.at[batch_idx, pl.ds(t0 * n + 32 * v, 32)]
@@ -462,22 +443,10 @@ def _grouped_forward_kernel(
                     mask = lane < steps * n - 32 * v
                     out.append(plt.load(window, mask=mask, other=0.0, eviction_policy="evict_last").astype(_F32))
             vectors.append(out)
-        return us, deltas, *(vectors or ((), ()))
+        return us, deltas, *vectors
 
-    def lane_coefficients(t, masked):
-        """(B, C) of step t for this lane's S states: two (32, S) tiles, one vector load each (zero past the end
-        when ``masked``)."""
-        index = t * n + lane_states
-        extra = dict(mask=jnp.broadcast_to(t < length, index.shape), other=0.0) if masked else {}
-        return tuple(
-            plt.load(ref.at[batch_idx, index], eviction_policy="evict_last", **extra).astype(_F32)
-            for ref in (B_ref, C_ref)
-        )
-
-    def body(t0, carry, chunk_rows, steps, shared, first=0, final=False):
-        """Steps ``first .. steps-1`` of the chunk of rows loaded at ``t0``; ``carry`` is (state, coefficient
-        queue); ``final``: no steps follow the chunk, so the queue is not refilled past its end."""
-        h, queue = carry
+    def body(t0, h, chunk_rows, steps, shared, first=0):
+        """Steps ``first .. steps-1`` of the chunk of rows loaded at ``t0``."""
         us, deltas, Bs, Cs = chunk_rows
         dts = {}
         if shared:  # lane group g computed Δ of step k + g; lane (j·W + c) hands step k + j's to every group
@@ -489,23 +458,16 @@ def _grouped_forward_kernel(
             for k in range(first, steps):
                 dts[k] = math_.softplus(deltas[k] + bias) if delta_softplus else deltas[k] + bias
         for k in range(first, steps):
-            if ahead:  # this step's tiles leave the queue; the tiles of step k + ahead join it
-                (B_tile, C_tile), queue = queue[0], queue[1:]
-                if not final or k + ahead < steps:
-                    queue += (lane_coefficients(t0 + k + ahead, masked=k + ahead >= steps and ahead > tail),)
-                B_k, C_k = _tile_columns(B_tile), _tile_columns(C_tile)
-            else:  # step k's B/C values: lanes offset .. offset+n-1 of one of the chunk's vectors
-                vector, offset = divmod(k * n, 32)
-                source = [offset + group * per_lane + i for i in range(per_lane)]
-                B_k = [math_.lane_gather(Bs[vector], src) for src in source]
-                C_k = [math_.lane_gather(Cs[vector], src) for src in source]
+            vector, offset = divmod(k * n, 32)  # step k's B/C values: lanes offset .. offset+n-1 of that vector
+            source = [offset + group * per_lane + i for i in range(per_lane)]
             dtu = dts[k] * us[k]
             h = tuple(
-                math_.fma(math_.exp2(dts[k] * A2_i), h_i, dtu * B_i) for A2_i, h_i, B_i in zip(A2, h, B_k)
+                math_.fma(math_.exp2(dts[k] * A2_i), h_i, dtu * math_.lane_gather(Bs[vector], src))
+                for A2_i, h_i, src in zip(A2, h, source)
             )
             y = D * us[k]
-            for h_i, C_i in zip(h, C_k):
-                y = math_.fma(C_i, h_i, y)
+            for h_i, src in zip(h, source):
+                y = math_.fma(math_.lane_gather(Cs[vector], src), h_i, y)
             offset_bits = width
             while offset_bits < 32:
                 y = y + math_.lane_xor(y, offset_bits)
@@ -519,13 +481,14 @@ def _grouped_forward_kernel(
                     y[:width].astype(y_ref.dtype),
                     mask=d0 + jnp.arange(width) < dim,
                 )
-        return h, queue
+        return h
 
+    chunk = config.chunk
     h = tuple(jnp.zeros((32,), _F32) for _ in range(per_lane))
-    start = 0 * batch_idx  # traced: a static start would make the masked loads' reach past the end an error
-    queue = tuple(lane_coefficients(start + k, masked=k >= length) for k in range(ahead))
+    full_chunks, tail = divmod(length, chunk)
     if not full_chunks:  # shorter than a chunk: one static chunk of ``length`` steps
-        body(start, (h, queue), load(start, length, False), length, False, final=True)
+        t0 = 0 * batch_idx  # traced: a static start would make the masked B/C vector loads' reach past the end an error
+        body(t0, h, load(t0, length, False), length, False)
         return
     last_start = length - chunk + 0 * batch_idx  # traced, like every other row index (see above)
     full = functools.partial(body, steps=chunk, shared=share)
@@ -533,16 +496,15 @@ def _grouped_forward_kernel(
     if config.prefetch:
 
         def pipelined(i, state):
-            carry, chunk_rows = state
+            h, chunk_rows = state
             upcoming = load_full(jnp.minimum((i + 1) * chunk, last_start))
-            return full(i * chunk, carry, chunk_rows), upcoming
+            return full(i * chunk, h, chunk_rows), upcoming
 
-        carry, last_rows = jax.lax.fori_loop(0, full_chunks, pipelined, ((h, queue), load_full(start)))
+        h, last_rows = jax.lax.fori_loop(0, full_chunks, pipelined, (h, load_full(0)))
     else:
-        carry = jax.lax.fori_loop(0, full_chunks, lambda i, c: full(i * chunk, c, load_full(i * chunk)), (h, queue))
+        h = jax.lax.fori_loop(0, full_chunks, lambda i, h: full(i * chunk, h, load_full(i * chunk)), h)
     if tail:  # the chunk ending at the last step (prefetched by the last iteration), from its first new step
-        rows = last_rows if config.prefetch else load_full(last_start)
-        full(last_start, carry, rows, first=chunk - tail, final=True)
+        full(last_start, h, last_rows if config.prefetch else load_full(last_start), first=chunk - tail)
 
 
 def _adjoint_summary_kernel(

@@ -131,16 +131,13 @@ GROUPED_CASES = [
         KernelConfig(chunk=4, state_groups=4, prefetch=False),
         KernelConfig(chunk=8, state_groups=8),
         KernelConfig(chunk=2, state_groups=1),
-        KernelConfig(chunk=16, state_groups=2, coefficient_lookahead=2),
-        KernelConfig(chunk=4, state_groups=4, prefetch=False, coefficient_lookahead=5),
     ],
-    ids=lambda c: f"k{c.chunk}g{c.state_groups}a{c.coefficient_lookahead}{'' if c.prefetch else '-nopf'}",
+    ids=lambda c: f"k{c.chunk}g{c.state_groups}{'' if c.prefetch else '-nopf'}",
 )
 def test_grouped_inference_forward(case, config):
     """The inference forward with G lanes a channel (and the one-lane kernel for G=1) against float64: lengths
     below, at and past whole chunks (static tails of 1..15 steps), dims that leave partial channel blocks,
-    d_state 5 (padded to 8) and 16, softplus off (no Δ sharing) and bfloat16; B/C loaded per lane 2 steps ahead,
-    and 5 steps ahead of chunks of 4 (the queue crosses more than a chunk; its reach past the end is masked)."""
+    d_state 5 (padded to 8) and 16, softplus off (no Δ sharing) and bfloat16."""
     batch, length, dim, n, dtype, softplus, with_d, with_bias = case
     rng = np.random.default_rng([SEED, zlib.crc32(repr((case, config)).encode())])
     args = make_inputs(rng, batch, length, dim, n, dtype, softplus=softplus, with_d=with_d, with_bias=with_bias)
@@ -161,8 +158,6 @@ def test_grouped_config_errors():
         )
     with pytest.raises(ValueError, match="state_groups must be a power of two"):
         KernelConfig(state_groups=3)
-    with pytest.raises(ValueError, match="coefficient_lookahead must be >= 0"):
-        KernelConfig(coefficient_lookahead=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,24 +203,6 @@ def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels(ver
     fmas = {name: text.count("fma.rn.f32") for name, text in verified_triton_modules}
     assert fmas["selective_scan_fwd_grouped"] >= 16 * 8, fmas  # per step: 4 state updates, 4 C·h terms (chunk 16)
     assert fmas["selective_scan_fwd"] >= 4 * 16 and fmas["selective_scan_bwd"] >= 4 * 8 * 3, fmas
-
-
-def test_grouped_forward_lookahead_loads_coefficients_as_lane_vectors(verified_triton_modules):
-    """With coefficient_lookahead the grouped forward reads each step's B and C as one (32, d_state/G) load a lane
-    and splits it in registers: the only per-lane-source shuffles left are the Δ hand-overs (one a step)."""
-    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    args = (spec((2, 196, 160)), spec((2, 196, 160)), spec((160, 8)), spec((2, 196, 8)), spec((2, 196, 8)))
-    args += (spec((160,)), spec((160,)))
-    config = KernelConfig(chunk=16, state_groups=2, coefficient_lookahead=2)
-    fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
-    jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",))
-    [(name, text)] = verified_triton_modules
-    assert name == "selective_scan_fwd_grouped"
-    # two tile loads a step: 16 in the loop, 4 for the 4-step tail, 2 x 2 filling the queue
-    assert text.count("tensor<32x4x!tt.ptr<f32>>") >= 2 * (16 + 4 + 2), "B/C are not loaded as (32, 4) tiles"
-    assert "tt.split" in text
-    # one Δ hand-over a step (16 in the loop, 4 in the tail); HEAD's kernel has 8 more a step for B and C
-    assert text.count("shfl.sync.idx.b32 $0, $1, $2") <= 20 + 4
 
 
 @pytest.mark.parametrize("batch,length,dim", [(2, 196, 160), (2, 49, 320), (2, 197, 40)])
