@@ -11,6 +11,8 @@ B and C one group of d_state rows (MambaVision's call); each timed window cycles
 more than the L2 cache holds; 1 reuses the same inputs every call, as the official anchor script does),
 ``INNER_REPS`` passes; median of 7 windows between CUDA events; warm-up excluded. Forward: ``ext.fwd``;
 forward+backward: ``ext.fwd`` then ``ext.bwd`` on its saved states. Kernels only (no autograd wrapper).
+``--kernel-times``: one more pass of the forwards under ``torch.profiler``; the durations of its kernels (CUPTI),
+summarised by ``kernel_trace`` as ``scan.py --kernel-times`` summarises ours.
 """
 
 import argparse
@@ -23,6 +25,7 @@ import torch
 from torch.utils.cpp_extension import load
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernel_trace  # noqa: E402
 from scan_shapes import INNER_REPS, N_STATE, SHAPES  # noqa: E402
 
 NVCC_FLAGS = [  # mamba_ssm's setup.py
@@ -103,11 +106,30 @@ def median_us(fn, sets, windows=7):
     return sorted(samples)[windows // 2]
 
 
+def profiled_kernels(fn, sets, trace_path):
+    """kernel_trace summary rows of one profiled pass (``INNER_REPS`` times over ``sets``) of ``fn(set)``,
+    ``us_per_call`` per call of ``fn``."""
+    for s in sets:
+        fn(s)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(INNER_REPS):
+            for s in sets:
+                fn(s)
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(trace_path)
+    events = kernel_trace.torch_kernel_events(kernel_trace.read_trace_events(trace_path))
+    if not events:
+        raise RuntimeError(f"torch.profiler recorded no CUDA kernels ({trace_path})")
+    return kernel_trace.kernel_summary(events, INNER_REPS * len(sets))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="T_stage3,T_stage4")
     parser.add_argument("--sets", type=int, default=4)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--kernel-times", action="store_true", help="also profile the forward: kernel durations")
     args = parser.parse_args()
     ext = build_extension(os.environ.get("MAMBA_CSRC", "csrc/selective_scan"))
 
@@ -140,6 +162,10 @@ def main():
         row = dict(shape=tag, fwd_us=median_us(forward, sets), fwdbwd_us=median_us(forward_backward, sets))
         results["rows"].append(row)
         print(f"mamba_ssm {tag:9s} sets {args.sets}: fwd {row['fwd_us']:7.1f} us  fwd+bwd {row['fwdbwd_us']:7.1f} us")
+        if args.kernel_times:
+            kernels = profiled_kernels(forward, sets, os.path.join("/tmp", f"mamba_ssm_trace_{tag}.json"))
+            row["fwd_kernels"], row["fwd_kernel_us"] = kernels, kernels[0]["median_us"]
+            print(f"  forward kernel {row['fwd_kernel_us']:.1f} us\n" + kernel_trace.format_summary(kernels))
         del sets
     out = args.out or os.path.join(os.environ.get("OUT", "."), "mamba_ssm_scan.json")
     with open(out, "w") as f:

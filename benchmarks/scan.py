@@ -10,7 +10,9 @@
    T/B/L stage 3 (L 196; dim 160/256/392) and stage 4 (L 49; dim 320/512/784). jax.jit, warm-up excluded,
    median over timed windows; each window cycles through several input sets (> L2) and ends in
    block_until_ready. Achieved bandwidth = bytes that must move / time, as a fraction of the measured
-   device-to-device copy bandwidth.
+   device-to-device copy bandwidth. --kernel-times also profiles each forward once and reports its kernels'
+   durations (CUPTI), the scan kernel's alone next to the harness's small ones, read as
+   ``mamba_ssm_scan.py --kernel-times`` reads mamba_ssm's.
 3. --sweep: pallas KernelConfig variants (math, prefetch, splits, chunk, block_d) at --sweep-shapes; or those of
    --sweep-configs ("chunk=16,state_groups=2;chunk=8,state_groups=2,prefetch=False", fields of
    KernelConfig), each also checked against float64 at the numerics shapes first; --sweep-forward-only times (and
@@ -40,7 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mambavision_jax.pallas import KernelConfig, default_config, selective_scan, selective_scan_pallas  # noqa: E402
 from mambavision_jax.pallas.testing import ARG_NAMES, make_inputs, reference_float64, rel_err  # noqa: E402
 from scan_shapes import INNER_REPS, N_STATE, SHAPES  # noqa: E402
-from timing import median_seconds  # noqa: E402
+import kernel_trace  # noqa: E402
+from timing import median_seconds, profile_kernels  # noqa: E402
 
 QUICK_SHAPES = {"tiny_L196": (2, 196, 24), "tiny_L49": (2, 49, 40)}
 TOL = {"float32": (1e-5, 1e-4), "bfloat16": (2e-2, 3e-2)}
@@ -150,10 +153,24 @@ def numerics(impls, shapes, interpret, seed, log, extra_configs=(), forward_only
 
 
 def timing(
-    impls, shapes, dtypes, n_sets, seed, bw, interpret, log, configs=None, deadline=None, forward_only=False
+    impls,
+    shapes,
+    dtypes,
+    n_sets,
+    seed,
+    bw,
+    interpret,
+    log,
+    configs=None,
+    deadline=None,
+    forward_only=False,
+    kernel_times=False,
 ):
     """One row per (shape, dtype, impl[, config]); errors are recorded, not raised. ``forward_only`` skips the
-    forward+backward timing."""
+    forward+backward timing. ``kernel_times``: the forward is also profiled once, and its kernels' durations
+    (CUPTI, as ``mamba_ssm_scan.py --kernel-times`` reads mamba_ssm's) go to ``fwd_kernels``; ``fwd_kernel_us`` is
+    the median launch of the kernel with the largest total (the scan; the harness's own small kernels are listed
+    after it)."""
     rows = []
     for (tag, shape), dtype in itertools.product(shapes.items(), dtypes):
         sets = input_sets(shape, jnp.dtype(dtype), n_sets, seed)
@@ -188,11 +205,21 @@ def timing(
                     row["fwd_bw_frac"] = fb / (row["fwd_us"] * 1e-6) / bw
                     line = f"{tag:9s} {dtype:8s} {impl:12s} {label:14s} fwd {row['fwd_us']:9.1f} us "
                     line += f"({row['fwd_bw_frac']:.0%} bw)"
+                    kernel_lines = ""
+                    if kernel_times:
+                        trace_dir = os.path.join("/tmp", f"scan_trace_{tag}_{dtype}_{impl}_{label.replace('/', '_')}")
+                        kernels, on_device = profile_kernels(fwd, (sets,), trace_dir, calls=1, inner_calls=calls)
+                        if on_device:
+                            row["fwd_kernels"], row["fwd_kernel_us"] = kernels, kernels[0]["median_us"]
+                            line += f", kernel {row['fwd_kernel_us']:.1f} us"
+                            kernel_lines = "\n" + kernel_trace.format_summary(kernels)
+                        else:
+                            kernel_lines = "\n    (no device timeline in the trace: kernel times need a GPU)"
                     if not forward_only:
                         row["fwdbwd_us"] = time_us(fwdbwd, [(sets,)]) / calls
                         row["fwdbwd_bw_frac"] = fbb / (row["fwdbwd_us"] * 1e-6) / bw
                         line += f"  fwd+bwd {row['fwdbwd_us']:9.1f} us ({row['fwdbwd_bw_frac']:.0%} bw)"
-                    log(line)
+                    log(line + kernel_lines)
                 except Exception as e:  # pylint: disable=broad-except
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     log(f"{tag} {dtype} {impl} {cfg}: ERROR {row['error']}")
@@ -248,6 +275,9 @@ def main():
     p.add_argument("--sweep-dtypes", default="float32")
     p.add_argument("--sweep-configs", default="", help="KernelConfigs to sweep instead of the built-in list")
     p.add_argument("--sweep-forward-only", action="store_true", help="sweep (and check) the forward alone")
+    p.add_argument(
+        "--kernel-times", action="store_true", help="also profile each forward: its kernels' durations (CUPTI)"
+    )
     p.add_argument("--sets", type=int, default=4, help="input sets cycled per timed window (defeats L2)")
     p.add_argument("--budget-s", type=float, default=540, help="stop timing after this many seconds")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 input sets (CPU smoke test)")
@@ -301,7 +331,16 @@ def main():
         save()
     n_sets = 2 if a.quick else a.sets
     report["results"] = timing(
-        impls, shapes, a.dtypes.split(","), n_sets, seed, bw, a.interpret, log, deadline=deadline
+        impls,
+        shapes,
+        a.dtypes.split(","),
+        n_sets,
+        seed,
+        bw,
+        a.interpret,
+        log,
+        deadline=deadline,
+        kernel_times=a.kernel_times,
     )
     save()
     if a.sweep and "pallas" in impls:
@@ -317,6 +356,7 @@ def main():
             configs=swept,
             deadline=deadline,
             forward_only=a.sweep_forward_only,
+            kernel_times=a.kernel_times,
         )
         for key in ("fwd_us", "fwdbwd_us"):
             for tag in sweep_shapes:

@@ -7,6 +7,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+import kernel_trace
+
 
 def median_seconds(
     fn: Callable[..., Any], input_sets: Sequence[tuple], min_window_s: float = 0.2, windows: int = 7
@@ -71,33 +73,39 @@ def op_kind(name: str) -> str:
     return "other"
 
 
-def top_device_ops(fn: Callable[..., Any], args: tuple, trace_dir: str, calls: int = 3, top: int | None = 20) -> dict:
-    """Profiles ``calls`` calls of ``fn(*args)`` with the JAX profiler. Returns ``{"top": [(name, milliseconds per
-    call, fraction of the profiled device time)] for the ``top`` ops by total time, "kinds": {kind: (milliseconds
-    per call, fraction)} over all ops}``: events on device (GPU) timelines, or on the host when there is no device
-    timeline (CPU). The raw trace stays in ``trace_dir``."""
-    import collections
+def profile_kernels(
+    fn: Callable[..., Any], args: tuple, trace_dir: str, calls: int = 3, inner_calls: int = 1
+) -> tuple[list[dict], bool]:
+    """Profiles ``calls`` calls of ``fn(*args)`` (after one unprofiled call) with the JAX profiler and returns
+    ``(kernel_trace.kernel_summary rows, on_device)``, ``us_per_call`` per ``calls · inner_calls`` (``inner_calls``:
+    the calls of the measured op that one ``fn`` call makes, e.g. a benchmark's loop inside one jit): the events of
+    the device (GPU) timelines, or of the host when the trace has no device timeline (CPU; ``on_device`` False).
+    The raw trace stays in ``trace_dir``."""
     import glob
-    import gzip
-    import json
 
     jax.block_until_ready(fn(*args))
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(calls):
             jax.block_until_ready(fn(*args))
     path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
-    with gzip.open(path) as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device = {pid for pid, name in processes.items() if "GPU" in name or "/device:" in name}
-    totals, kinds = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and (e["pid"] in device or not device):
-            totals[e["name"]] += e.get("dur", 0.0)
-            kinds[op_kind(e["name"])] += e.get("dur", 0.0)
-    whole = sum(totals.values()) or 1.0
+    events = kernel_trace.read_trace_events(path)
+    device = kernel_trace.jax_device_events(events)
+    chosen = device or kernel_trace.jax_host_events(events)
+    return kernel_trace.kernel_summary(chosen, calls * inner_calls), bool(device)
+
+
+def top_device_ops(fn: Callable[..., Any], args: tuple, trace_dir: str, calls: int = 3, top: int | None = 20) -> dict:
+    """Profiles ``calls`` calls of ``fn(*args)`` (:func:`profile_kernels`). Returns ``{"top": [(name, milliseconds
+    per call, fraction of the profiled device time)] for the ``top`` ops by total time, "kinds": {kind:
+    (milliseconds per call, fraction)} over all ops}``."""
+    import collections
+
+    rows, _ = profile_kernels(fn, args, trace_dir, calls)
+    kinds = collections.Counter()
+    for r in rows:
+        kinds[op_kind(r["name"])] += r["us_per_call"]
+    whole = sum(r["us_per_call"] for r in rows) or 1.0
     return {
-        "top": [(name, us / 1e3 / calls, us / whole) for name, us in totals.most_common(top)],
-        "kinds": {kind: (us / 1e3 / calls, us / whole) for kind, us in kinds.most_common()},
+        "top": [(r["name"], r["us_per_call"] / 1e3, r["us_per_call"] / whole) for r in rows[:top]],
+        "kinds": {kind: (us / 1e3, us / whole) for kind, us in kinds.most_common()},
     }
