@@ -230,14 +230,14 @@ def timing(
 def _cfg_str(cfg):
     flags = ("" if cfg.prefetch else "-nopf") + ("" if cfg.fast_math else "-exact")
     bwd = f"-bd{cfg.bwd_block_d}" if cfg.bwd_block_d else ""
-    if cfg.state_groups > 1:
+    if cfg.state_groups is not None:
         return f"g{cfg.state_groups}k{cfg.chunk}{flags}"
     return f"d{cfg.block_d}k{cfg.chunk}w{cfg.num_warps}x{cfg.splits}{flags}{bwd}"
 
 
 def sweep_configs():
     """The training defaults and their neighbours (one lane a channel, 1-10 segments), then the inference forward's
-    grouped kernel (2 or 4 lanes a channel; its forward+backward column times the one-lane training kernels of the
+    grouped kernel (1, 2 or 4 lanes a channel; its forward+backward column times the one-lane training kernels of the
     same chunk), and exact math for reference."""
     K = KernelConfig
     return [
@@ -248,6 +248,7 @@ def sweep_configs():
         K(chunk=8, prefetch=False, splits=7),
         K(chunk=16, prefetch=True),
         K(chunk=16, state_groups=2),
+        K(chunk=16, state_groups=1),
         K(chunk=8, state_groups=2),
         K(chunk=32, state_groups=2),
         K(chunk=16, state_groups=2, prefetch=False),

@@ -16,8 +16,9 @@ arrays and each value reaches the lanes by ``shfl.sync.idx`` (``_Coefficients``:
 row load/store is a contiguous row of ``block_d`` channels at one time step, masked on ``channel < dim`` so any
 ``dim`` works with power-of-two ``block_d``.
 
-The inference forward (no states saved) with ``KernelConfig.state_groups`` G > 1 runs
-:func:`_grouped_forward_kernel` instead: G lanes a channel, d_state/G states each (G times the warps), one pass.
+The inference forward (no states saved) with ``KernelConfig.state_groups`` G set runs
+:func:`_grouped_forward_kernel` instead: G lanes a channel, d_state/G states each (G times the warps of G = 1), one
+pass over full chunks without clamps or masks.
 
 Time runs as a ``fori_loop`` over chunks of ``chunk`` (K) steps whose K rows of u, Δ, B, C (and dy in the
 backward) are loaded together; with ``prefetch`` the *next* chunk's rows are loaded at the top of each iteration
@@ -68,9 +69,10 @@ class KernelConfig:
     registers; without it, other warps hide it); ``fast_math``: PTX ex2/rcp approximations (about 2 ulp) on the GPU
     (interpret mode always computes exactly); ``bwd_block_d``: the backward kernels' channel block (None: the
     forward's; the backward reads the forward's chunk-entry states, so it keeps the forward's chunk);
-    ``state_groups`` (G > 1): the inference forward (no saved states) runs :func:`_grouped_forward_kernel`, G lanes a
-    channel each holding d_state/G of its states, 32/G channels a one-warp program, in one pass (``block_d``,
-    ``num_warps`` and ``splits`` then apply to the training kernels only)."""
+    ``state_groups`` (G, a power of two): the inference forward (no saved states) runs
+    :func:`_grouped_forward_kernel`, G lanes a channel each holding d_state/G of its states, 32/G channels a one-warp
+    program, in one pass (``block_d``, ``num_warps`` and ``splits`` then apply to the training kernels only); None:
+    the inference forward runs the one-lane kernel with this config's ``block_d``, ``num_warps`` and ``splits``."""
 
     block_d: int = 32
     chunk: int = 4
@@ -80,7 +82,7 @@ class KernelConfig:
     prefetch: bool = True
     fast_math: bool = True
     bwd_block_d: int | None = None
-    state_groups: int = 1
+    state_groups: int | None = None
 
     def __post_init__(self):
         for name in ("block_d", "chunk", "num_warps", "bwd_block_d", "state_groups"):
@@ -91,7 +93,7 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
         if self.splits < 1:
             raise ValueError(f"KernelConfig.splits must be >= 1, got {self.splits}")
-        if self.state_groups > 32:
+        if self.state_groups is not None and self.state_groups > 32:
             raise ValueError(f"KernelConfig.state_groups must be at most 32, got {self.state_groups}")
 
     def backward(self) -> KernelConfig:
@@ -100,16 +102,18 @@ class KernelConfig:
 
 
 def default_config(batch: int, length: int, dim: int, training: bool = False, d_state: int = 8) -> KernelConfig:
-    """Inference (the forward alone): two lanes a channel (``state_groups=2``), one prefetched pass in chunks of 16
-    steps (8 below 128 steps), wherever d_state (padded to a power of two) is 2 to 32. Training (the forward that
+    """Inference (the forward alone), wherever d_state (padded to a power of two) is 2 to 32: the grouped kernel in
+    one prefetched pass in chunks of 16 steps, two lanes a channel (``state_groups=2``) from 128 steps on, one lane
+    a channel below (``state_groups=1``: half the warps, no lane shuffles for Δ or y). Training (the forward that
     saves chunk states, and the backward) and other d_state: one warp of 32 channels, a lane a channel with its
     d_state values in registers; long sequences (>= 128 steps) as 7 parallel segments without prefetching (fewer
     registers, more warps), short ones as one prefetched pass in chunks of 4 steps (2 for very short ones).
-    Measured on an H200 (benchmarks/NOTES.md), float32 b128 µs: T stage 3 forward 33.1 (grouped) vs 49.7, T stage
-    4 forward 16.7 vs 19.1; T stage 3 forward+backward 153.7 with 7 segments (162.0 with 4, 163.9 with 10)."""
+    Measured on an H200 (benchmarks/NOTES.md), float32 b128, forward kernel µs: T stage 3 G=2 28.7, G=1 31.6;
+    T stage 4 G=1 12.4, G=2 (chunk 8) 13.0; B stage 4 16.6 vs 20.5; L stage 4 25.5 vs 27.5. T stage 3
+    forward+backward 153.7 µs with 7 segments (162.0 with 4, 163.9 with 10)."""
     del batch, dim
     if not training and 2 <= pl.next_power_of_2(d_state) <= 32:
-        return KernelConfig(chunk=16 if length >= 128 else 8, state_groups=2)
+        return KernelConfig(chunk=16, state_groups=2 if length >= 128 else 1)
     if length >= 128:
         return KernelConfig(block_d=32, chunk=4, prefetch=False, splits=7)
     return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4)
@@ -753,7 +757,7 @@ def scan_forward(
     batch, length, dim = u.shape
     n = A.shape[1]
     args = (u, delta, A.T, B.reshape(batch, length * n), C.reshape(batch, length * n), D, delta_bias)
-    if config.state_groups > 1 and not save_states:
+    if config.state_groups is not None and not save_states:
         return _grouped_forward(args, delta_softplus, config, interpret), None
     n_chunks = pl.cdiv(length, config.chunk)
     per_segment, segments = _segments(n_chunks, config.splits)

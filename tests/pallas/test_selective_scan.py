@@ -14,7 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mambavision_jax.pallas import IMPLS, KernelConfig, resolve_impl, selective_scan, selective_scan_pallas
+from mambavision_jax.pallas import (
+    IMPLS,
+    KernelConfig,
+    default_config,
+    resolve_impl,
+    selective_scan,
+    selective_scan_pallas,
+)
 from mambavision_jax.pallas.testing import ARG_NAMES, make_inputs, reference_float64, rel_err
 
 SEED = int(os.environ.get("SCAN_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
@@ -130,14 +137,16 @@ GROUPED_CASES = [
         KernelConfig(chunk=16, state_groups=2),
         KernelConfig(chunk=4, state_groups=4, prefetch=False),
         KernelConfig(chunk=8, state_groups=8),
-        KernelConfig(chunk=2, state_groups=1),
+        KernelConfig(chunk=16, state_groups=1),
+        KernelConfig(chunk=2),
     ],
     ids=lambda c: f"k{c.chunk}g{c.state_groups}{'' if c.prefetch else '-nopf'}",
 )
 def test_grouped_inference_forward(case, config):
-    """The inference forward with G lanes a channel (and the one-lane kernel for G=1) against float64: lengths
-    below, at and past whole chunks (static tails of 1..15 steps), dims that leave partial channel blocks,
-    d_state 5 (padded to 8) and 16, softplus off (no Δ sharing) and bfloat16."""
+    """The inference forward with G lanes a channel (G = 1: the grouped kernel with one lane a channel; no
+    ``state_groups``: the one-lane kernel) against float64: lengths below, at and past whole chunks (static tails of
+    1..15 steps), dims that leave partial channel blocks, d_state 5 (padded to 8) and 16, softplus off (no Δ
+    sharing) and bfloat16."""
     batch, length, dim, n, dtype, softplus, with_d, with_bias = case
     rng = np.random.default_rng([SEED, zlib.crc32(repr((case, config)).encode())])
     args = make_inputs(rng, batch, length, dim, n, dtype, softplus=softplus, with_d=with_d, with_bias=with_bias)
@@ -146,6 +155,16 @@ def test_grouped_inference_forward(case, config):
     where = f"case={case} config={config} SCAN_TEST_SEED={SEED}"
     assert y.dtype == dtype and y.shape == (batch, length, dim), where
     assert rel_err(y, y_ref) <= TOL[dtype][0], f"forward rel err {rel_err(y, y_ref):.2e}; {where}"
+
+
+def test_default_configs():
+    """Inference: the grouped kernel, two lanes a channel from 128 steps on and one below (measured faster at the
+    stage-4 shapes, benchmarks/NOTES.md session 13); training: the one-lane kernels, in 7 segments from 128 steps."""
+    assert default_config(128, 196, 160) == KernelConfig(chunk=16, state_groups=2)
+    assert default_config(128, 49, 320) == KernelConfig(chunk=16, state_groups=1)
+    assert default_config(128, 196, 160, training=True) == KernelConfig(chunk=4, prefetch=False, splits=7)
+    assert default_config(128, 49, 320, training=True) == KernelConfig(chunk=4)
+    assert default_config(2, 49, 40, d_state=64).state_groups is None  # beyond 32 states a lane: one-lane kernel
 
 
 def test_grouped_config_errors():
