@@ -101,19 +101,37 @@ class KernelConfig:
         return dataclasses.replace(self, block_d=self.bwd_block_d or self.block_d, bwd_block_d=None)
 
 
-def default_config(batch: int, length: int, dim: int, training: bool = False, d_state: int = 8) -> KernelConfig:
+_DEFAULT_SM_COUNT = 132  # H100 SXM / H200: the SM count assumed off a GPU (e.g. lowering for CUDA from a CPU host)
+
+
+def gpu_sm_count() -> int:
+    """Streaming multiprocessors of the default device if it is a GPU (its ``core_count``), else 132."""
+    device = jax.devices()[0]
+    count = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return int(count) if count else _DEFAULT_SM_COUNT
+
+
+def default_config(
+    batch: int, length: int, dim: int, training: bool = False, d_state: int = 8, sm_count: int | None = None
+) -> KernelConfig:
     """Inference (the forward alone), wherever d_state (padded to a power of two) is 2 to 32: the grouped kernel in
-    one prefetched pass in chunks of 16 steps, two lanes a channel (``state_groups=2``) from 128 steps on, one lane
-    a channel below (``state_groups=1``: half the warps, no lane shuffles for Δ or y). Training (the forward that
-    saves chunk states, and the backward) and other d_state: one warp of 32 channels, a lane a channel with its
-    d_state values in registers; long sequences (>= 128 steps) as 7 parallel segments without prefetching (fewer
+    one prefetched pass in chunks of 16 steps, with one lane a channel (``state_groups=1``: the fewest instructions
+    a channel, no Δ or y shuffles) when that already gives more than two one-warp programs to each of the GPU's
+    4·``sm_count`` warp schedulers (default: :func:`gpu_sm_count`), otherwise two lanes a channel
+    (``state_groups=2``: twice the warps, to hide each warp's dependent chain). Training (the forward that saves
+    chunk states, and the backward) and other d_state: one warp of 32 channels, a lane a channel with its d_state
+    values in registers; long sequences (>= 128 steps) as 7 parallel segments without prefetching (fewer
     registers, more warps), short ones as one prefetched pass in chunks of 4 steps (2 for very short ones).
-    Measured on an H200 (benchmarks/NOTES.md), float32 b128, forward kernel µs: T stage 3 G=2 28.7, G=1 31.6;
-    T stage 4 G=1 12.4, G=2 (chunk 8) 13.0; B stage 4 16.6 vs 20.5; L stage 4 25.5 vs 27.5. T stage 3
-    forward+backward 153.7 µs with 7 segments (162.0 with 4, 163.9 with 10)."""
-    del batch, dim
+
+    Measured on an H200 (132 SMs; benchmarks/NOTES.md session 13), float32, forward kernel µs, G = 1 / G = 2
+    (one-lane programs in brackets): b128 T stage 3 31.6 / 28.7 (640), B stage 3 40.3 / 39.1 (1,024), T stage 4
+    12.4 / 13.1 (1,280), L stage 3 58.3 / 61.7 (1,664), B stage 4 16.6 / 20.5 (2,048), L stage 4 25.5 / 27.5
+    (3,136); L 49 dim 320 at b64 9.4 / 8.6 (640), b8 5.9 / 4.3. T stage 3 forward+backward 153.7 µs with 7
+    segments (162.0 with 4, 163.9 with 10)."""
     if not training and 2 <= pl.next_power_of_2(d_state) <= 32:
-        return KernelConfig(chunk=16, state_groups=2 if length >= 128 else 1)
+        one_lane_programs = batch * pl.cdiv(dim, 32)
+        schedulers = 4 * (sm_count or gpu_sm_count())
+        return KernelConfig(chunk=16, state_groups=1 if one_lane_programs > 2 * schedulers else 2)
     if length >= 128:
         return KernelConfig(block_d=32, chunk=4, prefetch=False, splits=7)
     return KernelConfig(block_d=32, chunk=2 if length <= 16 else 4)

@@ -23,6 +23,7 @@ from mambavision_jax.pallas import (
     selective_scan_pallas,
 )
 from mambavision_jax.pallas.testing import ARG_NAMES, make_inputs, reference_float64, rel_err
+from mambavision_jax.pallas.triton_kernels import gpu_sm_count
 
 SEED = int(os.environ.get("SCAN_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
 TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (2e-2, 3e-2), jnp.float16: (3e-3, 5e-3)}  # (forward, grads)
@@ -158,13 +159,21 @@ def test_grouped_inference_forward(case, config):
 
 
 def test_default_configs():
-    """Inference: the grouped kernel, two lanes a channel from 128 steps on and one below (measured faster at the
-    stage-4 shapes, benchmarks/NOTES.md session 13); training: the one-lane kernels, in 7 segments from 128 steps."""
-    assert default_config(128, 196, 160) == KernelConfig(chunk=16, state_groups=2)
-    assert default_config(128, 49, 320) == KernelConfig(chunk=16, state_groups=1)
+    """Inference: the grouped kernel, one lane a channel once that gives more than two one-warp programs a warp
+    scheduler (4 a streaming multiprocessor), two lanes a channel otherwise (measured, benchmarks/NOTES.md session
+    13); training: the one-lane kernels, in 7 segments from 128 steps."""
+    g2, g1 = KernelConfig(chunk=16, state_groups=2), KernelConfig(chunk=16, state_groups=1)
+    assert default_config(128, 196, 160, sm_count=132) == g2  # 640 one-lane programs on 528 schedulers
+    assert default_config(128, 196, 256, sm_count=132) == g2  # 1,024
+    assert default_config(128, 49, 320, sm_count=132) == g1  # 1,280
+    assert default_config(128, 196, 392, sm_count=132) == g1  # 1,664
+    assert default_config(64, 49, 320, sm_count=132) == g2
+    assert default_config(128, 49, 320, sm_count=160) == g2  # a larger GPU keeps two lanes a channel
     assert default_config(128, 196, 160, training=True) == KernelConfig(chunk=4, prefetch=False, splits=7)
     assert default_config(128, 49, 320, training=True) == KernelConfig(chunk=4)
     assert default_config(2, 49, 40, d_state=64).state_groups is None  # beyond 32 states a lane: one-lane kernel
+    if jax.default_backend() != "gpu":
+        assert gpu_sm_count() == 132
 
 
 def test_grouped_config_errors():
