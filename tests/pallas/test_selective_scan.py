@@ -213,13 +213,15 @@ def verified_triton_modules(monkeypatch):
     return modules
 
 
-def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels(verified_triton_modules):
-    """state_groups puts the grouped kernel (per-lane shfl.sync.idx sources) into the inference forward only; under
-    differentiation the forward that saves states and the backward run as before."""
+@pytest.mark.parametrize("groups", [2, 1])
+def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels(groups, verified_triton_modules):
+    """state_groups puts the grouped kernel (per-lane shfl.sync.idx sources) into the inference forward only, with
+    two lanes a channel or one; under differentiation the forward that saves states and the backward run as
+    before."""
     spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     args = (spec((2, 196, 160)), spec((2, 196, 160)), spec((160, 8)), spec((2, 196, 8)), spec((2, 196, 8)))
     args += (spec((160,)), spec((160,)))
-    config = KernelConfig(chunk=16, state_groups=2)
+    config = KernelConfig(chunk=16, state_groups=groups)
     fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
     text = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "selective_scan_fwd_grouped" in text and "shfl.sync.idx.b32 $0, $1, $2" in text
