@@ -124,9 +124,10 @@ def default_config(
     registers, more warps), short ones as one prefetched pass in chunks of 4 steps (2 for very short ones).
 
     Measured on an H200 (132 SMs; benchmarks/NOTES.md session 13), float32, forward kernel µs, G = 1 / G = 2
-    (one-lane programs in brackets): b128 T stage 3 31.6 / 28.7 (640), B stage 3 40.3 / 39.1 (1,024), T stage 4
-    12.4 / 13.1 (1,280), L stage 3 58.3 / 61.7 (1,664), B stage 4 16.6 / 20.5 (2,048), L stage 4 25.5 / 27.5
-    (3,136); L 49 dim 320 at b64 9.4 / 8.6 (640), b8 5.9 / 4.3. T stage 3 forward+backward 153.7 µs with 7
+    (one-lane programs in brackets; G = 2 at L 49 b128 in chunks of 8, its faster chunk there): b128 T stage 3
+    31.6 / 28.7 (640), B stage 3 40.3 / 39.1 (1,024), T stage 4 12.4 / 13.1 (1,280), L stage 3 58.3 / 61.7
+    (1,664), B stage 4 16.6 / 20.5 (2,048), L stage 4 25.5 / 27.5 (3,136); L 49 dim 320 at b64 9.4 / 8.6 (640),
+    b8 5.9 / 4.3. T stage 3 forward+backward 153.7 µs with 7
     segments (162.0 with 4, 163.9 with 10)."""
     if not training and 2 <= pl.next_power_of_2(d_state) <= 32:
         one_lane_programs = batch * pl.cdiv(dim, 32)
