@@ -70,7 +70,9 @@ def inference(name, batch, dtype, size, overrides, profile_dir=None, compiler_op
     return result
 
 
-def training(name, batch, dtype, size, overrides, profile_dir=None, compiler_options=None):
+def build_training(name, batch, dtype, size, overrides, compiler_options=None):
+    """The compiled bf16 AdamW training step of ``name`` at ``batch``: ``(run, input_sets, compile_s, memory)``,
+    ``run(images)`` advancing a donated state held inside (see the module docstring)."""
     model = mvj.create_model(name, dtype=dtype, **overrides)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
     tx = optax.adamw(1e-4, weight_decay=0.05)
@@ -105,10 +107,15 @@ def training(name, batch, dtype, size, overrides, profile_dir=None, compiler_opt
         holder[0], loss = compiled(holder[0], images, labels, rng)
         return loss
 
-    seconds = median_seconds(run, [(x,) for x in images], windows=5)
+    return run, [(x,) for x in images], compile_s, memory
+
+
+def training(name, batch, dtype, size, overrides, profile_dir=None, compiler_options=None):
+    run, input_sets, compile_s, memory = build_training(name, batch, dtype, size, overrides, compiler_options)
+    seconds = median_seconds(run, input_sets, windows=5)
     result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
     if profile_dir:
-        result["profile"] = top_device_ops(run, (images[0],), profile_dir, top=None)
+        result["profile"] = top_device_ops(run, input_sets[0], profile_dir, top=None)
     return result
 
 
