@@ -38,12 +38,15 @@ def kernel_key(name: str) -> str:
 
 
 def device_kernels(run, args, trace_dir: str, calls: int) -> list[dict]:
-    """The device kernel events of ``calls`` profiled calls of ``run(*args)``: name, duration (µs), and the HLO
-    instruction the profiler names for it (``hlo_op``), if any."""
+    """The device kernel events of ``calls`` profiled calls of ``run(*args)``: name, start and duration (µs), and
+    the HLO instruction the profiler names for it (``hlo_op``), if any. The calls are dispatched back to back and
+    waited for once, as in the timed loop, so the gaps between them are the steady state's, not a cold dispatch's."""
     jax.block_until_ready(run(*args))
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        out = None
         for _ in range(calls):
-            jax.block_until_ready(run(*args))
+            out = run(*args)
+        jax.block_until_ready(out)
     path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
     events = kernel_trace.jax_device_events(kernel_trace.read_trace_events(path))
     return [
