@@ -45,6 +45,7 @@ class Instruction:
     calls: str | None  # the fused computation, for fusions
     target: str | None  # custom_call_target, for custom calls
     op_names: list[str]  # op_name metadata of the instruction (and, after link(), of its fused computation)
+    operands: list[str]  # operand instruction names
 
     @property
     def bytes(self) -> int:
@@ -87,7 +88,8 @@ def parse_module(text: str) -> dict[str, dict[str, Instruction]]:
     for line in text.splitlines():
         if line and not line[0].isspace():  # a computation's header, the module's header, or a closing brace
             header = line.rstrip().endswith("{") and not line.startswith("HloModule")
-            current = computations.setdefault(line.removeprefix("ENTRY ").lstrip("%").split()[0], {}) if header else None
+            name = line.removeprefix("ENTRY ").lstrip("%").split()[0]
+            current = computations.setdefault(name, {}) if header else None
             continue
         if current is None:
             continue
@@ -110,8 +112,8 @@ def parse_module(text: str) -> dict[str, dict[str, Instruction]]:
             calls=calls.group(1) if calls else None,
             target=target.group(1) if target else None,
             op_names=_OP_NAME.findall(rest),
+            operands=names,
         )
-        current[name]._operands = names  # type: ignore[attr-defined]
     return computations
 
 
@@ -125,7 +127,7 @@ def link(computations: dict[str, dict[str, Instruction]]) -> dict[str, Instructi
             continue
         for inst in comp.values():
             if inst.operand_bytes < 0:
-                inst.operand_bytes = sum(comp[o].result_bytes for o in inst._operands if o in comp)  # type: ignore[attr-defined]
+                inst.operand_bytes = sum(comp[o].result_bytes for o in inst.operands if o in comp)
             if inst.calls in computations and inst.opcode == "fusion":
                 inst.op_names = inst.op_names + [n for i in computations[inst.calls].values() for n in i.op_names]
             linked[inst.name] = inst

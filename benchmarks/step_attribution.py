@@ -2,12 +2,14 @@
 with the optimized HLO (``xla_dump_to``) to give every kernel its bytes moved, its bandwidth and the Flax module it
 came from, forward or backward.
 
-    python benchmarks/step_attribution.py --model B [--batch 128] [--top 60] [--xla-option NAME=VALUE ...]
+    python benchmarks/step_attribution.py --model B [--batch 128] [--top 60] [--mlp-impl pallas] \
+        [--xla-option NAME=VALUE ...]
 
-Prints the step time, the device's idle time inside it (gaps between kernels), the device time by (model place, pass, kind) and the ``--top`` kernels with their GB/s, and
-writes everything as JSON (``--out``, or ``$OUT/attribution_<model>.json``) with the optimized HLO beside it
-(``*_hlo.txt.gz``). Inside XLA's command buffers (CUDA graphs) the profiler names the buffer, not the instruction,
-for every kernel: run with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to attribute library calls too. The step is ``throughput.py``'s
+Prints the step time, the device's idle time inside it (gaps between kernels), the device time by (model place,
+pass, kind) and the ``--top`` kernels with their GB/s, and writes everything as JSON (``--out``, or
+``$OUT/attribution_<model>.json``) with the optimized HLO beside it (``*_hlo.txt.gz``). Inside XLA's command
+buffers (CUDA graphs) the profiler names the buffer, not the instruction, for every kernel: run with
+``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to attribute library calls too. The step is ``throughput.py``'s
 training step (bf16 compute, float32 master weights, AdamW, donated state).
 """
 
@@ -144,12 +146,16 @@ def main():
     parser.add_argument("--calls", type=int, default=3, help="profiled steps")
     parser.add_argument("--top", type=int, default=60)
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--mlp-impl", default="xla", help="xla or pallas (the fused GELU GEMMs)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     dump_dir = tempfile.mkdtemp(prefix="mvj_hlo_")
     options = dict(parse_compiler_options(args.xla_option) or {}, xla_dump_to=dump_dir, xla_dump_hlo_as_text=True)
-    run, input_sets, compile_s, _ = build_training(SHORT[args.model], args.batch, jnp.bfloat16, args.size, {}, options)
+    overrides = dict(mlp_impl=args.mlp_impl)
+    run, input_sets, compile_s, _ = build_training(
+        SHORT[args.model], args.batch, jnp.bfloat16, args.size, overrides, options
+    )
     seconds = median_seconds(run, input_sets, windows=5)
     kernels = device_kernels(run, input_sets[0], tempfile.mkdtemp(prefix="mvj_trace_"), args.calls)
     module_path = optimized_module(dump_dir)

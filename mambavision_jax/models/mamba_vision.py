@@ -6,6 +6,7 @@ The module tree mirrors the official PyTorch model one to one (``patch_embed``, 
 (batch, length, channels). Parameters and BatchNorm statistics are float32; ``dtype`` sets the compute dtype.
 """
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 
 from mambavision_jax.models.layers import Conv3x3, DropPath, batch_norm, gelu_erf, window_partition, window_reverse
 from mambavision_jax.pallas import selective_scan
+from mambavision_jax.pallas.gelu_mlp import IMPLS as MLP_IMPLS
+from mambavision_jax.pallas.gelu_mlp import gelu_mlp
 
 Dtype = Any
 D_STATE = 8  # the official Block builds every mixer with d_state=8, d_conv=3, expand=1
@@ -195,16 +198,42 @@ class Attention(nn.Module):
         return self.attention_impl
 
 
+class DenseParams(nn.Module):
+    """The parameters of ``_dense(features, name)`` (``kernel`` (in, features), ``bias`` (features,), float32, the same
+    initializers), returned instead of applied, for ops that take the weights themselves."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param(
+            "kernel", nn.initializers.truncated_normal(0.02), (in_features, self.features), jnp.float32
+        )
+        return kernel, self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+
+
 class Mlp(nn.Module):
-    """timm Mlp: fc1 -> exact GELU -> dropout -> fc2 -> dropout, on (B, N, C)."""
+    """timm Mlp: fc1 -> exact GELU -> dropout -> fc2 -> dropout, on (B, N, C).
+
+    ``impl="pallas"`` runs fc1, the GELU and fc2 as :func:`mambavision_jax.pallas.gelu_mlp.gelu_mlp` (the GELU and
+    its gradient inside Pallas GEMMs; same parameters); with dropout active it falls back to the XLA ops.
+    """
 
     dim: int
     hidden: int
     drop: float = 0.0
     dtype: Dtype = jnp.float32
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.impl not in MLP_IMPLS:
+            raise ValueError(f"mlp_impl must be one of {', '.join(MLP_IMPLS)}; got {self.impl!r}")
+        if self.impl == "pallas" and not (train and self.drop > 0):
+            w1, b1 = DenseParams(self.hidden, name="fc1")(x.shape[-1])
+            w2, b2 = DenseParams(self.dim, name="fc2")(self.hidden)
+            cast = functools.partial(jnp.asarray, dtype=self.dtype)
+            return gelu_mlp(cast(x), cast(w1), b1, cast(w2), b2, impl="pallas")
         x = gelu_erf(_dense(self.hidden, "fc1", self.dtype)(x))
         x = nn.Dropout(self.drop)(x, deterministic=not train)
         x = _dense(self.dim, "fc2", self.dtype)(x)
@@ -224,6 +253,7 @@ class Block(nn.Module):
     scan_impl: str = "auto"
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
+    mlp_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -235,7 +265,7 @@ class Block(nn.Module):
         normed = self._layer_norm("norm1")(x)
         branch = mixer(normed, train) if self.use_attention else mixer(normed)
         x = x + drop_path(self._scale("gamma_1", branch), deterministic=not train)
-        branch = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, name="mlp")(
+        branch = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.mlp_impl, name="mlp")(
             self._layer_norm("norm2")(x), train
         )
         return x + drop_path(self._scale("gamma_2", branch), deterministic=not train)
@@ -274,6 +304,7 @@ class MambaVisionLayer(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     channel_multiple: int = 1
+    mlp_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -303,6 +334,7 @@ class MambaVisionLayer(nn.Module):
                     self.scan_impl,
                     self.attention_impl,
                     self.dtype,
+                    self.mlp_impl,
                     name=f"blocks_{j}",
                 )(tokens, train)
             x = window_reverse(tokens, self.window_size, padded, size)
@@ -328,7 +360,9 @@ class MambaVision(nn.Module):
 
     Any image size works: stages 3-4 pad to a multiple of their window (no masking), as the official model.
     ``forward_features`` gives the pooled (B, 8*dim) features after the final BatchNorm and
-    ``forward_intermediates`` the four pre-downsample stage maps (NHWC), for backbone use.
+    ``forward_intermediates`` the four pre-downsample stage maps (NHWC), for backbone use. ``mlp_impl="pallas"``
+    runs the stage-3/4 MLPs with their GELU fused into Pallas GEMMs (:mod:`mambavision_jax.pallas.gelu_mlp`;
+    GPU, opt-in: not yet timed against the XLA default).
     """
 
     depths: Sequence[int]
@@ -347,6 +381,7 @@ class MambaVision(nn.Module):
     attention_impl: str = "auto"
     conv_channel_multiple: Optional[int] = None
     dtype: Dtype = jnp.float32
+    mlp_impl: str = "xla"
 
     def setup(self):
         total = sum(self.depths)
@@ -372,6 +407,7 @@ class MambaVision(nn.Module):
                     attention_impl=self.attention_impl,
                     dtype=self.dtype,
                     channel_multiple=channel_multiple,
+                    mlp_impl=self.mlp_impl,
                     name=f"levels_{i}",
                 )
             )

@@ -173,3 +173,27 @@ def test_gelu_erf_matches_torch_formula_and_jax_gradient():
     assert gelu_erf(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
     grad = jax.vmap(jax.grad(gelu_erf))(jnp.asarray(x))
     np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=2e-6)
+
+
+def test_pallas_mlp_gives_the_same_model_and_gradients():
+    """mlp_impl="pallas" (the fused GELU GEMMs, interpret mode off a GPU): the same parameters, logits and gradients
+    as the XLA MLP; 16 images of 64² make 3136 and 784 tokens in stages 3 and 4, so both stages take the fused path,
+    which the traced program shows as Pallas calls."""
+    arch = dict(SMALL)
+    xla = mvj.create_model("mamba_vision_T", **arch)
+    fused = mvj.create_model("mamba_vision_T", **arch, mlp_impl="pallas")
+    images = jax.random.normal(jax.random.PRNGKey(2), (16, 64, 64, 3))
+    variables = xla.init(jax.random.PRNGKey(0), images)
+    assert jax.tree.map(jnp.shape, fused.init(jax.random.PRNGKey(0), images)) == jax.tree.map(jnp.shape, variables)
+    np.testing.assert_allclose(jax.jit(fused.apply)(variables, images), xla.apply(variables, images), atol=2e-5)
+
+    def loss(model, params):
+        return jnp.sum(model.apply({**variables, "params": params}, images) ** 2)
+
+    gradient = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)
+    grads_f, grads_x = [gradient(m, variables["params"]) for m in (fused, xla)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads_f, grads_x)
+    traced = str(jax.make_jaxpr(fused.apply)(variables, images))
+    assert "gelu_mlp_fc1" in traced and traced.count("pallas_call[") == 4  # one fused fc1 for each block's MLP
+    with pytest.raises(ValueError, match="mlp_impl must be one of xla, pallas"):
+        mvj.create_model("mamba_vision_T", **arch, mlp_impl="cuda").init(jax.random.PRNGKey(0), images[:1])
