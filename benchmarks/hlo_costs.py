@@ -152,16 +152,12 @@ def module_path(op_name: str) -> tuple[str, bool]:
 
 
 def origin(inst: Instruction) -> tuple[str, bool]:
-    """The most common module path among an instruction's op_names, and whether most of them are backward."""
+    """The most common module path among an instruction's op_names, and whether it belongs to the backward pass
+    (any of its ops does: a backward fusion often recomputes forward ops, a forward one holds no backward op)."""
     if not inst.op_names:
         return "", False
-    paths = collections.Counter()
-    backward = 0
-    for n in inst.op_names:
-        path, bwd = module_path(n)
-        paths[path] += 1
-        backward += bwd
-    return paths.most_common(1)[0][0], backward * 2 > len(inst.op_names)
+    paths = collections.Counter(module_path(n)[0] for n in inst.op_names)
+    return paths.most_common(1)[0][0], any(module_path(n)[1] for n in inst.op_names)
 
 
 def group_of(path: str) -> str:

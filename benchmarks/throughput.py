@@ -201,6 +201,7 @@ def main():
     parser.add_argument("--scan-impl", default="auto")
     parser.add_argument("--attention-impl", default="auto")
     parser.add_argument("--mlp-impl", default="xla", help="xla or pallas (the fused GELU GEMMs)")
+    parser.add_argument("--norm-impl", default="xla", help="xla or pallas (LayerNorms with the residual update)")
     parser.add_argument("--compare-official", action="store_true")
     parser.add_argument(
         "--official-json",
@@ -224,7 +225,9 @@ def main():
 
     models = [m for m in args.models.split(",") if m]
     train_models = [m for m in args.train_models.split(",") if m]
-    overrides = dict(scan_impl=args.scan_impl, attention_impl=args.attention_impl, mlp_impl=args.mlp_impl)
+    overrides = dict(
+        scan_impl=args.scan_impl, attention_impl=args.attention_impl, mlp_impl=args.mlp_impl, norm_impl=args.norm_impl
+    )
     compiler_options = parse_compiler_options(args.xla_option)
     dtype = DTYPES[args.dtype]
     device = jax.devices()[0].device_kind

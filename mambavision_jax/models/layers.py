@@ -29,6 +29,15 @@ class DropPath(nn.Module):
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, mask_shape)
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
+    def sample_scale(self, batch: int, deterministic: bool):
+        """The per-sample factor ``__call__`` would apply, (batch,) float32 (0 or 1/keep), drawn as ``__call__``
+        draws it (same RNG stream and shape), for ops that apply it themselves; None when inactive."""
+        if deterministic or self.rate == 0.0:
+            return None
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (batch,))
+        return jnp.where(mask, 1.0 / keep, 0.0).astype(jnp.float32)
+
 
 def batch_norm(name: str, epsilon: float, dtype: Dtype, train: bool) -> nn.BatchNorm:
     """BatchNorm over the last (channel) axis matching ``torch.nn.BatchNorm2d`` (momentum 0.1 == flax 0.9).

@@ -18,6 +18,8 @@ from mambavision_jax.models.layers import Conv3x3, DropPath, batch_norm, gelu_er
 from mambavision_jax.pallas import selective_scan
 from mambavision_jax.pallas.gelu_mlp import IMPLS as MLP_IMPLS
 from mambavision_jax.pallas.gelu_mlp import gelu_mlp
+from mambavision_jax.pallas.layer_norm import IMPLS as NORM_IMPLS
+from mambavision_jax.pallas.layer_norm import add_layer_norm
 
 Dtype = Any
 D_STATE = 8  # the official Block builds every mixer with d_state=8, d_conv=3, expand=1
@@ -212,6 +214,16 @@ class DenseParams(nn.Module):
         return kernel, self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
 
 
+class LayerNormParams(nn.Module):
+    """The parameters of ``nn.LayerNorm(param_dtype=float32)``: ``scale`` (ones) and ``bias`` (zeros), (features,),
+    returned instead of applied, for :func:`add_layer_norm`."""
+
+    @nn.compact
+    def __call__(self, features: int) -> tuple[jax.Array, jax.Array]:
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        return scale, self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+
+
 class Mlp(nn.Module):
     """timm Mlp: fc1 -> exact GELU -> dropout -> fc2 -> dropout, on (B, N, C).
 
@@ -254,29 +266,64 @@ class Block(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     mlp_impl: str = "xla"
+    norm_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.norm_impl not in NORM_IMPLS:
+            raise ValueError(f"norm_impl must be one of {', '.join(NORM_IMPLS)}; got {self.norm_impl!r}")
         drop_path = DropPath(self.drop_path)
         if self.use_attention:
             mixer = Attention(self.dim, self.num_heads, self.attention_impl, self.dtype, name="mixer")
         else:
             mixer = MambaVisionMixer(self.dim, self.scan_impl, self.dtype, name="mixer")
-        normed = self._layer_norm("norm1")(x)
-        branch = mixer(normed, train) if self.use_attention else mixer(normed)
-        x = x + drop_path(self._scale("gamma_1", branch), deterministic=not train)
-        branch = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.mlp_impl, name="mlp")(
-            self._layer_norm("norm2")(x), train
-        )
+        mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.mlp_impl, name="mlp")
+        if self.norm_impl == "pallas":
+            x, normed = self._fused_mixer_half(x, mixer, drop_path, train)
+            branch = mlp(normed, train)
+        else:
+            normed = self._layer_norm("norm1")(x)
+            branch = mixer(normed, train) if self.use_attention else mixer(normed)
+            x = x + drop_path(self._scale("gamma_1", branch), deterministic=not train)
+            branch = mlp(self._layer_norm("norm2")(x), train)
         return x + drop_path(self._scale("gamma_2", branch), deterministic=not train)
+
+    def _fused_mixer_half(
+        self, x: jax.Array, mixer: nn.Module, drop_path: DropPath, train: bool
+    ) -> tuple[jax.Array, jax.Array]:
+        """norm1, the mixer, its residual update and norm2 with :func:`add_layer_norm` (``norm_impl="pallas"``):
+        the updated stream and norm2's output, both (B, N, C)."""
+        b, n, c = x.shape
+        scale, bias = LayerNormParams(name="norm1")(c)
+        _, normed = add_layer_norm(x, scale=scale, bias=bias, eps=1e-5, out_dtype=self.dtype, impl="pallas")
+        branch = mixer(normed, train) if self.use_attention else mixer(normed)
+        gamma = self._gamma("gamma_1")
+        sample_scale = drop_path.sample_scale(b, deterministic=not train)
+        scale, bias = LayerNormParams(name="norm2")(c)
+        return add_layer_norm(
+            x,
+            branch,
+            scale=scale,
+            bias=bias,
+            gamma=gamma,
+            row_scale=None if sample_scale is None else jnp.repeat(sample_scale, n),
+            eps=1e-5,
+            out_dtype=self.dtype,
+            impl="pallas",
+        )
 
     def _layer_norm(self, name: str) -> nn.LayerNorm:
         return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
-    def _scale(self, name: str, x: jax.Array) -> jax.Array:
+    def _gamma(self, name: str) -> Optional[jax.Array]:
+        """The layer-scale parameter ``name`` (dim,), or None without layer scale."""
         if self.layer_scale is None:
-            return x
-        return x * self.param(name, nn.initializers.constant(self.layer_scale), (self.dim,), jnp.float32)
+            return None
+        return self.param(name, nn.initializers.constant(self.layer_scale), (self.dim,), jnp.float32)
+
+    def _scale(self, name: str, x: jax.Array) -> jax.Array:
+        gamma = self._gamma(name)
+        return x if gamma is None else x * gamma
 
 
 def attention_block_indices(depth: int) -> range:
@@ -305,6 +352,7 @@ class MambaVisionLayer(nn.Module):
     dtype: Dtype = jnp.float32
     channel_multiple: int = 1
     mlp_impl: str = "xla"
+    norm_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -335,6 +383,7 @@ class MambaVisionLayer(nn.Module):
                     self.attention_impl,
                     self.dtype,
                     self.mlp_impl,
+                    self.norm_impl,
                     name=f"blocks_{j}",
                 )(tokens, train)
             x = window_reverse(tokens, self.window_size, padded, size)
@@ -361,8 +410,9 @@ class MambaVision(nn.Module):
     Any image size works: stages 3-4 pad to a multiple of their window (no masking), as the official model.
     ``forward_features`` gives the pooled (B, 8*dim) features after the final BatchNorm and
     ``forward_intermediates`` the four pre-downsample stage maps (NHWC), for backbone use. ``mlp_impl="pallas"``
-    runs the stage-3/4 MLPs with their GELU fused into Pallas GEMMs (:mod:`mambavision_jax.pallas.gelu_mlp`;
-    GPU, opt-in: not yet timed against the XLA default).
+    runs the stage-3/4 MLPs with their GELU fused into Pallas GEMMs (:mod:`mambavision_jax.pallas.gelu_mlp`),
+    ``norm_impl="pallas"`` their LayerNorms with the mixer's residual update as Pallas row kernels
+    (:mod:`mambavision_jax.pallas.layer_norm`); both opt-in for the GPU, not yet timed against the XLA default.
     """
 
     depths: Sequence[int]
@@ -382,6 +432,7 @@ class MambaVision(nn.Module):
     conv_channel_multiple: Optional[int] = None
     dtype: Dtype = jnp.float32
     mlp_impl: str = "xla"
+    norm_impl: str = "xla"
 
     def setup(self):
         total = sum(self.depths)
@@ -408,6 +459,7 @@ class MambaVision(nn.Module):
                     dtype=self.dtype,
                     channel_multiple=channel_multiple,
                     mlp_impl=self.mlp_impl,
+                    norm_impl=self.norm_impl,
                     name=f"levels_{i}",
                 )
             )

@@ -1,0 +1,132 @@
+"""The fused residual update + LayerNorm (mambavision_jax.pallas.layer_norm): its Pallas kernels in interpret mode
+against a float64 reference on fresh random inputs, both outputs and every gradient, with and without the branch,
+layer scale and per-row (drop path) factors, channel counts in one or several chunks; CUDA lowering; bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mambavision_jax.pallas import layer_norm as ln
+
+
+def _inputs(seed, rows, channels, branch, gamma, row_scale, stream_dtype):
+    rng = np.random.default_rng(seed)
+    arrays = dict(
+        x=rng.standard_normal((rows, channels)) * 2 + 0.7,
+        branch=rng.standard_normal((rows, channels)) if branch else None,
+        gamma=rng.standard_normal(channels) if gamma else None,
+        row_scale=rng.choice([0.0, 1.0 / 0.7], rows) if row_scale else None,
+        scale=1 + 0.3 * rng.standard_normal(channels),
+        bias=0.3 * rng.standard_normal(channels),
+    )
+    cotangents = rng.standard_normal((rows, channels)), rng.standard_normal((rows, channels))
+    dtypes = dict(x=stream_dtype, branch=jnp.bfloat16)
+    cast = {k: None if v is None else jnp.asarray(v, dtypes.get(k, jnp.float32)) for k, v in arrays.items()}
+    return cast, [jnp.asarray(c, jnp.float32) for c in cotangents]
+
+
+def _loss(impl, names, fixed, cotangents, out_dtype):
+    def f(*values):
+        kwargs = dict(fixed, **dict(zip(names, values)))
+        x_new, normed = ln.add_layer_norm(
+            kwargs.pop("x"), kwargs.pop("branch"), **kwargs, out_dtype=out_dtype, impl=impl, interpret=True
+        )
+        loss = jnp.sum(x_new.astype(jnp.float32) * cotangents[0]) + jnp.sum(normed.astype(jnp.float32) * cotangents[1])
+        return loss, (x_new, normed)
+
+    return f
+
+
+@pytest.mark.parametrize(
+    "rows, channels, branch, gamma, row_scale",
+    [
+        (64, 512, True, True, True),  # B stage 3's channels in one chunk
+        (48, 320, True, True, True),  # T stage 3's: 5 chunks of 64, 16 rows a program
+        (36, 96, True, False, True),  # 3 chunks of 32, 4 rows a program
+        (32, 320, False, False, False),  # a plain LayerNorm
+        (40, 128, True, False, False),  # a plain residual update
+    ],
+)
+def test_fused_matches_float64(rows, channels, branch, gamma, row_scale):
+    arrays, cotangents = _inputs(rows + channels, rows, channels, branch, gamma, row_scale, jnp.float32)
+    names = [k for k, v in arrays.items() if v is not None]
+    fixed = {k: v for k, v in arrays.items() if v is None}
+    values = [arrays[k] for k in names]
+    fused = jax.jit(jax.value_and_grad(_loss("pallas", names, fixed, cotangents, jnp.float32), range(len(names)), True))
+    (_, (x_new, normed)), grads = fused(*values)
+    with jax.enable_x64():
+        wide = [jnp.asarray(np.asarray(v, np.float64)) for v in values]
+        wide_cot = [jnp.asarray(np.asarray(c, np.float64)) for c in cotangents]
+        reference = jax.value_and_grad(_loss("xla", names, fixed, wide_cot, jnp.float64), range(len(names)), True)
+        (_, (x_ref, normed_ref)), grads_ref = reference(*wide)
+        x_ref, normed_ref, grads_ref = np.asarray(x_ref), np.asarray(normed_ref), [np.asarray(g) for g in grads_ref]
+    assert x_new.dtype == jnp.float32 and normed.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(x_new), x_ref, atol=1e-5 * np.abs(x_ref).max())
+    np.testing.assert_allclose(np.asarray(normed), normed_ref, atol=2e-5 * np.abs(normed_ref).max())
+    for name, g, r in zip(names, grads, grads_ref):
+        assert g.shape == r.shape, name
+        tolerance = 1e-2 if name == "branch" else 2e-5  # branch and its gradient are bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=tolerance * np.abs(r).max(), err_msg=name)
+
+
+def test_bfloat16_stream_and_output():
+    arrays, cotangents = _inputs(5, 32, 128, True, False, False, jnp.bfloat16)
+    x_new, normed = ln.add_layer_norm(
+        arrays["x"], arrays["branch"], scale=arrays["scale"], bias=arrays["bias"], impl="pallas", interpret=True
+    )
+    ref_x, ref_n = ln.add_layer_norm_reference(
+        arrays["x"], arrays["branch"], None, None, arrays["scale"], arrays["bias"], eps=1e-5, out_dtype=jnp.bfloat16
+    )
+    assert x_new.dtype == jnp.bfloat16 and normed.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(x_new, np.float32), np.asarray(ref_x, np.float32))
+    np.testing.assert_allclose(np.asarray(normed, np.float32), np.asarray(ref_n, np.float32), atol=3e-2)
+
+
+def test_channels_without_a_chunk_fall_back_and_leading_axes_are_kept():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 7, 24)), jnp.float32)  # 24 = 8 * 3: no power-of-two chunk >= 16
+    scale, bias = jnp.ones(24), jnp.zeros(24)
+    x_new, normed = ln.add_layer_norm(x, scale=scale, bias=bias, impl="pallas", interpret=True)
+    assert normed.shape == (2, 7, 24)
+    ref = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.asarray(normed), np.asarray(ref), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(x_new), np.asarray(x))
+
+
+def test_bad_arguments_are_named():
+    x, c = jnp.zeros((4, 8, 64)), jnp.ones(64)
+    with pytest.raises(ValueError, match="unknown add_layer_norm impl 'cuda'"):
+        ln.add_layer_norm(x, scale=c, bias=c, impl="cuda")
+    with pytest.raises(ValueError, match="branch"):
+        ln.add_layer_norm(x, jnp.zeros((4, 8, 32)), scale=c, bias=c)
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        ln.add_layer_norm(x, x, scale=c, bias=c, gamma=jnp.ones(32))
+    with pytest.raises(ValueError, match=r"row_scale must have shape \(32,\)"):
+        ln.add_layer_norm(x, x, scale=c, bias=c, row_scale=jnp.ones(4))
+    with pytest.raises(ValueError, match="there is none"):
+        ln.add_layer_norm(x, scale=c, bias=c, row_scale=jnp.ones(32))
+
+
+def test_kernels_lower_to_triton_for_cuda():
+    rows, channels = 25088, 512  # B stage 3 at batch 128
+    f32 = jnp.float32
+    specs = [
+        jax.ShapeDtypeStruct((rows, channels), f32),
+        jax.ShapeDtypeStruct((rows, channels), jnp.bfloat16),
+        jax.ShapeDtypeStruct((channels,), f32),
+        jax.ShapeDtypeStruct((rows,), f32),
+        jax.ShapeDtypeStruct((channels,), f32),
+        jax.ShapeDtypeStruct((channels,), f32),
+    ]
+
+    def loss(x, branch, gamma, row_scale, scale, bias):
+        x_new, normed = ln.add_layer_norm(
+            x, branch, gamma=gamma, row_scale=row_scale, scale=scale, bias=bias, out_dtype=jnp.bfloat16,
+            impl="pallas", interpret=False,
+        )  # fmt: skip
+        return jnp.sum(x_new) + jnp.sum(normed.astype(f32))
+
+    grad = jax.jit(jax.grad(loss, argnums=range(6)))
+    text = grad.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
