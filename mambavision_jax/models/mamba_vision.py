@@ -8,7 +8,7 @@ The module tree mirrors the official PyTorch model one to one (``patch_embed``, 
 
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -19,7 +19,7 @@ from mambavision_jax.pallas import selective_scan
 from mambavision_jax.pallas.gelu_mlp import IMPLS as MLP_IMPLS
 from mambavision_jax.pallas.gelu_mlp import gelu_mlp
 from mambavision_jax.pallas.layer_norm import IMPLS as NORM_IMPLS
-from mambavision_jax.pallas.layer_norm import add_layer_norm
+from mambavision_jax.pallas.layer_norm import add_layer_norm, residual_update
 
 Dtype = Any
 D_STATE = 8  # the official Block builds every mixer with d_state=8, d_conv=3, expand=1
@@ -252,6 +252,31 @@ class Mlp(nn.Module):
         return nn.Dropout(self.drop)(x, deterministic=not train)
 
 
+class PendingUpdate(NamedTuple):
+    """A residual update not applied yet: ``stream + row_scale · gamma · branch`` (absent factors are None)."""
+
+    stream: jax.Array  # (B, N, C)
+    branch: Optional[jax.Array]  # (B, N, C)
+    gamma: Optional[jax.Array]  # (C,) layer scale
+    row_scale: Optional[jax.Array]  # (B * N,) drop path's factor, per token row
+
+
+def apply_pending(x) -> jax.Array:
+    """The stream with a :class:`PendingUpdate` applied (a plain array is returned as it is)."""
+    if not isinstance(x, PendingUpdate) or x.branch is None:
+        return x.stream if isinstance(x, PendingUpdate) else x
+    b, n, c = x.stream.shape
+    row_scale = None if x.row_scale is None else x.row_scale.reshape(b * n)
+    flat = residual_update(x.stream.reshape(b * n, c), x.branch.reshape(b * n, c), x.gamma, row_scale)
+    return flat.reshape(b, n, c)
+
+
+def _row_scale(drop_path: DropPath, batch: int, length: int, train: bool) -> Optional[jax.Array]:
+    """Drop path's per-sample factor repeated over each sample's ``length`` token rows, (batch * length,)."""
+    scale = drop_path.sample_scale(batch, deterministic=not train)
+    return None if scale is None else jnp.repeat(scale, length)
+
+
 class Block(nn.Module):
     """Pre-norm residual block of stages 3-4 with a Mamba mixer or attention, then an MLP. (B, N, C)."""
 
@@ -269,7 +294,10 @@ class Block(nn.Module):
     norm_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x, train: bool):
+        """(B, N, C) tokens -> (B, N, C). With ``norm_impl="pallas"`` the block takes and returns a
+        :class:`PendingUpdate` (or takes a plain array first): its last residual update is left to the next block's
+        norm1 kernel, and the stage applies the last one (:func:`apply_pending`)."""
         if self.norm_impl not in NORM_IMPLS:
             raise ValueError(f"norm_impl must be one of {', '.join(NORM_IMPLS)}; got {self.norm_impl!r}")
         drop_path = DropPath(self.drop_path)
@@ -279,34 +307,35 @@ class Block(nn.Module):
             mixer = MambaVisionMixer(self.dim, self.scan_impl, self.dtype, name="mixer")
         mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.mlp_impl, name="mlp")
         if self.norm_impl == "pallas":
-            x, normed = self._fused_mixer_half(x, mixer, drop_path, train)
-            branch = mlp(normed, train)
-        else:
-            normed = self._layer_norm("norm1")(x)
-            branch = mixer(normed, train) if self.use_attention else mixer(normed)
-            x = x + drop_path(self._scale("gamma_1", branch), deterministic=not train)
-            branch = mlp(self._layer_norm("norm2")(x), train)
+            return self._fused(x, mixer, mlp, drop_path, train)
+        normed = self._layer_norm("norm1")(x)
+        branch = mixer(normed, train) if self.use_attention else mixer(normed)
+        x = x + drop_path(self._scale("gamma_1", branch), deterministic=not train)
+        branch = mlp(self._layer_norm("norm2")(x), train)
         return x + drop_path(self._scale("gamma_2", branch), deterministic=not train)
 
-    def _fused_mixer_half(
-        self, x: jax.Array, mixer: nn.Module, drop_path: DropPath, train: bool
-    ) -> tuple[jax.Array, jax.Array]:
-        """norm1, the mixer, its residual update and norm2 with :func:`add_layer_norm` (``norm_impl="pallas"``):
-        the updated stream and norm2's output, both (B, N, C)."""
-        b, n, c = x.shape
+    def _fused(self, x, mixer: nn.Module, mlp: nn.Module, drop_path: DropPath, train: bool) -> "PendingUpdate":
+        """The block with :func:`add_layer_norm` for norm1 (taking the previous block's pending update) and for
+        norm2 (taking the mixer's), returning the MLP's update pending."""
+        pending = x if isinstance(x, PendingUpdate) else PendingUpdate(x, None, None, None)
+        b, n, c = pending.stream.shape
         scale, bias = LayerNormParams(name="norm1")(c)
-        _, normed = add_layer_norm(x, scale=scale, bias=bias, eps=1e-5, out_dtype=self.dtype, impl="pallas")
+        stream, normed = self._add_layer_norm(pending, scale, bias)
         branch = mixer(normed, train) if self.use_attention else mixer(normed)
-        gamma = self._gamma("gamma_1")
-        sample_scale = drop_path.sample_scale(b, deterministic=not train)
+        update = PendingUpdate(stream, branch, self._gamma("gamma_1"), _row_scale(drop_path, b, n, train))
         scale, bias = LayerNormParams(name="norm2")(c)
+        stream, normed = self._add_layer_norm(update, scale, bias)
+        branch = mlp(normed, train)
+        return PendingUpdate(stream, branch, self._gamma("gamma_2"), _row_scale(drop_path, b, n, train))
+
+    def _add_layer_norm(self, pending: "PendingUpdate", scale: jax.Array, bias: jax.Array):
         return add_layer_norm(
-            x,
-            branch,
+            pending.stream,
+            pending.branch,
             scale=scale,
             bias=bias,
-            gamma=gamma,
-            row_scale=None if sample_scale is None else jnp.repeat(sample_scale, n),
+            gamma=pending.gamma,
+            row_scale=pending.row_scale,
             eps=1e-5,
             out_dtype=self.dtype,
             impl="pallas",
@@ -386,7 +415,7 @@ class MambaVisionLayer(nn.Module):
                     self.norm_impl,
                     name=f"blocks_{j}",
                 )(tokens, train)
-            x = window_reverse(tokens, self.window_size, padded, size)
+            x = window_reverse(apply_pending(tokens), self.window_size, padded, size)
         if not self.downsample:
             return x, None
         return x, Downsample(self.dim, self.dtype, self.channel_multiple, name="downsample")(x)

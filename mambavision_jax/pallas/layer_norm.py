@@ -30,6 +30,12 @@ MAX_BLOCK_ROWS = 16
 MAX_CHUNK = 512
 
 
+def residual_update(x, branch, gamma=None, row_scale=None):
+    """x + row_scale · gamma · branch (absent factors left out), (M, C), computed in float32 and returned in the
+    promoted dtype of the operands, as the fused kernel's x_new."""
+    return _residual(x, branch, gamma, row_scale).astype(_stream_dtype(x, branch, gamma, row_scale))
+
+
 def _residual(x, branch, gamma, row_scale):
     """x + row_scale · gamma · branch in float32 (absent factors left out)."""
     update = branch.astype(jnp.float32)
