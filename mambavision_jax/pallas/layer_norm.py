@@ -200,6 +200,20 @@ def _partial_spec(channels):
     return pl.BlockSpec((1, channels), lambda i: (i, 0))
 
 
+def _row_call(kernel, programs, in_specs, out_shape, out_specs, name, interpret):
+    """A one-dimensional grid of ``programs`` row blocks, one warp group of 4 warps each."""
+    return pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shape),
+        grid=(programs,),
+        in_specs=in_specs,
+        out_specs=tuple(out_specs),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name=name,
+    )
+
+
 def _flags(branch, gamma, row_scale):
     return dict(has_branch=branch is not None, has_gamma=gamma is not None, has_row_scale=row_scale is not None)
 
@@ -227,16 +241,9 @@ def _forward(x, branch, gamma, row_scale, scale, bias, eps, out_dtype, interpret
     if branch is not None:
         out_shape.insert(0, jax.ShapeDtypeStruct((rows, channels), stream_dtype))
         out_specs.insert(0, _row_spec(block_rows, channels))
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=tuple(out_shape),
-        grid=(rows // block_rows,),
-        in_specs=in_specs,
-        out_specs=tuple(out_specs),
-        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret,
-        name="add_layer_norm_fwd",
-    )(*inputs)
+    outs = _row_call(kernel, rows // block_rows, in_specs, out_shape, out_specs, "add_layer_norm_fwd", interpret)(
+        *inputs
+    )
     x_new = outs[0] if branch is not None else x  # without a branch x_new is x itself
     return (x_new,) + tuple(outs[-3:])
 
@@ -269,18 +276,7 @@ def _backward(x_new, branch, gamma, row_scale, scale, mean, rstd, d_x_new, d_nor
         out_specs.append(_partial_spec(channels))
     out_shape += [partial, partial]
     out_specs += [_partial_spec(channels), _partial_spec(channels)]
-    outs = list(
-        pl.pallas_call(
-            kernel,
-            out_shape=tuple(out_shape),
-            grid=(programs,),
-            in_specs=in_specs,
-            out_specs=tuple(out_specs),
-            compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
-            interpret=interpret,
-            name="add_layer_norm_bwd",
-        )(*inputs)
-    )
+    outs = list(_row_call(kernel, programs, in_specs, out_shape, out_specs, "add_layer_norm_bwd", interpret)(*inputs))
     dx = outs.pop(0)
     d_branch = outs.pop(0) if branch is not None else None
     d_row_scale = outs.pop(0).astype(row_scale.dtype) if row_scale is not None else None

@@ -131,23 +131,27 @@ def test_padded_conv_channels_give_the_same_model_and_gradients():
     assert jax.tree.map(jnp.shape, padded.init(jax.random.PRNGKey(0), images)) == jax.tree.map(jnp.shape, variables)
     np.testing.assert_allclose(padded.apply(variables, images), plain.apply(variables, images), rtol=1e-5, atol=1e-5)
 
-    def loss_and_stats(model, params):
-        logits, new = model.apply(
-            {**variables, "params": params},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": jax.random.PRNGKey(3)},
-        )
-        return jnp.sum(logits**2), new["batch_stats"]
-
     (grads_p, stats_p), (grads_u, stats_u) = [
-        jax.grad(loss_and_stats, argnums=1, has_aux=True)(m, variables["params"]) for m in (padded, plain)
+        jax.grad(training_loss, argnums=1, has_aux=True)(m, variables["params"], variables, images)
+        for m in (padded, plain)
     ]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads_p, grads_u)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats_p, stats_u)
     assert conv_channel_counts(plain, variables, images) & {12, 20}, "the unpadded model convolves 12 and 20"
     assert all(c < 8 or c % 8 == 0 for c in conv_channel_counts(padded, variables, images))
+
+
+def training_loss(model, params, variables, images):
+    """(sum of squared logits, new BN statistics) in train mode with ``params`` in ``variables``, drop path drawn
+    from a fixed key."""
+    logits, new = model.apply(
+        {**variables, "params": params},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": jax.random.PRNGKey(3)},
+    )
+    return jnp.sum(logits**2), new["batch_stats"]
 
 
 def conv_channel_counts(model, variables, images) -> set:
@@ -189,18 +193,8 @@ def test_pallas_blocks_give_the_same_model_and_gradients(fused):
     assert jax.tree.map(jnp.shape, model.init(jax.random.PRNGKey(0), images)) == jax.tree.map(jnp.shape, variables)
     np.testing.assert_allclose(jax.jit(model.apply)(variables, images), xla.apply(variables, images), atol=2e-5)
 
-    def loss(m, params):
-        logits, new = m.apply(
-            {**variables, "params": params},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": jax.random.PRNGKey(3)},
-        )
-        return jnp.sum(logits**2), new["batch_stats"]
-
-    gradient = jax.jit(jax.grad(loss, argnums=1, has_aux=True), static_argnums=0)
-    (grads_f, stats_f), (grads_x, stats_x) = [gradient(m, variables["params"]) for m in (model, xla)]
+    gradient = jax.jit(jax.grad(training_loss, argnums=1, has_aux=True), static_argnums=0)
+    (grads_f, stats_f), (grads_x, stats_x) = [gradient(m, variables["params"], variables, images) for m in (model, xla)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), grads_f, grads_x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats_f, stats_x)
     traced = str(jax.make_jaxpr(model.apply)(variables, images))
