@@ -8,8 +8,9 @@ gradient, the residual gradient and the layer-scale gradient as several passes o
 (B's stage-3 LayerNorms and residual updates: ~3.4 ms of a 37 ms training step on an H200, ``benchmarks/NOTES.md``
 session 14). Here one kernel reads x and branch once and writes x_new, normed and the per-row statistics; one
 backward kernel reads x_new, branch and both cotangents once and writes the two input gradients, with per-program
-column sums for the gamma, scale and bias gradients. Rows are processed ``block_rows`` at a time and columns in
-power-of-two chunks (any channel count whose largest power-of-two divisor is >= 16).
+column sums for the gamma, scale and bias gradients. Rows are processed up to 16 at a time and columns in
+power-of-two chunks of up to 1024 (any channel count whose largest power-of-two divisor is >= 16); a row held in
+one chunk is loaded once.
 
 Layouts: x, branch (M, C) row-major (tokens, channels); gamma, scale, bias (C,); row_scale (M,) (drop path's
 per-sample keep/keep_prob, repeated over that sample's rows). ``impl="xla"`` is the same math in plain JAX.
@@ -27,7 +28,8 @@ from jax.experimental.pallas import triton as plt
 
 IMPLS = ("xla", "pallas")
 MAX_BLOCK_ROWS = 16
-MAX_CHUNK = 512
+MAX_CHUNK = 1024  # a whole row of B's stage-4 width in one chunk
+BLOCK_ELEMENTS = 8192  # rows × chunk a program holds at once (f32: 64 values a thread for 4 warps)
 
 
 def residual_update(x, branch, gamma=None, row_scale=None):
@@ -69,15 +71,31 @@ def _chunk(channels: int) -> int | None:
     return None
 
 
-def _block_rows(rows: int) -> int:
-    b = MAX_BLOCK_ROWS
+def _block_rows(rows: int, chunk: int) -> int:
+    b = min(MAX_BLOCK_ROWS, BLOCK_ELEMENTS // chunk)
     while rows % b:
         b //= 2
     return b
 
 
 def _loop(n, body, init):
-    return jax.lax.fori_loop(0, n, body, init)
+    """``fori_loop(0, n, body, init)``, or for one chunk ``body(0, init)`` with a Python index, so that the
+    kernels' chunk loads can be cached (:func:`_cached`) and a row held in one chunk is loaded once."""
+    return body(0, init) if n == 1 else jax.lax.fori_loop(0, n, body, init)
+
+
+def _cached(load):
+    """``load(i)``, remembered for Python-int ``i`` (one chunk: every pass reuses the first load)."""
+    memo = {}
+
+    def get(i):
+        if not isinstance(i, int):
+            return load(i)
+        if i not in memo:
+            memo[i] = load(i)
+        return memo[i]
+
+    return get
 
 
 def _forward_kernel(*refs, has_branch, has_gamma, has_row_scale, chunk, n_chunks, channels, eps):
@@ -91,6 +109,7 @@ def _forward_kernel(*refs, has_branch, has_gamma, has_row_scale, chunk, n_chunks
     normed_ref, mean_ref, rstd_ref = refs[-3:]
     row_scale = row_scale_ref[...].astype(jnp.float32)[:, None] if has_row_scale else None
 
+    @_cached
     def stream(i):
         cols = pl.ds(i * chunk, chunk)
         value = x_ref[:, cols].astype(jnp.float32)
@@ -145,13 +164,17 @@ def _backward_kernel(*refs, has_branch, has_gamma, has_row_scale, chunk, n_chunk
     rstd = rstd_ref[...][:, None]
     row_scale = row_scale_ref[...].astype(jnp.float32)[:, None] if has_row_scale else None
 
-    def normalized(cols):
-        return (x_new_ref[:, cols].astype(jnp.float32) - mean) * rstd
+    @_cached
+    def chunk_values(i):
+        """(d_normed, x_hat, g = d_normed · scale) of column chunk i, float32."""
+        cols = pl.ds(i * chunk, chunk)
+        d_normed = d_normed_ref[:, cols].astype(jnp.float32)
+        x_hat = (x_new_ref[:, cols].astype(jnp.float32) - mean) * rstd
+        return d_normed, x_hat, d_normed * scale_ref[cols].astype(jnp.float32)[None, :]
 
     def sums(i, acc):
-        cols = pl.ds(i * chunk, chunk)
-        g = d_normed_ref[:, cols].astype(jnp.float32) * scale_ref[cols].astype(jnp.float32)[None, :]
-        return acc[0] + jnp.sum(g, axis=1), acc[1] + jnp.sum(g * normalized(cols), axis=1)
+        _, x_hat, g = chunk_values(i)
+        return acc[0] + jnp.sum(g, axis=1), acc[1] + jnp.sum(g * x_hat, axis=1)
 
     rows = x_new_ref.shape[0]
     zeros = jnp.zeros((rows,), jnp.float32)
@@ -160,9 +183,7 @@ def _backward_kernel(*refs, has_branch, has_gamma, has_row_scale, chunk, n_chunk
 
     def write(i, d_row_scale):
         cols = pl.ds(i * chunk, chunk)
-        d_normed = d_normed_ref[:, cols].astype(jnp.float32)
-        x_hat = normalized(cols)
-        g = d_normed * scale_ref[cols].astype(jnp.float32)[None, :]
+        d_normed, x_hat, g = chunk_values(i)
         d_total = d_x_new_ref[:, cols].astype(jnp.float32) + rstd * (g - g_mean - x_hat * gx_mean)
         dx_ref[:, cols] = d_total.astype(dx_ref.dtype)
         d_scale_ref[:, cols] = jnp.sum(d_normed * x_hat, axis=0, keepdims=True)
@@ -220,7 +241,8 @@ def _flags(branch, gamma, row_scale):
 
 def _forward(x, branch, gamma, row_scale, scale, bias, eps, out_dtype, interpret):
     rows, channels = x.shape
-    block_rows, chunk = _block_rows(rows), _chunk(channels)
+    chunk = _chunk(channels)
+    block_rows = _block_rows(rows, chunk)
     flags = _flags(branch, gamma, row_scale)
     kernel = functools.partial(
         _forward_kernel, **flags, chunk=chunk, n_chunks=channels // chunk, channels=channels, eps=eps
@@ -250,7 +272,8 @@ def _forward(x, branch, gamma, row_scale, scale, bias, eps, out_dtype, interpret
 
 def _backward(x_new, branch, gamma, row_scale, scale, mean, rstd, d_x_new, d_normed, x_dtype, interpret):
     rows, channels = x_new.shape
-    block_rows, chunk = _block_rows(rows), _chunk(channels)
+    chunk = _chunk(channels)
+    block_rows = _block_rows(rows, chunk)
     programs = rows // block_rows
     flags = _flags(branch, gamma, row_scale)
     kernel = functools.partial(_backward_kernel, **flags, chunk=chunk, n_chunks=channels // chunk, channels=channels)
