@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from mambavision_jax.pallas.partitioning import batch_parallel
+
 IMPLS = ("xla", "pallas")
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -33,6 +35,11 @@ _INV_SQRT_2PI = 0.3989422804014327
 def gelu(h: jax.Array) -> jax.Array:
     """Exact GELU in float32 with XLA's erf: h/2 · (1 + erf(h/√2)) (the reference)."""
     return 0.5 * h * (1.0 + jax.lax.erf(h * _SQRT_HALF))
+
+
+def gelu_derivative(h: jax.Array) -> jax.Array:
+    """d GELU / dh in float32 with XLA's erf: Φ(h) + h·φ(h)."""
+    return 0.5 * (1.0 + jax.lax.erf(h * _SQRT_HALF)) + h * _INV_SQRT_2PI * jnp.exp(-0.5 * h * h)
 
 
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - t·P(t)·exp(-x²), t = 1 / (1 + p·x), x >= 0; |error| <= 1.5e-7 in exact
@@ -129,8 +136,19 @@ def _compiler_params(tiles: GemmTiles):
     return plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
+def _local_tiles(m: int, tiles: GemmTiles) -> GemmTiles | None:
+    """``tiles`` with block_m refitted to the rows one device holds (None if no tile of 16 or more divides them)."""
+    block_m = _largest_tile(m, tiles.block_m)
+    return None if block_m is None else dataclasses.replace(tiles, block_m=block_m)
+
+
 def fc1_gelu(x, w1, b1, tiles: GemmTiles, interpret: bool = False):
     """(M, K) @ (K, H) + b1 -> (h, GELU(h)), both (M, H) in x's dtype."""
+    local = _local_tiles(x.shape[0], tiles)
+    if local is None:  # this device's rows fit no tile: the same math in XLA
+        h = jnp.dot(x, w1, preferred_element_type=jnp.float32) + b1.astype(jnp.float32)
+        return h.astype(x.dtype), gelu(h).astype(x.dtype)
+    tiles = local
     m, k = x.shape
     hidden = w1.shape[1]
     grid = (m // tiles.block_m, hidden // tiles.block_n)
@@ -154,6 +172,12 @@ def fc1_gelu(x, w1, b1, tiles: GemmTiles, interpret: bool = False):
 
 def dgelu(dy, w2, h, tiles: GemmTiles, interpret: bool = False):
     """dy (M, N), w2 (H, N), h (M, H) -> (dh (M, H) in h's dtype, db1 (H,) float32)."""
+    local = _local_tiles(dy.shape[0], tiles)
+    if local is None:  # this device's rows fit no tile: the same math in XLA
+        dg = jax.lax.dot_general(dy, w2, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        dh = dg * gelu_derivative(h.astype(jnp.float32))
+        return dh.astype(h.dtype), jnp.sum(dh, axis=0)
+    tiles = local
     m, n = dy.shape
     hidden = w2.shape[0]
     grid = (m // tiles.block_m, hidden // tiles.block_n)
@@ -181,13 +205,19 @@ def dgelu(dy, w2, h, tiles: GemmTiles, interpret: bool = False):
     return dh, jnp.sum(partial_sums, axis=0)
 
 
+# Batch-parallel over the token rows (:mod:`mambavision_jax.pallas.partitioning`): with the rows sharded, every device
+# runs the kernels on its own and fc1's bias gradient is psum-ed; the weights are replicated.
+_fc1_gelu_rows = batch_parallel(fc1_gelu, "b k, k h, h -> b h, b h", num_static=2)
+_dgelu_rows = batch_parallel(dgelu, "b n, h n, b h -> b h, h", num_static=2, summed_results=(1,))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _fused(x, w1, b1, w2, b2, tiles, interpret):
     return _fused_forward(x, w1, b1, w2, b2, tiles, interpret)[0]
 
 
 def _fused_forward(x, w1, b1, w2, b2, tiles, interpret):
-    h, g = fc1_gelu(x, w1, b1, tiles, interpret)
+    h, g = _fc1_gelu_rows(x, w1, b1, tiles, interpret)
     y = (jnp.dot(g, w2, preferred_element_type=jnp.float32) + b2.astype(jnp.float32)).astype(x.dtype)
     return y, (x, w1, b1, w2, b2, h, g)
 
@@ -197,7 +227,7 @@ def _fused_backward(tiles, interpret, residuals, dy):
     dy = dy.astype(x.dtype)
     dw2 = jnp.dot(g.T, dy, preferred_element_type=jnp.float32).astype(w2.dtype)
     db2 = jnp.sum(dy.astype(jnp.float32), axis=0).astype(b2.dtype)
-    dh, db1 = dgelu(dy, w2, h, tiles, interpret)
+    dh, db1 = _dgelu_rows(dy, w2, h, tiles, interpret)
     dw1 = jnp.dot(x.T, dh, preferred_element_type=jnp.float32).astype(w1.dtype)
     dx = jnp.dot(dh, w1.T, preferred_element_type=jnp.float32).astype(x.dtype)
     return dx, dw1, db1.astype(b1.dtype), dw2, db2

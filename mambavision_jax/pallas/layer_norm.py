@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from mambavision_jax.pallas.partitioning import batch_parallel
+
 IMPLS = ("xla", "pallas")
 MAX_BLOCK_ROWS = 16
 MAX_CHUNK = 1024  # a whole row of B's stage-4 width in one chunk
@@ -239,7 +241,32 @@ def _flags(branch, gamma, row_scale):
     return dict(has_branch=branch is not None, has_gamma=gamma is not None, has_row_scale=row_scale is not None)
 
 
-def _forward(x, branch, gamma, row_scale, scale, bias, eps, out_dtype, interpret):
+def _split(arrays, has_branch, has_gamma, has_row_scale, lead, tail):
+    """(``lead`` leading arrays, branch, gamma, row_scale, ``tail`` trailing arrays) from the present ones."""
+    arrays = list(arrays)
+    head = [arrays.pop(0) for _ in range(lead)]
+    optional = [arrays.pop(0) if present else None for present in (has_branch, has_gamma, has_row_scale)]
+    assert len(arrays) == tail
+    return head, optional, arrays
+
+
+def _rule(has_branch, has_gamma, has_row_scale, lead, tail, results):
+    """Shardy rule for the present operands: ``lead`` and ``tail`` factor lists around branch/gamma/row_scale."""
+    optional = [axes for axes, present in (("b c", has_branch), ("c", has_gamma), ("b", has_row_scale)) if present]
+    return ", ".join(lead + optional + tail) + " -> " + ", ".join(results)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_call(has_branch, has_gamma, has_row_scale):
+    """The forward kernel, batch-parallel over the rows (:func:`batch_parallel`), for these optional operands."""
+    results = (["b c"] if has_branch else []) + ["b c", "b", "b"]
+    rule = _rule(has_branch, has_gamma, has_row_scale, ["b c"], ["c", "c"], results)
+    return batch_parallel(_forward_local, rule, num_static=6)
+
+
+def _forward_local(*args):
+    *arrays, has_branch, has_gamma, has_row_scale, eps, out_dtype, interpret = args
+    (x,), (branch, gamma, row_scale), (scale, bias) = _split(arrays, has_branch, has_gamma, has_row_scale, 1, 2)
     rows, channels = x.shape
     chunk = _chunk(channels)
     block_rows = _block_rows(rows, chunk)
@@ -247,8 +274,6 @@ def _forward(x, branch, gamma, row_scale, scale, bias, eps, out_dtype, interpret
     kernel = functools.partial(
         _forward_kernel, **flags, chunk=chunk, n_chunks=channels // chunk, channels=channels, eps=eps
     )
-    stream_dtype = _stream_dtype(x, branch, gamma, row_scale)
-    inputs = [x] + [a for a in (branch, gamma, row_scale) if a is not None] + [scale, bias]
     in_specs = [_row_spec(block_rows, channels)]
     in_specs += [_row_spec(block_rows, channels)] if branch is not None else []
     in_specs += [_channel_spec(channels)] if gamma is not None else []
@@ -261,24 +286,39 @@ def _forward(x, branch, gamma, row_scale, scale, bias, eps, out_dtype, interpret
     ]
     out_specs = [_row_spec(block_rows, channels), _vector_spec(block_rows), _vector_spec(block_rows)]
     if branch is not None:
-        out_shape.insert(0, jax.ShapeDtypeStruct((rows, channels), stream_dtype))
+        out_shape.insert(0, jax.ShapeDtypeStruct((rows, channels), _stream_dtype(x, branch, gamma, row_scale)))
         out_specs.insert(0, _row_spec(block_rows, channels))
-    outs = _row_call(kernel, rows // block_rows, in_specs, out_shape, out_specs, "add_layer_norm_fwd", interpret)(
-        *inputs
-    )
+    call = _row_call(kernel, rows // block_rows, in_specs, out_shape, out_specs, "add_layer_norm_fwd", interpret)
+    return tuple(call(*arrays))
+
+
+def _forward(x, branch, gamma, row_scale, scale, bias, eps, out_dtype, interpret):
+    flags = _flags(branch, gamma, row_scale)
+    arrays = [a for a in (x, branch, gamma, row_scale, scale, bias) if a is not None]
+    outs = _forward_call(*flags.values())(*arrays, *flags.values(), eps, out_dtype, interpret)
     x_new = outs[0] if branch is not None else x  # without a branch x_new is x itself
     return (x_new,) + tuple(outs[-3:])
 
 
-def _backward(x_new, branch, gamma, row_scale, scale, mean, rstd, d_x_new, d_normed, x_dtype, interpret):
+@functools.lru_cache(maxsize=None)
+def _backward_call(has_branch, has_gamma, has_row_scale):
+    """The backward kernel with its column sums reduced, batch-parallel over the rows (the sums psum-ed)."""
+    results = ["b c"] + (["b c"] if has_branch else []) + (["b"] if has_row_scale else [])
+    summed = list(range(len(results), len(results) + has_gamma + 2))
+    results += (["c"] if has_gamma else []) + ["c", "c"]
+    rule = _rule(has_branch, has_gamma, has_row_scale, ["b c"], ["c", "b", "b", "b c", "b c"], results)
+    return batch_parallel(_backward_local, rule, num_static=5, summed_results=summed)
+
+
+def _backward_local(*args):
+    *arrays, has_branch, has_gamma, has_row_scale, x_dtype, interpret = args
+    (x_new,), (branch, gamma, row_scale), tail = _split(arrays, has_branch, has_gamma, has_row_scale, 1, 5)
     rows, channels = x_new.shape
     chunk = _chunk(channels)
     block_rows = _block_rows(rows, chunk)
     programs = rows // block_rows
     flags = _flags(branch, gamma, row_scale)
     kernel = functools.partial(_backward_kernel, **flags, chunk=chunk, n_chunks=channels // chunk, channels=channels)
-    inputs = [x_new] + [a for a in (branch, gamma, row_scale) if a is not None]
-    inputs += [scale, mean, rstd, d_x_new, d_normed]
     in_specs = [_row_spec(block_rows, channels)]
     in_specs += [_row_spec(block_rows, channels)] if branch is not None else []
     in_specs += [_channel_spec(channels)] if gamma is not None else []
@@ -294,17 +334,23 @@ def _backward(x_new, branch, gamma, row_scale, scale, mean, rstd, d_x_new, d_nor
     if row_scale is not None:
         out_shape.append(jax.ShapeDtypeStruct((rows,), jnp.float32))
         out_specs.append(_vector_spec(block_rows))
-    if gamma is not None:
-        out_shape.append(partial)
-        out_specs.append(_partial_spec(channels))
-    out_shape += [partial, partial]
-    out_specs += [_partial_spec(channels), _partial_spec(channels)]
-    outs = list(_row_call(kernel, programs, in_specs, out_shape, out_specs, "add_layer_norm_bwd", interpret)(*inputs))
+    partial_count = (gamma is not None) + 2
+    out_shape += [partial] * partial_count
+    out_specs += [_partial_spec(channels)] * partial_count
+    outs = _row_call(kernel, programs, in_specs, out_shape, out_specs, "add_layer_norm_bwd", interpret)(*arrays)
+    per_row, partials = list(outs[: len(outs) - partial_count]), outs[len(outs) - partial_count :]
+    return tuple(per_row) + tuple(jnp.sum(p, axis=0) for p in partials)
+
+
+def _backward(x_new, branch, gamma, row_scale, scale, mean, rstd, d_x_new, d_normed, x_dtype, interpret):
+    flags = _flags(branch, gamma, row_scale)
+    arrays = [a for a in (x_new, branch, gamma, row_scale, scale, mean, rstd, d_x_new, d_normed) if a is not None]
+    outs = list(_backward_call(*flags.values())(*arrays, *flags.values(), x_dtype, interpret))
     dx = outs.pop(0)
     d_branch = outs.pop(0) if branch is not None else None
     d_row_scale = outs.pop(0).astype(row_scale.dtype) if row_scale is not None else None
-    d_gamma = jnp.sum(outs.pop(0), axis=0).astype(gamma.dtype) if gamma is not None else None
-    d_scale, d_bias = (jnp.sum(p, axis=0) for p in outs)
+    d_gamma = outs.pop(0).astype(gamma.dtype) if gamma is not None else None
+    d_scale, d_bias = outs
     return dx, d_branch, d_gamma, d_row_scale, d_scale, d_bias
 
 
