@@ -2,27 +2,13 @@
 devices each device runs the kernels on its own rows, and values and every gradient (the column sums psum-ed)
 equal the one-device ones. A subprocess with 2 fake CPU devices; the kernels in interpret mode."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from two_devices import run_on_two_devices
 
-CHILD = textwrap.dedent(
-    """
-    import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, ROOT)
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+BODY = """
     from mambavision_jax.pallas import gelu_mlp as gm, layer_norm as ln
 
-    mesh = Mesh(np.array(jax.devices()), ("data",))
     rows, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     rng = np.random.default_rng(0)
     normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
@@ -58,17 +44,12 @@ CHILD = textwrap.dedent(
         row["forward_spec"] = list(jax.tree.leaves(jax.jit(fn, in_shardings=shardings)(*placed))[0].sharding.spec)
         out[name] = row
     print("RESULT:" + json.dumps(out))
-    """
-)
+"""
 
 
 @pytest.fixture(scope="module")
 def results():
-    code = CHILD.replace("ROOT", repr(ROOT))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT:"))
-    return json.loads(line[len("RESULT:") :])
+    return run_on_two_devices(BODY)
 
 
 @pytest.mark.parametrize("op, forward_calls, grad_calls", [("mlp", 1, 2), ("norm", 1, 2)])

@@ -4,28 +4,13 @@
 Runs in a subprocess with 2 fake CPU devices (XLA_FLAGS must be set before jax starts); the kernels run in
 interpret mode, wrapped exactly as on the GPU."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from two_devices import run_on_two_devices
 
-CHILD = textwrap.dedent(
-    """
-    import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, ROOT)
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+BODY = """
     from mambavision_jax.pallas import selective_scan_pallas
     from mambavision_jax.pallas.testing import make_inputs
-
-    mesh = Mesh(np.array(jax.devices()), ("data",))
 
     def unnamed(spec, rank):  # the same layout without mesh axis names (no public API builds one)
         from jax._src.sharding_impls import GSPMDSharding
@@ -63,16 +48,11 @@ CHILD = textwrap.dedent(
                 row["forward_spec"] = list(got[0].sharding.spec)
         out[case] = row
     print("RESULT:" + json.dumps(out))
-    """
-)
+"""
 
 
 def _run(cases: str):
-    code = CHILD.replace("ROOT", repr(ROOT)).replace("CASES", cases)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT:"))
-    return json.loads(line[len("RESULT:") :])
+    return run_on_two_devices(BODY.replace("CASES", cases))
 
 
 @pytest.fixture(scope="module")
