@@ -179,27 +179,27 @@ def test_gelu_erf_matches_torch_formula_and_jax_gradient():
     np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=2e-6)
 
 
-@pytest.mark.parametrize("fused", [dict(mlp_impl="pallas"), dict(norm_impl="pallas")], ids=["mlp", "norm"])
-def test_pallas_blocks_give_the_same_model_and_gradients(fused):
-    """mlp_impl="pallas" (the fused GELU GEMMs) and norm_impl="pallas" (LayerNorms with the residual update), the
+def test_pallas_blocks_give_the_same_model_and_gradients():
+    """mlp_impl="pallas" (the fused GELU GEMMs) with norm_impl="pallas" (LayerNorms with the residual updates), the
     kernels in interpret mode off a GPU: the same parameters, logits and, in training with layer scale and drop path
-    drawn from the same RNG, the same loss gradients and BN statistics as the XLA blocks. 16 images of 64² make 256
-    and 64 tokens in stages 3 and 4, so every block takes the fused path, which the traced program shows."""
+    drawn from the same RNG, the same loss gradients and BN statistics as the XLA blocks. 8 images of 32² make 128
+    and 32 token rows in stages 3 and 4, so every block takes the fused path, which the traced program shows."""
     arch = dict(SMALL, layer_scale=0.5, drop_path_rate=0.3)
     xla = mvj.create_model("mamba_vision_T", **arch)
-    model = mvj.create_model("mamba_vision_T", **arch, **fused)
-    images = jax.random.normal(jax.random.PRNGKey(2), (16, 64, 64, 3))
+    model = mvj.create_model("mamba_vision_T", **arch, mlp_impl="pallas", norm_impl="pallas")
+    images = jax.random.normal(jax.random.PRNGKey(2), (8, 32, 32, 3))
     variables = xla.init(jax.random.PRNGKey(0), images)
     assert jax.tree.map(jnp.shape, model.init(jax.random.PRNGKey(0), images)) == jax.tree.map(jnp.shape, variables)
-    np.testing.assert_allclose(jax.jit(model.apply)(variables, images), xla.apply(variables, images), atol=2e-5)
+    np.testing.assert_allclose(jax.jit(model.apply)(variables, images), jax.jit(xla.apply)(variables, images), atol=2e-5)
 
     gradient = jax.jit(jax.grad(training_loss, argnums=1, has_aux=True), static_argnums=0)
     (grads_f, stats_f), (grads_x, stats_x) = [gradient(m, variables["params"], variables, images) for m in (model, xla)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), grads_f, grads_x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats_f, stats_x)
     traced = str(jax.make_jaxpr(model.apply)(variables, images))
-    kernel, count = ("gelu_mlp_fc1", 4) if "mlp_impl" in fused else ("add_layer_norm_fwd", 8)
-    assert kernel in traced and traced.count("pallas_call[") == count  # every block of stages 3 and 4
+    # each of the 4 blocks of stages 3 and 4: one fused fc1, two fused LayerNorms
+    assert traced.count("name=gelu_mlp_fc1") + traced.count("name=add_layer_norm_fwd") == traced.count("pallas_call[")
+    assert traced.count("pallas_call[") == 12
 
 
 @pytest.mark.parametrize("option", ["mlp_impl", "norm_impl"])
