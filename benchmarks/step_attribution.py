@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hlo_costs  # noqa: E402
 import kernel_trace  # noqa: E402
 from throughput import SHORT, build_training, parse_compiler_options  # noqa: E402
-from timing import median_seconds, op_kind  # noqa: E402
+from timing import median_seconds, op_kind, traced_events  # noqa: E402
 
 
 def kernel_key(name: str) -> str:
@@ -43,14 +43,7 @@ def device_kernels(run, args, trace_dir: str, calls: int) -> list[dict]:
     """The device kernel events of ``calls`` profiled calls of ``run(*args)``: name, start and duration (µs), and
     the HLO instruction the profiler names for it (``hlo_op``), if any. The calls are dispatched back to back and
     waited for once, as in the timed loop, so the gaps between them are the steady state's, not a cold dispatch's."""
-    jax.block_until_ready(run(*args))
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        out = None
-        for _ in range(calls):
-            out = run(*args)
-        jax.block_until_ready(out)
-    path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
-    events = kernel_trace.jax_device_events(kernel_trace.read_trace_events(path))
+    events = kernel_trace.jax_device_events(traced_events(run, args, trace_dir, calls, wait_each=False))
     return [
         dict(
             name=e["name"],

@@ -73,6 +73,23 @@ def op_kind(name: str) -> str:
     return "other"
 
 
+def traced_events(fn: Callable[..., Any], args: tuple, trace_dir: str, calls: int, wait_each: bool = True) -> list:
+    """The events of a JAX profiler trace of ``calls`` calls of ``fn(*args)`` (after one unprofiled call), each
+    waited for (``wait_each``) or dispatched back to back and waited for once, as a timed loop runs them."""
+    import glob
+
+    jax.block_until_ready(fn(*args))
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        out = None
+        for _ in range(calls):
+            out = fn(*args)
+            if wait_each:
+                jax.block_until_ready(out)
+        jax.block_until_ready(out)
+    path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
+    return kernel_trace.read_trace_events(path)
+
+
 def profile_kernels(
     fn: Callable[..., Any], args: tuple, trace_dir: str, calls: int = 3, inner_calls: int = 1
 ) -> tuple[list[dict], bool]:
@@ -81,14 +98,7 @@ def profile_kernels(
     the calls of the measured op that one ``fn`` call makes, e.g. a benchmark's loop inside one jit): the events of
     the device (GPU) timelines, or of the host when the trace has no device timeline (CPU; ``on_device`` False).
     The raw trace stays in ``trace_dir``."""
-    import glob
-
-    jax.block_until_ready(fn(*args))
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(calls):
-            jax.block_until_ready(fn(*args))
-    path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
-    events = kernel_trace.read_trace_events(path)
+    events = traced_events(fn, args, trace_dir, calls)
     device = kernel_trace.jax_device_events(events)
     chosen = device or kernel_trace.jax_host_events(events)
     return kernel_trace.kernel_summary(chosen, calls * inner_calls), bool(device)

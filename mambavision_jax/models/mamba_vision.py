@@ -24,6 +24,7 @@ from mambavision_jax.pallas.layer_norm import add_layer_norm, residual_update
 Dtype = Any
 D_STATE = 8  # the official Block builds every mixer with d_state=8, d_conv=3, expand=1
 D_CONV = 3
+_KERNEL_INIT = nn.initializers.truncated_normal(0.02)  # every Linear's weight, as the official _init_weights
 
 
 def _dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
@@ -32,7 +33,7 @@ def _dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nn.initializers.truncated_normal(0.02),
+        kernel_init=_KERNEL_INIT,
         name=name,
     )
 
@@ -95,7 +96,7 @@ class DtProjection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param("kernel", nn.initializers.truncated_normal(0.02), (x.shape[-1], self.features), jnp.float32)
+        kernel = self.param("kernel", _KERNEL_INIT, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         y = jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
         return y, bias
@@ -208,9 +209,7 @@ class DenseParams(nn.Module):
 
     @nn.compact
     def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param(
-            "kernel", nn.initializers.truncated_normal(0.02), (in_features, self.features), jnp.float32
-        )
+        kernel = self.param("kernel", _KERNEL_INIT, (in_features, self.features), jnp.float32)
         return kernel, self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
 
 
@@ -500,7 +499,7 @@ class MambaVision(nn.Module):
                 self.num_classes,
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
-                kernel_init=nn.initializers.truncated_normal(0.02),
+                kernel_init=_KERNEL_INIT,
             )
 
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:

@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from mambavision_jax.pallas.partitioning import batch_parallel
+from mambavision_jax.pallas.tiles import largest_tile
 
 IMPLS = ("xla", "pallas")
 _SQRT_HALF = 0.7071067811865476
@@ -80,14 +81,9 @@ class GemmTiles:
     num_stages: int = 3
 
 
-def _largest_tile(size: int, limit: int, smallest: int = 16) -> int | None:
-    """The largest power of two <= ``limit`` and >= ``smallest`` dividing ``size`` (None if there is none)."""
-    tile = limit
-    while tile >= smallest:
-        if size % tile == 0:
-            return tile
-        tile //= 2
-    return None
+def _largest_tile(size: int, limit: int) -> int | None:
+    """The largest power-of-two tile of at least 16 and at most ``limit`` dividing ``size`` (None if none)."""
+    return largest_tile(size, limit, smallest=16)
 
 
 def fused_tiles(m: int, k: int, hidden: int, n: int, preferred: GemmTiles = GemmTiles()) -> GemmTiles | None:

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from mambavision_jax.pallas.partitioning import batch_parallel
+from mambavision_jax.pallas.tiles import largest_tile
 
 IMPLS = ("xla", "pallas")
 MAX_BLOCK_ROWS = 16
@@ -65,19 +66,13 @@ def _stream_dtype(x, branch, gamma, row_scale):
 
 
 def _chunk(channels: int) -> int | None:
-    c = MAX_CHUNK
-    while c >= 16:
-        if channels % c == 0:
-            return c
-        c //= 2
-    return None
+    """Columns a chunk: the largest power of two from 16 to MAX_CHUNK dividing ``channels`` (None if none)."""
+    return largest_tile(channels, MAX_CHUNK, smallest=16)
 
 
 def _block_rows(rows: int, chunk: int) -> int:
-    b = min(MAX_BLOCK_ROWS, BLOCK_ELEMENTS // chunk)
-    while rows % b:
-        b //= 2
-    return b
+    """Rows a program: the largest power of two dividing ``rows`` with at most BLOCK_ELEMENTS values a block."""
+    return largest_tile(rows, min(MAX_BLOCK_ROWS, BLOCK_ELEMENTS // chunk))
 
 
 def _loop(n, body, init):
