@@ -440,7 +440,8 @@ class MambaVision(nn.Module):
     ``forward_intermediates`` the four pre-downsample stage maps (NHWC), for backbone use. ``mlp_impl="pallas"``
     runs the stage-3/4 MLPs with their GELU fused into Pallas GEMMs (:mod:`mambavision_jax.pallas.gelu_mlp`),
     ``norm_impl="pallas"`` their LayerNorms with the mixer's residual update as Pallas row kernels
-    (:mod:`mambavision_jax.pallas.layer_norm`); both opt-in for the GPU, not yet timed against the XLA default.
+    (:mod:`mambavision_jax.pallas.layer_norm`); both opt-in, and on an H200 no faster than the XLA default
+    (``benchmarks/NOTES.md`` session 15).
     """
 
     depths: Sequence[int]

@@ -8,9 +8,9 @@ gradient, the residual gradient and the layer-scale gradient as several passes o
 (B's stage-3 LayerNorms and residual updates: ~3.4 ms of a 37 ms training step on an H200, ``benchmarks/NOTES.md``
 session 14). Here one kernel reads x and branch once and writes x_new, normed and the per-row statistics; one
 backward kernel reads x_new, branch and both cotangents once and writes the two input gradients, with per-program
-column sums for the gamma, scale and bias gradients. Rows are processed up to 16 at a time and columns in
-power-of-two chunks of up to 1024 (any channel count whose largest power-of-two divisor is >= 16); a row held in
-one chunk is loaded once.
+column sums for the gamma, scale and bias gradients. A program holds up to 16 whole rows, each padded to the next
+power of two of C with masked loads and stores (Triton's blocks are powers of two; MambaVision's widths are 320 to
+2048), so every value is loaded once.
 
 Layouts: x, branch (M, C) row-major (tokens, channels); gamma, scale, bias (C,); row_scale (M,) (drop path's
 per-sample keep/keep_prob, repeated over that sample's rows). ``impl="xla"`` is the same math in plain JAX.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +31,9 @@ from mambavision_jax.pallas.partitioning import batch_parallel
 from mambavision_jax.pallas.tiles import largest_tile
 
 IMPLS = ("xla", "pallas")
+MAX_WIDTH = 2048  # the widest row a program holds (MambaVision-L3's stage-4 width); wider rows fall back to XLA
 MAX_BLOCK_ROWS = 16
-MAX_CHUNK = 1024  # a whole row of B's stage-4 width in one chunk
-BLOCK_ELEMENTS = 8192  # rows × chunk a program holds at once (f32: 64 values a thread for 4 warps)
+BLOCK_ELEMENTS = 8192  # rows × width a program holds at once (f32: 64 values a thread for 4 warps)
 
 
 def residual_update(x, branch, gamma=None, row_scale=None):
@@ -65,37 +66,45 @@ def _stream_dtype(x, branch, gamma, row_scale):
     return jnp.result_type(*(a for a in (x, branch, gamma, row_scale) if a is not None))
 
 
-def _chunk(channels: int) -> int | None:
-    """Columns a chunk: the largest power of two from 16 to MAX_CHUNK dividing ``channels`` (None if none)."""
-    return largest_tile(channels, MAX_CHUNK, smallest=16)
+def _width(channels: int) -> int:
+    """The power-of-two row width a program loads: ``channels`` rounded up (at least 16; the columns past
+    ``channels`` are masked)."""
+    return max(16, 1 << (channels - 1).bit_length())
 
 
-def _block_rows(rows: int, chunk: int) -> int:
+def _block_rows(rows: int, width: int) -> int:
     """Rows a program: the largest power of two dividing ``rows`` with at most BLOCK_ELEMENTS values a block."""
-    return largest_tile(rows, min(MAX_BLOCK_ROWS, BLOCK_ELEMENTS // chunk))
+    return largest_tile(rows, min(MAX_BLOCK_ROWS, BLOCK_ELEMENTS // width))
 
 
-def _loop(n, body, init):
-    """``fori_loop(0, n, body, init)``, or for one chunk ``body(0, init)`` with a Python index, so that the
-    kernels' chunk loads can be cached (:func:`_cached`) and a row held in one chunk is loaded once."""
-    return body(0, init) if n == 1 else jax.lax.fori_loop(0, n, body, init)
+class _Row(NamedTuple):
+    """Masked access to a block's rows padded to ``width`` columns: loads give 0 past ``channels``, stores skip
+    those columns. Use inside a kernel (the mask is built where it is used)."""
+
+    channels: int
+    width: int
+
+    @property
+    def mask(self):
+        """(width,) True on the real columns, or None when the row is not padded."""
+        return None if self.width == self.channels else jnp.arange(self.width) < self.channels
+
+    def load(self, ref):
+        """(block_rows, width) float32, or (1, width) for a (C,) vector ref."""
+        mask, cols = self.mask, pl.ds(0, self.width)
+        vector = len(ref.shape) == 1
+        if mask is not None and not vector:
+            mask = mask[None, :]
+        other = None if mask is None else 0.0
+        value = plt.load(ref.at[cols] if vector else ref.at[:, cols], mask=mask, other=other).astype(jnp.float32)
+        return value[None, :] if vector else value
+
+    def store(self, ref, value):
+        mask = self.mask
+        plt.store(ref.at[:, pl.ds(0, self.width)], value.astype(ref.dtype), mask=None if mask is None else mask[None, :])
 
 
-def _cached(load):
-    """``load(i)``, remembered for Python-int ``i`` (one chunk: every pass reuses the first load)."""
-    memo = {}
-
-    def get(i):
-        if not isinstance(i, int):
-            return load(i)
-        if i not in memo:
-            memo[i] = load(i)
-        return memo[i]
-
-    return get
-
-
-def _forward_kernel(*refs, has_branch, has_gamma, has_row_scale, chunk, n_chunks, channels, eps):
+def _forward_kernel(*refs, has_branch, has_gamma, has_row_scale, row: _Row, channels, eps):
     refs = list(refs)
     x_ref = refs.pop(0)
     branch_ref = refs.pop(0) if has_branch else None
@@ -104,47 +113,28 @@ def _forward_kernel(*refs, has_branch, has_gamma, has_row_scale, chunk, n_chunks
     scale_ref, bias_ref = refs[:2]
     x_new_ref = refs[2] if has_branch else None
     normed_ref, mean_ref, rstd_ref = refs[-3:]
-    row_scale = row_scale_ref[...].astype(jnp.float32)[:, None] if has_row_scale else None
 
-    @_cached
-    def stream(i):
-        cols = pl.ds(i * chunk, chunk)
-        value = x_ref[:, cols].astype(jnp.float32)
-        if has_branch:
-            update = branch_ref[:, cols].astype(jnp.float32)
-            if has_gamma:
-                update = update * gamma_ref[cols].astype(jnp.float32)[None, :]
-            if has_row_scale:
-                update = update * row_scale
-            value = value + update
-        return value
-
-    rows = x_ref.shape[0]
-    total = _loop(n_chunks, lambda i, acc: acc + jnp.sum(stream(i), axis=1), jnp.zeros((rows,), jnp.float32))
-    mean = total / channels
-
-    def square_sum(i, acc):
-        d = stream(i) - mean[:, None]
-        return acc + jnp.sum(d * d, axis=1)
-
-    rstd = jax.lax.rsqrt(_loop(n_chunks, square_sum, jnp.zeros((rows,), jnp.float32)) / channels + eps)
-
-    def write(i, carry):
-        cols = pl.ds(i * chunk, chunk)
-        value = stream(i)
-        if has_branch:
-            x_new_ref[:, cols] = value.astype(x_new_ref.dtype)
-        scale = scale_ref[cols].astype(jnp.float32)[None, :]
-        shift = bias_ref[cols].astype(jnp.float32)[None, :]
-        normed_ref[:, cols] = ((value - mean[:, None]) * rstd[:, None] * scale + shift).astype(normed_ref.dtype)
-        return carry
-
-    _loop(n_chunks, write, 0)
+    value = row.load(x_ref)
+    if has_branch:
+        update = row.load(branch_ref)
+        if has_gamma:
+            update = update * row.load(gamma_ref)
+        if has_row_scale:
+            update = update * row_scale_ref[...].astype(jnp.float32)[:, None]
+        value = value + update
+        row.store(x_new_ref, value)
+    mean = jnp.sum(value, axis=1) / channels
+    centred = value - mean[:, None]
+    mask = row.mask
+    if mask is not None:
+        centred = jnp.where(mask[None, :], centred, 0.0)
+    rstd = jax.lax.rsqrt(jnp.sum(centred * centred, axis=1) / channels + eps)
+    row.store(normed_ref, centred * rstd[:, None] * row.load(scale_ref) + row.load(bias_ref))
     mean_ref[...] = mean
     rstd_ref[...] = rstd
 
 
-def _backward_kernel(*refs, has_branch, has_gamma, has_row_scale, chunk, n_chunks, channels):
+def _backward_kernel(*refs, has_branch, has_gamma, has_row_scale, row: _Row, channels):
     refs = list(refs)
     x_new_ref = refs.pop(0)
     branch_ref = refs.pop(0) if has_branch else None
@@ -157,49 +147,27 @@ def _backward_kernel(*refs, has_branch, has_gamma, has_row_scale, chunk, n_chunk
     d_row_scale_ref = outs.pop(0) if has_row_scale else None
     d_gamma_ref = outs.pop(0) if has_gamma else None
     d_scale_ref, d_bias_ref = outs
-    mean = mean_ref[...][:, None]
     rstd = rstd_ref[...][:, None]
-    row_scale = row_scale_ref[...].astype(jnp.float32)[:, None] if has_row_scale else None
 
-    @_cached
-    def chunk_values(i):
-        """(d_normed, x_hat, g = d_normed · scale) of column chunk i, float32."""
-        cols = pl.ds(i * chunk, chunk)
-        d_normed = d_normed_ref[:, cols].astype(jnp.float32)
-        x_hat = (x_new_ref[:, cols].astype(jnp.float32) - mean) * rstd
-        return d_normed, x_hat, d_normed * scale_ref[cols].astype(jnp.float32)[None, :]
-
-    def sums(i, acc):
-        _, x_hat, g = chunk_values(i)
-        return acc[0] + jnp.sum(g, axis=1), acc[1] + jnp.sum(g * x_hat, axis=1)
-
-    rows = x_new_ref.shape[0]
-    zeros = jnp.zeros((rows,), jnp.float32)
-    g_sum, gx_sum = _loop(n_chunks, sums, (zeros, zeros))
-    g_mean, gx_mean = g_sum[:, None] / channels, gx_sum[:, None] / channels
-
-    def write(i, d_row_scale):
-        cols = pl.ds(i * chunk, chunk)
-        d_normed, x_hat, g = chunk_values(i)
-        d_total = d_x_new_ref[:, cols].astype(jnp.float32) + rstd * (g - g_mean - x_hat * gx_mean)
-        dx_ref[:, cols] = d_total.astype(dx_ref.dtype)
-        d_scale_ref[:, cols] = jnp.sum(d_normed * x_hat, axis=0, keepdims=True)
-        d_bias_ref[:, cols] = jnp.sum(d_normed, axis=0, keepdims=True)
-        if has_branch:
-            branch = branch_ref[:, cols].astype(jnp.float32)
-            d_update = d_total * row_scale if has_row_scale else d_total
-            gamma = gamma_ref[cols].astype(jnp.float32)[None, :] if has_gamma else None
-            d_branch_ref[:, cols] = (d_update * gamma if has_gamma else d_update).astype(d_branch_ref.dtype)
-            if has_gamma:
-                d_gamma_ref[:, cols] = jnp.sum(d_update * branch, axis=0, keepdims=True)
-            if has_row_scale:
-                scaled = branch * gamma if has_gamma else branch
-                d_row_scale = d_row_scale + jnp.sum(d_total * scaled, axis=1)
-        return d_row_scale
-
-    d_row_scale = _loop(n_chunks, write, zeros)
-    if has_row_scale:
-        d_row_scale_ref[...] = d_row_scale
+    d_normed = row.load(d_normed_ref)  # 0 past ``channels``, so every column sum below is 0 there
+    x_hat = (row.load(x_new_ref) - mean_ref[...][:, None]) * rstd
+    g = d_normed * row.load(scale_ref)
+    g_mean = jnp.sum(g, axis=1, keepdims=True) / channels
+    gx_mean = jnp.sum(g * x_hat, axis=1, keepdims=True) / channels
+    d_total = row.load(d_x_new_ref) + rstd * (g - g_mean - x_hat * gx_mean)
+    row.store(dx_ref, d_total)
+    row.store(d_scale_ref, jnp.sum(d_normed * x_hat, axis=0, keepdims=True))
+    row.store(d_bias_ref, jnp.sum(d_normed, axis=0, keepdims=True))
+    if has_branch:
+        branch = row.load(branch_ref)
+        d_update = d_total * row_scale_ref[...].astype(jnp.float32)[:, None] if has_row_scale else d_total
+        gamma = row.load(gamma_ref) if has_gamma else None
+        row.store(d_branch_ref, d_update * gamma if has_gamma else d_update)
+        if has_gamma:
+            row.store(d_gamma_ref, jnp.sum(d_update * branch, axis=0, keepdims=True))
+        if has_row_scale:
+            scaled = branch * gamma if has_gamma else branch
+            d_row_scale_ref[...] = jnp.sum(d_total * scaled, axis=1)
 
 
 def _row_spec(block_rows, channels):
@@ -263,12 +231,10 @@ def _forward_local(*args):
     *arrays, has_branch, has_gamma, has_row_scale, eps, out_dtype, interpret = args
     (x,), (branch, gamma, row_scale), (scale, bias) = _split(arrays, has_branch, has_gamma, has_row_scale, 1, 2)
     rows, channels = x.shape
-    chunk = _chunk(channels)
-    block_rows = _block_rows(rows, chunk)
+    width = _width(channels)
+    block_rows = _block_rows(rows, width)
     flags = _flags(branch, gamma, row_scale)
-    kernel = functools.partial(
-        _forward_kernel, **flags, chunk=chunk, n_chunks=channels // chunk, channels=channels, eps=eps
-    )
+    kernel = functools.partial(_forward_kernel, **flags, row=_Row(channels, width), channels=channels, eps=eps)
     in_specs = [_row_spec(block_rows, channels)]
     in_specs += [_row_spec(block_rows, channels)] if branch is not None else []
     in_specs += [_channel_spec(channels)] if gamma is not None else []
@@ -309,11 +275,11 @@ def _backward_local(*args):
     *arrays, has_branch, has_gamma, has_row_scale, x_dtype, interpret = args
     (x_new,), (branch, gamma, row_scale), tail = _split(arrays, has_branch, has_gamma, has_row_scale, 1, 5)
     rows, channels = x_new.shape
-    chunk = _chunk(channels)
-    block_rows = _block_rows(rows, chunk)
+    width = _width(channels)
+    block_rows = _block_rows(rows, width)
     programs = rows // block_rows
     flags = _flags(branch, gamma, row_scale)
-    kernel = functools.partial(_backward_kernel, **flags, chunk=chunk, n_chunks=channels // chunk, channels=channels)
+    kernel = functools.partial(_backward_kernel, **flags, row=_Row(channels, width), channels=channels)
     in_specs = [_row_spec(block_rows, channels)]
     in_specs += [_row_spec(block_rows, channels)] if branch is not None else []
     in_specs += [_channel_spec(channels)] if gamma is not None else []
@@ -392,7 +358,7 @@ def add_layer_norm(
       scale, bias: (C,) the LayerNorm's affine parameters; gamma: (C,) layer scale or None;
       row_scale: (M,) per-row factor (drop path) or None, over the flattened rows.
       eps: added to the variance. out_dtype: normed's dtype (default x's).
-      impl: "xla" (plain JAX) or "pallas" (the fused kernels; "xla" when C has no power-of-two divisor >= 16).
+      impl: "xla" (plain JAX) or "pallas" (the fused kernels; "xla" when C > MAX_WIDTH).
       interpret: run the Pallas kernels in interpret mode; None: only off a GPU.
 
     Returns:
@@ -413,7 +379,7 @@ def add_layer_norm(
         raise ValueError("add_layer_norm: row_scale scales the branch, and there is none")
     out_dtype = out_dtype or x.dtype
     flat = [None if a is None else a.reshape(rows, channels) for a in (x, branch)]
-    if impl == "xla" or _chunk(channels) is None:
+    if impl == "xla" or _width(channels) > MAX_WIDTH:
         x_new, normed = add_layer_norm_reference(
             flat[0], flat[1], gamma, row_scale, scale, bias, eps=eps, out_dtype=out_dtype
         )

@@ -1,6 +1,6 @@
 """The fused residual update + LayerNorm (mambavision_jax.pallas.layer_norm): its Pallas kernels in interpret mode
 against a float64 reference on fresh random inputs, both outputs and every gradient, with and without the branch,
-layer scale and per-row (drop path) factors, channel counts in one or several chunks; CUDA lowering; bad input."""
+layer scale and per-row (drop path) factors, power-of-two and padded (masked) row widths; CUDA lowering; bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +41,9 @@ def _loss(impl, names, fixed, cotangents, out_dtype):
 @pytest.mark.parametrize(
     "rows, channels, branch, gamma, row_scale",
     [
-        (64, 512, True, True, True),  # B stage 3's channels in one chunk
-        (48, 320, True, True, True),  # T stage 3's: 5 chunks of 64, 16 rows a program
-        (36, 96, True, False, True),  # 3 chunks of 32, 4 rows a program
+        (64, 512, True, True, True),  # B stage 3's channels: an unpadded row, 16 rows a program
+        (48, 320, True, True, True),  # T stage 3's: rows padded to 512, masked
+        (36, 96, True, False, True),  # padded to 128, 4 rows a program
         (32, 320, False, False, False),  # a plain LayerNorm
         (40, 128, True, False, False),  # a plain residual update
     ],
@@ -83,12 +83,13 @@ def test_bfloat16_stream_and_output():
     np.testing.assert_allclose(np.asarray(normed, np.float32), np.asarray(ref_n, np.float32), atol=3e-2)
 
 
-def test_channels_without_a_chunk_fall_back_and_leading_axes_are_kept():
+@pytest.mark.parametrize("channels", [24, ln.MAX_WIDTH + 8])  # a padded row; wider than a program: XLA
+def test_narrow_and_too_wide_rows_keep_their_leading_axes(channels):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 7, 24)), jnp.float32)  # 24 = 8 * 3: no power-of-two chunk >= 16
-    scale, bias = jnp.ones(24), jnp.zeros(24)
+    x = jnp.asarray(rng.standard_normal((2, 7, channels)), jnp.float32)
+    scale, bias = jnp.ones(channels), jnp.zeros(channels)
     x_new, normed = ln.add_layer_norm(x, scale=scale, bias=bias, impl="pallas", interpret=True)
-    assert normed.shape == (2, 7, 24)
+    assert normed.shape == (2, 7, channels)
     ref = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(np.asarray(normed), np.asarray(ref), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(x_new), np.asarray(x))
@@ -108,8 +109,9 @@ def test_bad_arguments_are_named():
         ln.add_layer_norm(x, scale=c, bias=c, row_scale=jnp.ones(32))
 
 
-def test_kernels_lower_to_triton_for_cuda():
-    rows, channels = 25088, 512  # B stage 3 at batch 128
+@pytest.mark.parametrize("channels", [512, 320])  # B and T stage 3 at batch 128 (320: a padded, masked row)
+def test_kernels_lower_to_triton_for_cuda(channels):
+    rows = 25088
     f32 = jnp.float32
     specs = [
         jax.ShapeDtypeStruct((rows, channels), f32),
