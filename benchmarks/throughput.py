@@ -12,6 +12,11 @@ warm-up and are medians of timed windows synchronised with ``block_until_ready``
 ``.anchor/official_torch.py`` (see shared/anchor/README.md) in a subprocess after the JAX runs, so the ratio
 comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
 
+Variants: ``--variants "norm_impl=pallas;mlp_impl=pallas,norm_impl=pallas"`` times every inference and training
+config once with the base options and once per variant (``;``-separated sets of model options ``name=value``
+laid over the base), one after the other in one process, so an A/B comes from one machine and one warm-up; a
+variant's results are keyed ``T_bs256[norm_impl=pallas]``.
+
 Recipe: ``--recipe-configs configs/tiny.py,...`` times the step ``main.py`` runs for each config (its optimizer,
 gradient clipping, EMA, mixup/cutmix, random erasing, soft-target loss, uint8 images normalised on the device) on
 device-resident synthetic batches of ``--train-batch``, so the host input pipeline is left out; with
@@ -50,6 +55,7 @@ SHORT = {
 }
 PROFILE_TOP = 40  # ops printed per profiled config (the JSON keeps every op)
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+KINDS = (("inference", "infer"), ("training", "train"), ("recipe", "recipe"))  # result groups, their row prefixes
 
 
 def random_images(batch, size, dtype, count, seed=0):
@@ -202,6 +208,11 @@ def main():
     parser.add_argument("--attention-impl", default="auto")
     parser.add_argument("--mlp-impl", default="xla", help="xla or pallas (the fused GELU GEMMs)")
     parser.add_argument("--norm-impl", default="xla", help="xla or pallas (LayerNorms with the residual update)")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="';'-separated sets of model options NAME=VALUE[,NAME=VALUE] to time next to the base options",
+    )
     parser.add_argument("--compare-official", action="store_true")
     parser.add_argument(
         "--official-json",
@@ -248,19 +259,24 @@ def main():
         with open(out, "w") as f:
             json.dump(results, f, indent=1)
 
+    variants = [("", overrides)] + [(tag, dict(overrides, **options)) for tag, options in parse_variants(args.variants)]
     for m in models:
         for batch in (int(b) for b in args.batches.split(",")):
-            profile_dir = os.path.join("/tmp", f"trace_{m}_bs{batch}") if args.profile else None
-            r = inference(SHORT[m], batch, dtype, args.size, overrides, profile_dir, compiler_options)
-            results["inference"][f"{m}_bs{batch}"] = r
-            report(f"infer {m} bs{batch} {args.dtype}", r)
-            save()
+            for tag, options in variants:
+                key = f"{m}_bs{batch}{tag}"
+                profile_dir = os.path.join("/tmp", f"trace_{key}") if args.profile else None
+                r = inference(SHORT[m], batch, dtype, args.size, options, profile_dir, compiler_options)
+                results["inference"][key] = r
+                report(f"infer {key} {args.dtype}", r)
+                save()
     for m in train_models:
-        profile_dir = os.path.join("/tmp", f"trace_train_{m}") if args.profile else None
-        r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, overrides, profile_dir, compiler_options)
-        results["training"][f"{m}_bs{args.train_batch}"] = r
-        report(f"train {m} bs{args.train_batch} bf16 AdamW", r)
-        save()
+        for tag, options in variants:
+            key = f"{m}_bs{args.train_batch}{tag}"
+            profile_dir = os.path.join("/tmp", f"trace_train_{key}") if args.profile else None
+            r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, options, profile_dir, compiler_options)
+            results["training"][key] = r
+            report(f"train {key} bf16 AdamW", r)
+            save()
     for path in (p for p in args.recipe_configs.split(",") if p):
         name = os.path.splitext(os.path.basename(path))[0]
         profile_dir = os.path.join("/tmp", f"trace_recipe_{name}") if args.profile else None
@@ -277,23 +293,42 @@ def main():
     print_table(results)
 
 
-def parse_compiler_options(items):
-    """``["name=value", ...]`` -> XLA compiler options: ``true``/``false`` as booleans, integers as ints, else the
-    string (XLA rejects unknown names at compile time)."""
+def parse_value(value: str):
+    """An option's value from the command line: ``true``/``false`` as booleans, integers as ints, else the string."""
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def parse_options(items, flag: str) -> dict:
+    """``["name=value", ...]`` -> ``{name: parse_value(value)}``; a malformed item is named with its ``flag``."""
     options = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        name, sep, value = item.strip().partition("=")
         if not sep or not name:
-            raise ValueError(f"--xla-option wants NAME=VALUE, got {item!r}")
-        lowered = value.lower()
-        if lowered in ("true", "false"):
-            options[name] = lowered == "true"
-        else:
-            try:
-                options[name] = int(value)
-            except ValueError:
-                options[name] = value
-    return options or None
+            raise ValueError(f"{flag} wants NAME=VALUE, got {item!r}")
+        options[name] = parse_value(value)
+    return options
+
+
+def parse_compiler_options(items):
+    """``["name=value", ...]`` -> XLA compiler options (None if none; XLA rejects unknown names at compile time)."""
+    return parse_options(items, "--xla-option") or None
+
+
+def parse_variants(text: str) -> list:
+    """``"a=1,b=x;c=true"`` -> ``[("[a=1,b=x]", {"a": 1, "b": "x"}), ("[c=true]", {"c": True})]``: each variant's
+    result-key tag and its model options."""
+    variants = []
+    for group in (g.strip() for g in text.split(";")):
+        if group:
+            items = [i for i in group.split(",") if i.strip()]
+            variants.append((f"[{','.join(i.strip() for i in items)}]", parse_options(items, "--variants")))
+    return variants
 
 
 def report(label, result):
@@ -312,17 +347,19 @@ def report(label, result):
 
 def print_table(results):
     official_results = results.get("official", {})
+    rows = [(kind, prefix, key) for kind, prefix in KINDS for key in results[kind]]
+    width = max([22] + [len(f"{prefix} {key}") + 2 for _, prefix, key in rows])
     print(f"\n{results['device']}, jax {results['jax']}, {results['date']}")
-    print(f"{'what':<22}{'ours img/s':>12}{'official':>10}{'ratio':>8}{'compile s':>11}{'mem GiB':>9}")
-    for kind, prefix in (("inference", "infer"), ("training", "train"), ("recipe", "recipe")):
-        for key, r in results[kind].items():
-            m, bs = key.split("_bs")
-            theirs = official_results.get(f"{prefix}_{SHORT[m]}_bs{bs}") if m in SHORT else None
-            ratio = f"{r['img_per_s'] / theirs:.2f}" if theirs else "-"
-            print(
-                f"{prefix + ' ' + key:<22}{r['img_per_s']:>12.0f}{theirs or '-':>10}{ratio:>8}"
-                f"{r['compile_s']:>11.1f}{r.get('peak_bytes_estimate', 0) / 2**30:>9.2f}"
-            )
+    print(f"{'what':<{width}}{'ours img/s':>12}{'official':>10}{'ratio':>8}{'compile s':>11}{'mem GiB':>9}")
+    for kind, prefix, key in rows:
+        r = results[kind][key]
+        m, bs = key.split("[")[0].split("_bs")  # a variant's tag, "[...]", is not part of the official's key
+        theirs = official_results.get(f"{prefix}_{SHORT[m]}_bs{bs}") if m in SHORT else None
+        ratio = f"{r['img_per_s'] / theirs:.2f}" if theirs else "-"
+        print(
+            f"{prefix + ' ' + key:<{width}}{r['img_per_s']:>12.0f}{theirs or '-':>10}{ratio:>8}"
+            f"{r['compile_s']:>11.1f}{r.get('peak_bytes_estimate', 0) / 2**30:>9.2f}"
+        )
 
 
 if __name__ == "__main__":

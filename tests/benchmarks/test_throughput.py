@@ -1,0 +1,64 @@
+"""benchmarks/throughput.py's command line: variants of model options timed next to the base options (each with
+its tagged result key and merged options), option parsing, and the table's ratios against the official JSON. The
+timed functions are stood in for, so nothing compiles."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+
+import throughput  # noqa: E402
+
+
+def test_variants_are_parsed_into_tags_and_typed_options():
+    assert throughput.parse_variants(" norm_impl=pallas ; mlp_impl=pallas, conv_channel_multiple=8;flag=TRUE;") == [
+        ("[norm_impl=pallas]", {"norm_impl": "pallas"}),
+        ("[mlp_impl=pallas,conv_channel_multiple=8]", {"mlp_impl": "pallas", "conv_channel_multiple": 8}),
+        ("[flag=TRUE]", {"flag": True}),
+    ]
+    assert throughput.parse_variants("") == []
+    with pytest.raises(ValueError, match="--variants wants NAME=VALUE, got 'norm_impl'"):
+        throughput.parse_variants("norm_impl")
+    with pytest.raises(ValueError, match="--xla-option wants NAME=VALUE"):
+        throughput.parse_compiler_options(["=1"])
+
+
+def test_each_config_is_timed_with_the_base_options_then_each_variant(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake(kind):
+        def run(name, batch, dtype, size, options, *rest):
+            calls.append((kind, name, batch, dict(options)))
+            speed = 1000.0 if options["norm_impl"] == "xla" else 1200.0
+            return dict(img_per_s=speed, step_ms=batch / speed * 1e3, compile_s=1.0)
+
+        return run
+
+    monkeypatch.setattr(throughput, "inference", fake("infer"))
+    monkeypatch.setattr(throughput, "training", fake("train"))
+    official = tmp_path / "official.json"
+    official.write_text(json.dumps({"infer_mamba_vision_T_bs256": 500, "train_mamba_vision_B_bs128": 400}))
+    out = tmp_path / "results.json"
+    argv = ["throughput.py", "--models", "T", "--batches", "256", "--train-models", "B", "--scan-impl", "xla"]
+    argv += ["--variants", "norm_impl=pallas", "--official-json", str(official), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    throughput.main()
+
+    base = dict(scan_impl="xla", attention_impl="auto", mlp_impl="xla", norm_impl="xla")
+    assert calls == [
+        ("infer", "mamba_vision_T", 256, base),
+        ("infer", "mamba_vision_T", 256, dict(base, norm_impl="pallas")),
+        ("train", "mamba_vision_B", 128, base),
+        ("train", "mamba_vision_B", 128, dict(base, norm_impl="pallas")),
+    ]
+    results = json.loads(out.read_text())
+    assert set(results["inference"]) == {"T_bs256", "T_bs256[norm_impl=pallas]"}
+    assert set(results["training"]) == {"B_bs128", "B_bs128[norm_impl=pallas]"}
+    table = capsys.readouterr().out.split("ratio")[-1]
+    rows = {line.split()[1]: line.split() for line in table.splitlines() if line.strip()}
+    assert rows["T_bs256"][2:5] == ["1000", "500", "2.00"]
+    assert rows["T_bs256[norm_impl=pallas]"][2:5] == ["1200", "500", "2.40"]
+    assert rows["B_bs128[norm_impl=pallas]"][2:5] == ["1200", "400", "3.00"]
