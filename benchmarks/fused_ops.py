@@ -1,13 +1,11 @@
-"""The stage-3/4 block pieces with Pallas kernels of their own, alone: XLA's ops (the model's default) against the
-fused kernels, forward and forward + backward, at MambaVision's shapes for batch 128 (tokens = 128 · 196 or 128 · 49).
+"""The stage-3/4 residual update + LayerNorm alone: XLA's ops (the model's default) against the fused Pallas kernels
+(``norm_impl="pallas"``), forward and forward + backward, at MambaVision's shapes for batch 128 (tokens = 128 · 196
+or 128 · 49).
 
-    python benchmarks/fused_ops.py [--ops mlp,norm] [--shapes B_stage3,B_stage4] \
-        [--tiles 128x128x64w8s3,128x64x64w4s3] [--kernel-times]
+    python benchmarks/fused_ops.py [--shapes B_stage3,B_stage4] [--kernel-times]
 
-- ``mlp``: fc1 -> exact GELU -> fc2 in bf16: the model's ``Mlp`` against ``gelu_mlp`` with each ``--tiles`` entry
-  (``{block_m}x{block_n}x{block_k}w{num_warps}s{num_stages}`` for its Pallas GEMMs).
-- ``norm``: B's residual update and LayerNorm (float32 stream, bf16 branch and output, layer scale, drop path's
-  per-row factor) as ``add_layer_norm`` with impl "xla" and "pallas".
+The op is B's (float32 stream, bf16 branch and output, layer scale, drop path's per-row factor) as
+``add_layer_norm`` with impl "xla" and "pallas", at each shape's width.
 
 Times are medians of timed windows over 3 input sets (``timing.median_seconds``), µs; ``--kernel-times`` adds the
 device kernels of one forward+backward (JAX profiler). Each variant's output is compared with the first one's.
@@ -15,7 +13,6 @@ device kernels of one forward+backward (JAX profiler). Each variant's output is 
 
 import argparse
 import os
-import re
 import sys
 
 import jax
@@ -25,12 +22,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kernel_trace  # noqa: E402
-from mambavision_jax.models.mamba_vision import Mlp  # noqa: E402
-from mambavision_jax.pallas import gelu_mlp as gm  # noqa: E402
 from mambavision_jax.pallas import layer_norm as ln  # noqa: E402
 from timing import median_seconds, profile_kernels  # noqa: E402
 
-SHAPES = {  # tag: (tokens, dim) at batch 128, 224²; the MLPs' hidden width is 4 · dim
+SHAPES = {  # tag: (tokens, dim) at batch 128, 224²
     "T_stage3": (128 * 196, 320),
     "T_stage4": (128 * 49, 640),
     "B_stage3": (128 * 196, 512),
@@ -39,32 +34,9 @@ SHAPES = {  # tag: (tokens, dim) at batch 128, 224²; the MLPs' hidden width is 
 }
 
 
-def parse_tiles(text: str) -> gm.GemmTiles:
-    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)", text)
-    if not match:
-        raise ValueError(f"--tiles wants e.g. 128x128x64w8s3, got {text!r}")
-    return gm.GemmTiles(*map(int, match.groups()))
-
-
-def mlp_variants(tokens, dim, tiles):
-    """(params, input sets, {label: fn(params, x) -> y}): the model's XLA Mlp and gelu_mlp with each tile choice."""
-    mlp = Mlp(dim, 4 * dim, dtype=jnp.bfloat16)
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    params = mlp.init(keys[0], jnp.zeros((1, dim), jnp.bfloat16), train=False)["params"]
-    inputs = [jax.random.normal(k, (tokens, dim), jnp.bfloat16) for k in keys[1:]]
-    variants = {"xla": lambda p, x: mlp.apply({"params": p}, x, train=False)}
-    for t in tiles:
-
-        def fused(p, x, t=t):
-            w1, w2 = p["fc1"]["kernel"].astype(jnp.bfloat16), p["fc2"]["kernel"].astype(jnp.bfloat16)
-            return gm.gelu_mlp(x, w1, p["fc1"]["bias"], w2, p["fc2"]["bias"], impl="pallas", tiles=t)
-
-        variants[f"pallas {t.block_m}x{t.block_n}x{t.block_k}w{t.num_warps}s{t.num_stages}"] = fused
-    return params, inputs, variants
-
-
 def norm_variants(tokens, dim):
-    """(params, input sets, {label: fn(params, (x, branch)) -> (x_new, normed)}) for B's residual update + LayerNorm."""
+    """(params, input sets, {label: fn(params, (x, branch)) -> (x_new, normed)}) for B's residual update + LayerNorm
+    at ``tokens`` rows of ``dim`` channels."""
     keys = jax.random.split(jax.random.PRNGKey(1), 8)
     params = dict(
         scale=1 + 0.1 * jax.random.normal(keys[0], (dim,)),
@@ -115,18 +87,13 @@ def time_variants(tag, params, inputs, variants, kernel_times):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ops", default="mlp,norm")
     parser.add_argument("--shapes", default="B_stage3,B_stage4,T_stage3,T_stage4")
-    parser.add_argument("--tiles", default="128x128x64w8s3,128x128x64w4s3,128x64x64w4s4,64x128x64w4s3")
     parser.add_argument("--kernel-times", action="store_true")
     args = parser.parse_args()
-    tiles = [parse_tiles(t) for t in args.tiles.split(",") if t]
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, µs")
-    for op in args.ops.split(","):
-        for tag in args.shapes.split(","):
-            tokens, dim = SHAPES[tag]
-            setup = mlp_variants(tokens, dim, tiles) if op == "mlp" else norm_variants(tokens, dim)
-            time_variants(f"{op} {tag}", *setup, args.kernel_times)
+    for tag in args.shapes.split(","):
+        tokens, dim = SHAPES[tag]
+        time_variants(f"norm {tag}", *norm_variants(tokens, dim), args.kernel_times)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 with the optimized HLO (``xla_dump_to``) to give every kernel its bytes moved, its bandwidth and the Flax module it
 came from, forward or backward.
 
-    python benchmarks/step_attribution.py --model B [--batch 128] [--top 60] [--mlp-impl pallas] [--norm-impl pallas] \
+    python benchmarks/step_attribution.py --model B [--batch 128] [--top 60] [--norm-impl pallas] \
         [--xla-option NAME=VALUE ...]
 
 Prints the step time, the device's idle time inside it (gaps between kernels), the device time by (model place,
@@ -139,14 +139,13 @@ def main():
     parser.add_argument("--calls", type=int, default=3, help="profiled steps")
     parser.add_argument("--top", type=int, default=60)
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--mlp-impl", default="xla", help="xla or pallas (the fused GELU GEMMs)")
     parser.add_argument("--norm-impl", default="xla", help="xla or pallas (LayerNorms with the residual update)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     dump_dir = tempfile.mkdtemp(prefix="mvj_hlo_")
     options = dict(parse_compiler_options(args.xla_option) or {}, xla_dump_to=dump_dir, xla_dump_hlo_as_text=True)
-    overrides = dict(mlp_impl=args.mlp_impl, norm_impl=args.norm_impl)
+    overrides = dict(norm_impl=args.norm_impl)
     run, input_sets, compile_s, _ = build_training(
         SHORT[args.model], args.batch, jnp.bfloat16, args.size, overrides, options
     )

@@ -12,7 +12,7 @@ warm-up and are medians of timed windows synchronised with ``block_until_ready``
 ``.anchor/official_torch.py`` (see shared/anchor/README.md) in a subprocess after the JAX runs, so the ratio
 comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
 
-Variants: ``--variants "norm_impl=pallas;mlp_impl=pallas,norm_impl=pallas"`` times every inference and training
+Variants: ``--variants "norm_impl=pallas;norm_impl=pallas,conv_channel_multiple=1"`` times every inference and training
 config once with the base options and once per variant (``;``-separated sets of model options ``name=value``
 laid over the base), one after the other in one process, so an A/B comes from one machine and one warm-up; a
 variant's results are keyed ``T_bs256[norm_impl=pallas]``.
@@ -206,7 +206,6 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--scan-impl", default="auto")
     parser.add_argument("--attention-impl", default="auto")
-    parser.add_argument("--mlp-impl", default="xla", help="xla or pallas (the fused GELU GEMMs)")
     parser.add_argument("--norm-impl", default="xla", help="xla or pallas (LayerNorms with the residual update)")
     parser.add_argument(
         "--variants",
@@ -237,7 +236,7 @@ def main():
     models = [m for m in args.models.split(",") if m]
     train_models = [m for m in args.train_models.split(",") if m]
     overrides = dict(
-        scan_impl=args.scan_impl, attention_impl=args.attention_impl, mlp_impl=args.mlp_impl, norm_impl=args.norm_impl
+        scan_impl=args.scan_impl, attention_impl=args.attention_impl, norm_impl=args.norm_impl
     )
     compiler_options = parse_compiler_options(args.xla_option)
     dtype = DTYPES[args.dtype]

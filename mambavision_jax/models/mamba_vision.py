@@ -16,8 +16,6 @@ import jax.numpy as jnp
 
 from mambavision_jax.models.layers import Conv3x3, DropPath, batch_norm, gelu_erf, window_partition, window_reverse
 from mambavision_jax.pallas import selective_scan
-from mambavision_jax.pallas.gelu_mlp import IMPLS as MLP_IMPLS
-from mambavision_jax.pallas.gelu_mlp import gelu_mlp
 from mambavision_jax.pallas.layer_norm import IMPLS as NORM_IMPLS
 from mambavision_jax.pallas.layer_norm import add_layer_norm, residual_update
 
@@ -201,18 +199,6 @@ class Attention(nn.Module):
         return self.attention_impl
 
 
-class DenseParams(nn.Module):
-    """The parameters of ``_dense(features, name)`` (``kernel`` (in, features), ``bias`` (features,), float32, the same
-    initializers), returned instead of applied, for ops that take the weights themselves."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param("kernel", _KERNEL_INIT, (in_features, self.features), jnp.float32)
-        return kernel, self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-
-
 class LayerNormParams(nn.Module):
     """The parameters of ``nn.LayerNorm(param_dtype=float32)``: ``scale`` (ones) and ``bias`` (zeros), (features,),
     returned instead of applied, for :func:`add_layer_norm`."""
@@ -224,27 +210,15 @@ class LayerNormParams(nn.Module):
 
 
 class Mlp(nn.Module):
-    """timm Mlp: fc1 -> exact GELU -> dropout -> fc2 -> dropout, on (B, N, C).
-
-    ``impl="pallas"`` runs fc1, the GELU and fc2 as :func:`mambavision_jax.pallas.gelu_mlp.gelu_mlp` (the GELU and
-    its gradient inside Pallas GEMMs; same parameters); with dropout active it falls back to the XLA ops.
-    """
+    """timm Mlp: fc1 -> exact GELU -> dropout -> fc2 -> dropout, on (B, N, C)."""
 
     dim: int
     hidden: int
     drop: float = 0.0
     dtype: Dtype = jnp.float32
-    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        if self.impl not in MLP_IMPLS:
-            raise ValueError(f"mlp_impl must be one of {', '.join(MLP_IMPLS)}; got {self.impl!r}")
-        if self.impl == "pallas" and not (train and self.drop > 0):
-            w1, b1 = DenseParams(self.hidden, name="fc1")(x.shape[-1])
-            w2, b2 = DenseParams(self.dim, name="fc2")(self.hidden)
-            cast = functools.partial(jnp.asarray, dtype=self.dtype)
-            return gelu_mlp(cast(x), cast(w1), b1, cast(w2), b2, impl="pallas")
         x = gelu_erf(_dense(self.hidden, "fc1", self.dtype)(x))
         x = nn.Dropout(self.drop)(x, deterministic=not train)
         x = _dense(self.dim, "fc2", self.dtype)(x)
@@ -289,7 +263,6 @@ class Block(nn.Module):
     scan_impl: str = "auto"
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
-    mlp_impl: str = "xla"
     norm_impl: str = "xla"
 
     @nn.compact
@@ -304,7 +277,7 @@ class Block(nn.Module):
             mixer = Attention(self.dim, self.num_heads, self.attention_impl, self.dtype, name="mixer")
         else:
             mixer = MambaVisionMixer(self.dim, self.scan_impl, self.dtype, name="mixer")
-        mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.mlp_impl, name="mlp")
+        mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, name="mlp")
         if self.norm_impl == "pallas":
             return self._fused(x, mixer, mlp, drop_path, train)
         normed = self._layer_norm("norm1")(x)
@@ -379,7 +352,6 @@ class MambaVisionLayer(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     channel_multiple: int = 1
-    mlp_impl: str = "xla"
     norm_impl: str = "xla"
 
     @nn.compact
@@ -410,7 +382,6 @@ class MambaVisionLayer(nn.Module):
                     self.scan_impl,
                     self.attention_impl,
                     self.dtype,
-                    self.mlp_impl,
                     self.norm_impl,
                     name=f"blocks_{j}",
                 )(tokens, train)
@@ -437,10 +408,9 @@ class MambaVision(nn.Module):
 
     Any image size works: stages 3-4 pad to a multiple of their window (no masking), as the official model.
     ``forward_features`` gives the pooled (B, 8*dim) features after the final BatchNorm and
-    ``forward_intermediates`` the four pre-downsample stage maps (NHWC), for backbone use. ``mlp_impl="pallas"``
-    runs the stage-3/4 MLPs with their GELU fused into Pallas GEMMs (:mod:`mambavision_jax.pallas.gelu_mlp`),
-    ``norm_impl="pallas"`` their LayerNorms with the mixer's residual update as Pallas row kernels
-    (:mod:`mambavision_jax.pallas.layer_norm`); both opt-in, and on an H200 no faster than the XLA default
+    ``forward_intermediates`` the four pre-downsample stage maps (NHWC), for backbone use. ``norm_impl="pallas"``
+    runs the stage-3/4 LayerNorms with the mixer's residual update as Pallas row kernels
+    (:mod:`mambavision_jax.pallas.layer_norm`); opt-in, and on an H200 no faster than the XLA default
     (``benchmarks/NOTES.md`` session 15).
     """
 
@@ -460,7 +430,6 @@ class MambaVision(nn.Module):
     attention_impl: str = "auto"
     conv_channel_multiple: Optional[int] = None
     dtype: Dtype = jnp.float32
-    mlp_impl: str = "xla"
     norm_impl: str = "xla"
 
     def setup(self):
@@ -487,7 +456,6 @@ class MambaVision(nn.Module):
                     attention_impl=self.attention_impl,
                     dtype=self.dtype,
                     channel_multiple=channel_multiple,
-                    mlp_impl=self.mlp_impl,
                     norm_impl=self.norm_impl,
                     name=f"levels_{i}",
                 )

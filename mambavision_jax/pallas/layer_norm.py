@@ -28,7 +28,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from mambavision_jax.pallas.partitioning import batch_parallel
-from mambavision_jax.pallas.tiles import largest_tile
 
 IMPLS = ("xla", "pallas")
 MAX_WIDTH = 2048  # the widest row a program holds (MambaVision-L3's stage-4 width); wider rows fall back to XLA
@@ -74,7 +73,10 @@ def _width(channels: int) -> int:
 
 def _block_rows(rows: int, width: int) -> int:
     """Rows a program: the largest power of two dividing ``rows`` with at most BLOCK_ELEMENTS values a block."""
-    return largest_tile(rows, min(MAX_BLOCK_ROWS, BLOCK_ELEMENTS // width))
+    block = min(MAX_BLOCK_ROWS, BLOCK_ELEMENTS // width)
+    while rows % block:
+        block //= 2
+    return block
 
 
 class _Row(NamedTuple):

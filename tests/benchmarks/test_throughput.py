@@ -14,9 +14,9 @@ import throughput  # noqa: E402
 
 
 def test_variants_are_parsed_into_tags_and_typed_options():
-    assert throughput.parse_variants(" norm_impl=pallas ; mlp_impl=pallas, conv_channel_multiple=8;flag=TRUE;") == [
+    assert throughput.parse_variants(" norm_impl=pallas ; scan_impl=xla, conv_channel_multiple=8;flag=TRUE;") == [
         ("[norm_impl=pallas]", {"norm_impl": "pallas"}),
-        ("[mlp_impl=pallas,conv_channel_multiple=8]", {"mlp_impl": "pallas", "conv_channel_multiple": 8}),
+        ("[scan_impl=xla,conv_channel_multiple=8]", {"scan_impl": "xla", "conv_channel_multiple": 8}),
         ("[flag=TRUE]", {"flag": True}),
     ]
     assert throughput.parse_variants("") == []
@@ -47,7 +47,7 @@ def test_each_config_is_timed_with_the_base_options_then_each_variant(tmp_path, 
     monkeypatch.setattr(sys, "argv", argv)
     throughput.main()
 
-    base = dict(scan_impl="xla", attention_impl="auto", mlp_impl="xla", norm_impl="xla")
+    base = dict(scan_impl="xla", attention_impl="auto", norm_impl="xla")
     assert calls == [
         ("infer", "mamba_vision_T", 256, base),
         ("infer", "mamba_vision_T", 256, dict(base, norm_impl="pallas")),
