@@ -102,8 +102,8 @@ class _Row(NamedTuple):
         return value[None, :] if vector else value
 
     def store(self, ref, value):
-        mask = self.mask
-        plt.store(ref.at[:, pl.ds(0, self.width)], value.astype(ref.dtype), mask=None if mask is None else mask[None, :])
+        mask = None if self.mask is None else self.mask[None, :]
+        plt.store(ref.at[:, pl.ds(0, self.width)], value.astype(ref.dtype), mask=mask)
 
 
 def _forward_kernel(*refs, has_branch, has_gamma, has_row_scale, row: _Row, channels, eps):

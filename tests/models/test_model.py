@@ -180,9 +180,10 @@ def test_gelu_erf_matches_torch_formula_and_jax_gradient():
 
 
 def test_pallas_blocks_give_the_same_model_and_gradients():
-    """norm_impl="pallas" (LayerNorms with the residual updates), the kernels in interpret mode off a GPU: the same parameters, logits and, in training with layer scale and drop path
-    drawn from the same RNG, the same loss gradients and BN statistics as the XLA blocks. 8 images of 32² make 128
-    and 32 token rows in stages 3 and 4, so every block takes the fused path, which the traced program shows."""
+    """norm_impl="pallas" (LayerNorms with the residual updates), the kernels in interpret mode off a GPU: the same
+    parameters, logits and, in training with layer scale and drop path drawn from the same RNG, the same loss
+    gradients and BN statistics as the XLA blocks. 8 images of 32² make 128 and 32 token rows in stages 3 and 4, so
+    every block takes the fused path, which the traced program shows."""
     arch = dict(SMALL, layer_scale=0.5, drop_path_rate=0.3)
     xla = mvj.create_model("mamba_vision_T", **arch)
     model = mvj.create_model("mamba_vision_T", **arch, norm_impl="pallas")

@@ -1,5 +1,6 @@
 """The fused residual update + LayerNorm under SPMD: with the token rows sharded over two devices each device runs
-the kernels on its own rows, and values and every gradient (the column sums psum-ed) equal the one-device ones. A subprocess with 2 fake CPU devices; the kernels in interpret mode."""
+the kernels on its own rows, and values and every gradient (the column sums psum-ed) equal the one-device ones. A
+subprocess with 2 fake CPU devices; the kernels in interpret mode."""
 
 import pytest
 
