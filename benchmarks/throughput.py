@@ -12,10 +12,11 @@ warm-up and are medians of timed windows synchronised with ``block_until_ready``
 ``.anchor/official_torch.py`` (see shared/anchor/README.md) in a subprocess after the JAX runs, so the ratio
 comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
 
-Variants: ``--variants "norm_impl=pallas;norm_impl=pallas,conv_channel_multiple=1"`` times every inference and training
-config once with the base options and once per variant (``;``-separated sets of model options ``name=value``
-laid over the base), one after the other in one process, so an A/B comes from one machine and one warm-up; a
-variant's results are keyed ``T_bs256[norm_impl=pallas]``.
+Variants: ``--variants "norm_impl=pallas;xla_gpu_enable_cudnn_layer_norm=true"`` times every inference and training
+config once with the base options and once per variant (``;``-separated sets of ``name=value`` laid over the base:
+names starting with ``xla_`` are XLA compiler options, the others model options), one after the other in one
+process, so an A/B comes from one machine and one warm-up; a variant's results are keyed
+``T_bs256[norm_impl=pallas]``.
 
 Recipe: ``--recipe-configs configs/tiny.py,...`` times the step ``main.py`` runs for each config (its optimizer,
 gradient clipping, EMA, mixup/cutmix, random erasing, soft-target loss, uint8 images normalised on the device) on
@@ -210,7 +211,8 @@ def main():
     parser.add_argument(
         "--variants",
         default="",
-        help="';'-separated sets of model options NAME=VALUE[,NAME=VALUE] to time next to the base options",
+        help="';'-separated sets of NAME=VALUE[,NAME=VALUE] (model options; xla_* compiler options) to time next to "
+        "the base options",
     )
     parser.add_argument("--compare-official", action="store_true")
     parser.add_argument(
@@ -258,21 +260,25 @@ def main():
         with open(out, "w") as f:
             json.dump(results, f, indent=1)
 
-    variants = [("", overrides)] + [(tag, dict(overrides, **options)) for tag, options in parse_variants(args.variants)]
+    variants = [("", overrides, compiler_options)]
+    for tag, options in parse_variants(args.variants):
+        xla = {k: v for k, v in options.items() if k.startswith("xla_")}
+        model = {k: v for k, v in options.items() if not k.startswith("xla_")}
+        variants.append((tag, dict(overrides, **model), dict(compiler_options or {}, **xla) or None))
     for m in models:
         for batch in (int(b) for b in args.batches.split(",")):
-            for tag, options in variants:
+            for tag, options, compiler in variants:
                 key = f"{m}_bs{batch}{tag}"
                 profile_dir = os.path.join("/tmp", f"trace_{key}") if args.profile else None
-                r = inference(SHORT[m], batch, dtype, args.size, options, profile_dir, compiler_options)
+                r = inference(SHORT[m], batch, dtype, args.size, options, profile_dir, compiler)
                 results["inference"][key] = r
                 report(f"infer {key} {args.dtype}", r)
                 save()
     for m in train_models:
-        for tag, options in variants:
+        for tag, options, compiler in variants:
             key = f"{m}_bs{args.train_batch}{tag}"
             profile_dir = os.path.join("/tmp", f"trace_train_{key}") if args.profile else None
-            r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, options, profile_dir, compiler_options)
+            r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, options, profile_dir, compiler)
             results["training"][key] = r
             report(f"train {key} bf16 AdamW", r)
             save()

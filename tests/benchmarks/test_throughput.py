@@ -30,8 +30,8 @@ def test_each_config_is_timed_with_the_base_options_then_each_variant(tmp_path, 
     calls = []
 
     def fake(kind):
-        def run(name, batch, dtype, size, options, *rest):
-            calls.append((kind, name, batch, dict(options)))
+        def run(name, batch, dtype, size, options, profile_dir, compiler_options):
+            calls.append((kind, name, batch, dict(options), compiler_options))
             speed = 1000.0 if options["norm_impl"] == "xla" else 1200.0
             return dict(img_per_s=speed, step_ms=batch / speed * 1e3, compile_s=1.0)
 
@@ -43,20 +43,22 @@ def test_each_config_is_timed_with_the_base_options_then_each_variant(tmp_path, 
     official.write_text(json.dumps({"infer_mamba_vision_T_bs256": 500, "train_mamba_vision_B_bs128": 400}))
     out = tmp_path / "results.json"
     argv = ["throughput.py", "--models", "T", "--batches", "256", "--train-models", "B", "--scan-impl", "xla"]
-    argv += ["--variants", "norm_impl=pallas", "--official-json", str(official), "--out", str(out)]
+    argv += ["--xla-option", "xla_gpu_autotune_level=2"]
+    argv += ["--variants", "norm_impl=pallas;xla_gpu_enable_cudnn_layer_norm=true", "--official-json", str(official)]
+    argv += ["--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     throughput.main()
 
-    base = dict(scan_impl="xla", attention_impl="auto", norm_impl="xla")
-    assert calls == [
-        ("infer", "mamba_vision_T", 256, base),
-        ("infer", "mamba_vision_T", 256, dict(base, norm_impl="pallas")),
-        ("train", "mamba_vision_B", 128, base),
-        ("train", "mamba_vision_B", 128, dict(base, norm_impl="pallas")),
+    base, xla = dict(scan_impl="xla", attention_impl="auto", norm_impl="xla"), dict(xla_gpu_autotune_level=2)
+    cudnn_norm = dict(xla, xla_gpu_enable_cudnn_layer_norm=True)  # an xla_* name is a compiler option
+    runs = [(base, xla), (dict(base, norm_impl="pallas"), xla), (base, cudnn_norm)]
+    assert calls == [("infer", "mamba_vision_T", 256, *r) for r in runs] + [
+        ("train", "mamba_vision_B", 128, *r) for r in runs
     ]
     results = json.loads(out.read_text())
-    assert set(results["inference"]) == {"T_bs256", "T_bs256[norm_impl=pallas]"}
-    assert set(results["training"]) == {"B_bs128", "B_bs128[norm_impl=pallas]"}
+    tags = ["", "[norm_impl=pallas]", "[xla_gpu_enable_cudnn_layer_norm=true]"]
+    assert list(results["inference"]) == [f"T_bs256{t}" for t in tags]
+    assert list(results["training"]) == [f"B_bs128{t}" for t in tags]
     table = capsys.readouterr().out.split("ratio")[-1]
     rows = {line.split()[1]: line.split() for line in table.splitlines() if line.strip()}
     assert rows["T_bs256"][2:5] == ["1000", "500", "2.00"]
