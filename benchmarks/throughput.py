@@ -7,8 +7,9 @@ Inference: eval mode, 16-bit compute (``--dtype``, bfloat16 by default; float32 
 each batch size in ``--batches``. Training: forward + backward + AdamW step, bf16 compute, float32 master
 weights, batch ``--train-batch``, donated state, no host sync inside the step; the same work as the official
 anchor's step (cross-entropy on hard labels, AdamW). Compile time and the executable's memory (arguments +
-outputs + temporaries, from XLA's memory analysis) are reported separately from throughput; timings exclude
-warm-up and are medians of timed windows synchronised with ``block_until_ready``. ``--compare-official`` runs
+outputs + temporaries, from XLA's memory analysis) are reported separately from throughput. Every executable is
+compiled with ``mvj.compiler_options()`` (on the CPU: XLA's own dot kernels, not YNNPACK's) and any ``--xla-option``
+on top. Timings exclude warm-up and are medians of timed windows synchronised with ``block_until_ready``. ``--compare-official`` runs
 ``.anchor/official_torch.py`` (see shared/anchor/README.md) in a subprocess after the JAX runs, so the ratio
 comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
 
@@ -240,7 +241,7 @@ def main():
     overrides = dict(
         scan_impl=args.scan_impl, attention_impl=args.attention_impl, norm_impl=args.norm_impl
     )
-    compiler_options = parse_compiler_options(args.xla_option)
+    compiler_options = dict(mvj.compiler_options() or {}, **(parse_compiler_options(args.xla_option) or {})) or None
     dtype = DTYPES[args.dtype]
     device = jax.devices()[0].device_kind
     results = dict(

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mambavision_jax import xla_options
 from mambavision_jax.data.config_utils import preprocess_settings
 from mambavision_jax.data.device_preprocess import batch_images
 from mambavision_jax.train import optim
@@ -160,6 +161,7 @@ def make_train_step(
         out_shardings=(state_shardings, repl),
         donate_argnums=(0,),
         static_argnums=(3,),
+        compiler_options=_compiler_options(mesh),
     )
     return TrainStep(jitted, lambda step: mesa_active(step, config, steps_per_epoch))
 
@@ -183,4 +185,9 @@ def make_eval_step(model, mesh, num_classes: int, mean, std):
             "count": jnp.sum(mask),
         }
 
-    return jax.jit(eval_step, out_shardings=sharding_lib.replicated(mesh))
+    return jax.jit(eval_step, out_shardings=sharding_lib.replicated(mesh), compiler_options=_compiler_options(mesh))
+
+
+def _compiler_options(mesh):
+    """:func:`mambavision_jax.xla_options.compiler_options` for the platform of ``mesh``'s devices."""
+    return xla_options.compiler_options(mesh.devices.flat[0].platform)

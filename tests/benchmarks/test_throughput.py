@@ -49,7 +49,8 @@ def test_each_config_is_timed_with_the_base_options_then_each_variant(tmp_path, 
     monkeypatch.setattr(sys, "argv", argv)
     throughput.main()
 
-    base, xla = dict(scan_impl="xla", attention_impl="auto", norm_impl="xla"), dict(xla_gpu_autotune_level=2)
+    base = dict(scan_impl="xla", attention_impl="auto", norm_impl="xla")
+    xla = dict(throughput.mvj.compiler_options() or {}, xla_gpu_autotune_level=2)  # the platform's, then --xla-option
     cudnn_norm = dict(xla, xla_gpu_enable_cudnn_layer_norm=True)  # an xla_* name is a compiler option
     runs = [(base, xla), (dict(base, norm_impl="pallas"), xla), (base, cudnn_norm)]
     assert calls == [("infer", "mamba_vision_T", 256, *r) for r in runs] + [
