@@ -9,7 +9,8 @@ weights, batch ``--train-batch``, donated state, no host sync inside the step; t
 anchor's step (cross-entropy on hard labels, AdamW). Compile time and the executable's memory (arguments +
 outputs + temporaries, from XLA's memory analysis) are reported separately from throughput. Every executable is
 compiled with ``mvj.compiler_options()`` (on the CPU: XLA's own dot kernels, not YNNPACK's) and any ``--xla-option``
-on top. Timings exclude warm-up and are medians of timed windows synchronised with ``block_until_ready``. ``--compare-official`` runs
+on top. Timings exclude warm-up and are medians of timed windows synchronised with ``block_until_ready``, each window
+at least ``--min-window-s`` long (1 s: steady state, see ``MIN_WINDOW_S``). ``--compare-official`` runs
 ``.anchor/official_torch.py`` (see shared/anchor/README.md) in a subprocess after the JAX runs, so the ratio
 comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
 
@@ -58,6 +59,11 @@ SHORT = {
 PROFILE_TOP = 40  # ops printed per profiled config (the JSON keeps every op)
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 KINDS = (("inference", "infer"), ("training", "train"), ("recipe", "recipe"))  # result groups, their row prefixes
+# Shortest timed window, s. Each window starts from an idle device: dispatching a step from idle takes ~5 ms of host
+# time before its first kernel (B's training step has ~1,100 argument buffers), which back-to-back steps hide. A
+# 0.2 s window held 3 of B's training steps and so added 1.1-1.7 ms a step (H200: 3,391-3,433 img/s against 3,503
+# with 2 s windows, one process; benchmarks/NOTES.md session 16); at 1 s the start is under 0.3 ms a step.
+MIN_WINDOW_S = 1.0
 
 
 def random_images(batch, size, dtype, count, seed=0):
@@ -65,13 +71,13 @@ def random_images(batch, size, dtype, count, seed=0):
     return [jax.random.normal(k, (batch, size, size, 3), dtype) for k in keys]
 
 
-def inference(name, batch, dtype, size, overrides, profile_dir=None, compiler_options=None):
+def inference(name, batch, dtype, size, overrides, profile_dir=None, compiler_options=None, min_window_s=MIN_WINDOW_S):
     model = mvj.create_model(name, dtype=dtype, **overrides)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
     images = random_images(batch, size, dtype, 3)
     jitted = jax.jit(model.apply, compiler_options=compiler_options)
     compiled, compile_s, memory = compile_seconds(jitted, variables, images[0])
-    seconds = median_seconds(compiled, [(variables, x) for x in images])
+    seconds = median_seconds(compiled, [(variables, x) for x in images], min_window_s)
     result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
     if profile_dir:
         result["profile"] = top_device_ops(compiled, (variables, images[0]), profile_dir, top=None)
@@ -118,9 +124,9 @@ def build_training(name, batch, dtype, size, overrides, compiler_options=None):
     return run, [(x,) for x in images], compile_s, memory
 
 
-def training(name, batch, dtype, size, overrides, profile_dir=None, compiler_options=None):
+def training(name, batch, dtype, size, overrides, profile_dir=None, compiler_options=None, min_window_s=MIN_WINDOW_S):
     run, input_sets, compile_s, memory = build_training(name, batch, dtype, size, overrides, compiler_options)
-    seconds = median_seconds(run, input_sets, windows=5)
+    seconds = median_seconds(run, input_sets, min_window_s, windows=5)
     result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
     if profile_dir:
         result["profile"] = top_device_ops(run, input_sets[0], profile_dir, top=None)
@@ -145,7 +151,7 @@ def recipe_batches(batch, size, count, random_erasing, seed=0):
     return batches
 
 
-def recipe(config_path, batch, mesa, profile_dir=None):
+def recipe(config_path, batch, mesa, profile_dir=None, min_window_s=MIN_WINDOW_S):
     """img/s of ``main.py``'s train step for ``config_path`` (see the module docstring)."""
     from mambavision_jax import data
     from mambavision_jax.train import loop, step as step_lib
@@ -174,7 +180,7 @@ def recipe(config_path, batch, mesa, profile_dir=None):
         holder[0], metrics = compiled(holder[0], b, rng)
         return metrics["loss"]
 
-    seconds = median_seconds(run, [(b,) for b in batches], windows=5)
+    seconds = median_seconds(run, [(b,) for b in batches], min_window_s, windows=5)
     result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
     if profile_dir:
         result["profile"] = top_device_ops(run, (batches[0],), profile_dir, top=None)
@@ -205,6 +211,7 @@ def main():
     parser.add_argument("--recipe-configs", default="", help="comma list of configs/*.py whose main.py step to time")
     parser.add_argument("--recipe-mesa", action="store_true", help="time the recipe steps with MESA's teacher on")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--min-window-s", type=float, default=MIN_WINDOW_S, help="shortest timed window, seconds")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--scan-impl", default="auto")
     parser.add_argument("--attention-impl", default="auto")
@@ -251,6 +258,7 @@ def main():
         overrides=overrides,
         compiler_options=compiler_options,
         date=time.strftime("%Y-%m-%d"),
+        min_window_s=args.min_window_s,
         inference={},
         training={},
         recipe={},
@@ -271,7 +279,7 @@ def main():
             for tag, options, compiler in variants:
                 key = f"{m}_bs{batch}{tag}"
                 profile_dir = os.path.join("/tmp", f"trace_{key}") if args.profile else None
-                r = inference(SHORT[m], batch, dtype, args.size, options, profile_dir, compiler)
+                r = inference(SHORT[m], batch, dtype, args.size, options, profile_dir, compiler, args.min_window_s)
                 results["inference"][key] = r
                 report(f"infer {key} {args.dtype}", r)
                 save()
@@ -279,14 +287,16 @@ def main():
         for tag, options, compiler in variants:
             key = f"{m}_bs{args.train_batch}{tag}"
             profile_dir = os.path.join("/tmp", f"trace_train_{key}") if args.profile else None
-            r = training(SHORT[m], args.train_batch, jnp.bfloat16, args.size, options, profile_dir, compiler)
+            r = training(
+                SHORT[m], args.train_batch, jnp.bfloat16, args.size, options, profile_dir, compiler, args.min_window_s
+            )
             results["training"][key] = r
             report(f"train {key} bf16 AdamW", r)
             save()
     for path in (p for p in args.recipe_configs.split(",") if p):
         name = os.path.splitext(os.path.basename(path))[0]
         profile_dir = os.path.join("/tmp", f"trace_recipe_{name}") if args.profile else None
-        r = recipe(path, args.train_batch, args.recipe_mesa, profile_dir)
+        r = recipe(path, args.train_batch, args.recipe_mesa, profile_dir, args.min_window_s)
         results["recipe"][f"{name}_bs{args.train_batch}"] = r
         report(f"recipe {name} bs{args.train_batch}{' MESA on' if args.recipe_mesa else ''}", r)
         save()

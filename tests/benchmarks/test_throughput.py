@@ -30,7 +30,8 @@ def test_each_config_is_timed_with_the_base_options_then_each_variant(tmp_path, 
     calls = []
 
     def fake(kind):
-        def run(name, batch, dtype, size, options, profile_dir, compiler_options):
+        def run(name, batch, dtype, size, options, profile_dir, compiler_options, min_window_s):
+            assert min_window_s == 0.5  # --min-window-s reaches every timed config
             calls.append((kind, name, batch, dict(options), compiler_options))
             speed = 1000.0 if options["norm_impl"] == "xla" else 1200.0
             return dict(img_per_s=speed, step_ms=batch / speed * 1e3, compile_s=1.0)
@@ -45,7 +46,7 @@ def test_each_config_is_timed_with_the_base_options_then_each_variant(tmp_path, 
     argv = ["throughput.py", "--models", "T", "--batches", "256", "--train-models", "B", "--scan-impl", "xla"]
     argv += ["--xla-option", "xla_gpu_autotune_level=2"]
     argv += ["--variants", "norm_impl=pallas;xla_gpu_enable_cudnn_layer_norm=true", "--official-json", str(official)]
-    argv += ["--out", str(out)]
+    argv += ["--out", str(out), "--min-window-s", "0.5"]
     monkeypatch.setattr(sys, "argv", argv)
     throughput.main()
 
@@ -57,6 +58,7 @@ def test_each_config_is_timed_with_the_base_options_then_each_variant(tmp_path, 
         ("train", "mamba_vision_B", 128, *r) for r in runs
     ]
     results = json.loads(out.read_text())
+    assert results["min_window_s"] == 0.5
     tags = ["", "[norm_impl=pallas]", "[xla_gpu_enable_cudnn_layer_norm=true]"]
     assert list(results["inference"]) == [f"T_bs256{t}" for t in tags]
     assert list(results["training"]) == [f"B_bs128{t}" for t in tags]
