@@ -84,7 +84,10 @@ def leaf_squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:
         rows.append(jnp.pad(flat, (0, n_rows * NORM_ROW - flat.size)).reshape(n_rows, NORM_ROW))
         segments.append(np.full(n_rows, i, np.int32))
     stacked = jnp.concatenate(rows)
-    per_row = jnp.sum(stacked * stacked, axis=1)
+    # The row sums are materialised before the segment sum: XLA:GPU otherwise may fuse the row reduction into the
+    # scatter, whose threads then each sum a whole row serially (MambaVision-B's recipe step on an H100: two such
+    # fusions took 36 of its 78 ms, benchmarks/NOTES.md session 16).
+    per_row = jax.lax.optimization_barrier(jnp.sum(stacked * stacked, axis=1))
     return jax.ops.segment_sum(per_row, np.concatenate(segments), num_segments=len(leaves), indices_are_sorted=True)
 
 
