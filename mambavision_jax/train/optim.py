@@ -83,10 +83,11 @@ def leaf_squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:
         n_rows = max(-(-flat.size // NORM_ROW), 1)
         rows.append(jnp.pad(flat, (0, n_rows * NORM_ROW - flat.size)).reshape(n_rows, NORM_ROW))
         segments.append(np.full(n_rows, i, np.int32))
-    stacked = jnp.concatenate(rows)
-    # The row sums are materialised before the segment sum: XLA:GPU otherwise may fuse the row reduction into the
-    # scatter, whose threads then each sum a whole row serially (MambaVision-B's recipe step on an H100: two such
-    # fusions took 36 of its 78 ms, benchmarks/NOTES.md session 16).
+    # Three kernels, each kept whole by a barrier: the concatenation (one thread an element), the row reduction, the
+    # segment sum of the row sums. Left to its fusion heuristics, XLA:GPU fused the ~300-operand concatenation into
+    # its consumers (every element then picks its operand through the whole list): MambaVision-B's recipe step on an
+    # H100 spent 36 of its 78 ms in two such scatter fusions (benchmarks/NOTES.md, session 16).
+    stacked = jax.lax.optimization_barrier(jnp.concatenate(rows))
     per_row = jax.lax.optimization_barrier(jnp.sum(stacked * stacked, axis=1))
     return jax.ops.segment_sum(per_row, np.concatenate(segments), num_segments=len(leaves), indices_are_sorted=True)
 
