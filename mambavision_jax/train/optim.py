@@ -18,7 +18,7 @@ chain clips once.
 Norms: the global-norm clip and LAMB's per-leaf trust ratios need a norm of every leaf, ~280 leaves for
 MambaVision-T. Written leaf by leaf, each is a GPU kernel of its own (mostly launch latency); with two clips, the
 trust ratio's two norms and the logged gradient norm that was ~1,400 small reductions and 2 ms of a 22 ms step
-(H200, benchmarks/NOTES.md). :func:`leaf_squared_norms` computes all of a tree's norms in one row reduction.
+(H200, benchmarks/NOTES.md). :func:`leaf_squared_norms` computes all of a tree's norms in three kernels.
 """
 
 from __future__ import annotations
@@ -72,24 +72,32 @@ def weight_decay_mask(params) -> Any:
 
 
 def leaf_squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:
-    """Sum of squares of each array in ``leaves``, as a (len(leaves),) float32 vector, in one fused pass: every leaf
-    is flattened and zero-padded to whole rows of ``NORM_ROW`` elements, all rows go through one row reduction, and
-    a sorted segment sum adds each leaf's rows."""
+    """Sum of squares of each array in ``leaves``, as a (len(leaves),) float32 vector, in three kernels whatever the
+    number of leaves: every leaf is flattened and zero-padded to whole rows of ``NORM_ROW`` elements and the rows
+    are concatenated; one row reduction; then each leaf's row sums are added by a masked reduction over all rows.
+
+    Not a segment sum: its scatter-add, ~300 leaves receiving up to ~2,000 rows each, ran as compare-and-swap loops
+    under contention on XLA:GPU (jaxlib 0.10.2 to at least 0.11.2: openxla/xla#46225), 36 of the 78 ms of
+    MambaVision-B's recipe step on an H100 (benchmarks/NOTES.md, session 16). The masked reduction reads the row
+    sums (a few hundred KB) once per leaf from the cache, and each leaf adds only its own rows and exact zeros.
+    """
     if not leaves:
         return jnp.zeros((0,), jnp.float32)
-    rows, segments = [], []
-    for i, leaf in enumerate(leaves):
+    rows, counts = [], []
+    for leaf in leaves:
         flat = jnp.ravel(leaf).astype(jnp.float32)
         n_rows = max(-(-flat.size // NORM_ROW), 1)
         rows.append(jnp.pad(flat, (0, n_rows * NORM_ROW - flat.size)).reshape(n_rows, NORM_ROW))
-        segments.append(np.full(n_rows, i, np.int32))
-    # Three kernels, each kept whole by a barrier: the concatenation (one thread an element), the row reduction, the
-    # segment sum of the row sums. Left to its fusion heuristics, XLA:GPU fused the ~300-operand concatenation into
-    # its consumers (every element then picks its operand through the whole list): MambaVision-B's recipe step on an
-    # H100 spent 36 of its 78 ms in two such scatter fusions (benchmarks/NOTES.md, session 16).
+        counts.append(n_rows)
+    # The concatenation stays a kernel of its own (one thread an element) rather than being fused into the row
+    # reduction, where each element would pick its operand out of the ~300.
     stacked = jax.lax.optimization_barrier(jnp.concatenate(rows))
-    per_row = jax.lax.optimization_barrier(jnp.sum(stacked * stacked, axis=1))
-    return jax.ops.segment_sum(per_row, np.concatenate(segments), num_segments=len(leaves), indices_are_sorted=True)
+    per_row = jnp.sum(stacked * stacked, axis=1)
+    ends = np.cumsum(counts, dtype=np.int32)
+    starts = ends - np.asarray(counts, np.int32)
+    row = jax.lax.broadcasted_iota(jnp.int32, (len(leaves), per_row.size), 1)
+    owned = (row >= starts[:, None]) & (row < ends[:, None])  # (leaves, rows): row r belongs to leaf i
+    return jnp.sum(jnp.where(owned, per_row[None, :], 0.0), axis=1)
 
 
 def global_norm(tree) -> jax.Array:

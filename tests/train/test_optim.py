@@ -88,13 +88,12 @@ def test_leaf_squared_norms_match_per_leaf_sums(sizes):
     assert float(optim.global_norm(tree)) == pytest.approx(np.sqrt(sum(want)), rel=1e-5)
 
 
-def test_leaf_squared_norms_keep_concatenation_reduction_and_segment_sum_apart():
-    # Left to XLA:GPU's fusion, the concatenation went into the scatter fusions: 36 of B's 78 ms recipe step.
+def test_leaf_squared_norms_use_no_scatter_and_a_concatenation_of_their_own():
+    # XLA:GPU's scatter-add under contention (a segment sum into ~300 leaves) took 36 of B's 78 ms recipe step.
     jaxpr = jax.make_jaxpr(optim.leaf_squared_norms)([jnp.ones((5000,)), jnp.ones((3, 4))]).jaxpr
     names = [e.primitive.name for e in jaxpr.eqns]
-    barriers = [i for i, name in enumerate(names) if name == "optimization_barrier"]
-    assert len(barriers) == 2
-    assert names.index("concatenate") < barriers[0] < names.index("reduce_sum") < barriers[1] < names.index("scatter-add")
+    assert not [n for n in names if n.startswith("scatter")]
+    assert names.index("concatenate") < names.index("optimization_barrier") < names.index("reduce_sum")
 
 
 @pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])
