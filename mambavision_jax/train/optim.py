@@ -89,8 +89,8 @@ def leaf_squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:
         n_rows = max(-(-flat.size // NORM_ROW), 1)
         rows.append(jnp.pad(flat, (0, n_rows * NORM_ROW - flat.size)).reshape(n_rows, NORM_ROW))
         counts.append(n_rows)
-    # The concatenation stays a kernel of its own (one thread an element) rather than being fused into the row
-    # reduction, where each element would pick its operand out of the ~300.
+    # The concatenation stays a kernel of its own whatever XLA's fusion heuristics decide, as the two that showed in
+    # B's profile ran (0.46 ms each on an H100); a precaution: a fused ~300-operand concatenation was never observed.
     stacked = jax.lax.optimization_barrier(jnp.concatenate(rows))
     per_row = jnp.sum(stacked * stacked, axis=1)
     ends = np.cumsum(counts, dtype=np.int32)
