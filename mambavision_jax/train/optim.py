@@ -78,8 +78,9 @@ def leaf_squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:
 
     Not a segment sum: its scatter-add, ~300 leaves receiving up to ~2,000 rows each, ran as compare-and-swap loops
     under contention on XLA:GPU (jaxlib 0.10.2 to at least 0.11.2: openxla/xla#46225), 36 of the 78 ms of
-    MambaVision-B's recipe step on an H100 (benchmarks/NOTES.md, session 16). The masked reduction reads the row
-    sums (a few hundred KB) once per leaf from the cache, and each leaf adds only its own rows and exact zeros.
+    MambaVision-B's recipe step on an H100 (43.5 ms with this reduction; benchmarks/NOTES.md, sessions 16-17). The
+    masked reduction reads the row sums (a few hundred KB) once per leaf from the cache, and each leaf adds only its
+    own rows and exact zeros.
     """
     if not leaves:
         return jnp.zeros((0,), jnp.float32)
@@ -89,8 +90,8 @@ def leaf_squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:
         n_rows = max(-(-flat.size // NORM_ROW), 1)
         rows.append(jnp.pad(flat, (0, n_rows * NORM_ROW - flat.size)).reshape(n_rows, NORM_ROW))
         counts.append(n_rows)
-    # The concatenation stays a kernel of its own whatever XLA's fusion heuristics decide, as the two that showed in
-    # B's profile ran (0.46 ms each on an H100); a precaution: a fused ~300-operand concatenation was never observed.
+    # The concatenation stays a kernel of its own whatever XLA's fusion heuristics decide, as the three in B's recipe
+    # profile run (0.46 ms each on an H100); a precaution: a fused ~300-operand concatenation was never observed.
     stacked = jax.lax.optimization_barrier(jnp.concatenate(rows))
     per_row = jnp.sum(stacked * stacked, axis=1)
     ends = np.cumsum(counts, dtype=np.int32)
