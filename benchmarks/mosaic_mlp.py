@@ -13,9 +13,11 @@ Layouts: x (M, K) row-major bf16 (tokens × channels), w (K, N) bf16 (flax's Den
 outputs (M, N) bf16. Shapes must tile exactly by the CTA's tile and tile_k (``check_shape`` says which does not).
 
 Status (session 18): not wired into the model, and not yet run on a card. It lowers for CUDA from the CPU at
-MambaVision's shapes (tests/benchmarks/test_mosaic_mlp.py), but its numerics are unchecked: Mosaic GPU's interpret
-mode (jax 0.10.2) deadlocks on any Barrier allocated next to the warp-specialised pipeline (the bias's), so the CPU
-cannot run it. Each row of this script checks the kernel's output against XLA's on the card (``*_max_abs_err``).
+MambaVision's shapes (tests/benchmarks/test_mosaic_mlp.py), but its numerics are unchecked: under Mosaic GPU's
+interpret mode (jax 0.10.2, ``interpret=InterpretGPUParams()``) it hangs in the pipeline's barrier waits as soon as
+the bias's shared-memory buffer is allocated beside the pipeline's, even unused (without that buffer, and the stock
+``hopper_matmul_mgpu`` with its C tile, run there); not understood yet. Each row of this script checks the kernel's
+output against XLA's on the card (``*_max_abs_err``).
 """
 
 import argparse
