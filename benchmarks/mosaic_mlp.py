@@ -12,12 +12,10 @@ MambaVision-B's stage-3 shape, Mosaic GPU's GEMM with an activation epilogue too
 Layouts: x (M, K) row-major bf16 (tokens × channels), w (K, N) bf16 (flax's Dense kernel layout), b (N,) float32;
 outputs (M, N) bf16. Shapes must tile exactly by the CTA's tile and tile_k (``check_shape`` says which does not).
 
-Status (session 18): not wired into the model, and not yet run on a card. It lowers for CUDA from the CPU at
-MambaVision's shapes (tests/benchmarks/test_mosaic_mlp.py), but its numerics are unchecked: under Mosaic GPU's
-interpret mode (jax 0.10.2, ``interpret=InterpretGPUParams()``) it hangs in the pipeline's barrier waits as soon as
-the bias's shared-memory buffer is allocated beside the pipeline's, even unused (without that buffer, and the stock
-``hopper_matmul_mgpu`` with its C tile, run there); not understood yet. Each row of this script checks the kernel's
-output against XLA's on the card (``*_max_abs_err``).
+Status (session 18): not wired into the model, and not yet run on a card. On the CPU it lowers for CUDA at
+MambaVision's shapes and matches a float64 reference under Mosaic GPU's interpret mode
+(tests/benchmarks/test_mosaic_mlp.py). Each row of this script checks the kernel's output against XLA's on the card
+(``*_max_abs_err``).
 """
 
 import argparse
@@ -27,7 +25,7 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -97,9 +95,11 @@ def _swizzled(minor: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _kernel(x_gmem, w_gmem, b_gmem, *out_gmems, tiling: Tiling, with_preactivation: bool):
-    """Kernel body; ``out_gmems`` is (gelu,) or (gelu, pre-activation). Runs on ``3`` warpgroups named "wg":
-    0-1 compute, 2 the pipeline's memory thread."""
+def _kernel(x_gmem, w_gmem, b_gmem, *refs, tiling: Tiling, with_preactivation: bool):
+    """Kernel body. ``refs``: the outputs, (gelu,) or (gelu, pre-activation), then the scratch of
+    :func:`dense_gelu`'s ``scratch_types``: a (2, tile_n) float32 bias buffer and a barrier per compute warpgroup.
+    Runs on 3 warpgroups named "wg": 0-1 compute, 2 the pipeline's memory thread."""
+    *out_gmems, bias_smem, bias_barrier = refs
     m, k = x_gmem.shape
     n = w_gmem.shape[1]
     tm, tn, tk, en = tiling.tile_m, tiling.tile_n, tiling.tile_k, tiling.epilogue_n
@@ -131,11 +131,9 @@ def _kernel(x_gmem, w_gmem, b_gmem, *out_gmems, tiling: Tiling, with_preactivati
         pl.run_scoped,
         allocations=pipeline(noop, noop).get_allocations(x_gmem, w_gmem),
         out_smem=plgpu.SMEM((2, len(out_gmems), tm, en), out_dtype, transforms=_swizzled(en, out_dtype)),
-        bias_smem=plgpu.SMEM((2, tn), jnp.float32),
-        bias_barrier=plgpu.Barrier(num_barriers=2),
         collective_axes="wg",
     )
-    def _scope(allocations, out_smem, bias_smem, bias_barrier):
+    def _scope(allocations, out_smem):
         wg = jax.lax.axis_index("wg")
 
         @plgpu.nd_loop((m_tiles, n_tiles), collective_axes="sm")
@@ -185,10 +183,12 @@ def dense_gelu(
     with_preactivation: bool = False,
     tiling: Optional[Tiling] = None,
     num_sms: Optional[int] = None,
+    interpret: Any = None,
 ):
     """GELU(x @ w + b) as one kernel: x (M, K), w (K, N) in the same 16-bit dtype, b (N,) float32 -> (M, N) in x's
     dtype, and with ``with_preactivation`` also x @ w + b (rounded to x's dtype). ``tiling`` defaults to
-    :func:`default_tiling`; ``num_sms`` (CTAs of the persistent grid) to the card's SM count."""
+    :func:`default_tiling`; ``num_sms`` (CTAs of the persistent grid) to the card's SM count. ``interpret``: Mosaic
+    GPU's interpret-mode parameters (:func:`interpret_params`), to run the kernel on the CPU."""
     m, k = x.shape
     k2, n = w.shape
     if k != k2 or b.shape != (n,):
@@ -207,10 +207,22 @@ def dense_gelu(
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
+        # The bias's buffer and barriers are kernel scratch: allocated beside the pipeline's buffers (run_scoped),
+        # they hung Mosaic GPU's interpret mode in the pipeline's barrier waits (jax 0.10.2).
+        scratch_types=(plgpu.SMEM((2, tiling.tile_n), jnp.float32), plgpu.Barrier(num_barriers=2)),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret,
     )
     out = call(x, w, b.astype(jnp.float32))
     return out if with_preactivation else out[0]
+
+
+def interpret_params():
+    """Parameters for Mosaic GPU's interpret mode, which simulates TMA, barriers and WGMMA on the CPU (private in
+    jax 0.10)."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
 
 
 SHAPES = {  # name: (rows a batch image, C, hidden): the stage-3/4 MLPs at 224x224 (14x14 and 7x7 tokens an image)

@@ -1,6 +1,6 @@
 """benchmarks/mosaic_mlp.py, the Mosaic GPU fc1 + bias + GELU prototype, on the CPU: its GELU against exact GELU, its
 shape checks, its tiling choice, and its lowering for CUDA at MambaVision's stage-3/4 MLP shapes (the kernel's
-layouts and shared-memory plan are resolved there; its numerics need the card, see the module docstring)."""
+layouts and shared-memory plan are resolved there), and its values under Mosaic GPU's interpret mode."""
 
 import functools
 import math
@@ -63,3 +63,26 @@ def test_lowers_for_cuda_at_mambavision_shapes(m, k, n, with_preactivation):
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     assert text.count(f"tensor<{m}x{n}xbf16>") >= (2 if with_preactivation else 1)
+
+
+@pytest.mark.parametrize(
+    "m, k, n, split, with_preactivation",
+    [(256, 128, 192, "m", True), (192, 192, 256, "n", True), (128, 64, 128, "m", False)],
+)
+def test_matches_float64_under_interpret_mode(m, k, n, split, with_preactivation):
+    """The kernel's values on fresh random inputs, several tiles an SM (2 simulated SMs, 64-wide tiles, 2 stages)
+    against x @ w + b and exact GELU in float64: within bf16's rounding of the outputs (half an ulp at |y| < 8)."""
+    tiling = mosaic_mlp.Tiling(tile_m=64, tile_n=64, tile_k=64, stages=2, epilogue_n=32, split=split)
+    keys = jax.random.split(jax.random.PRNGKey(m + k + n), 3)
+    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (k, n)) / np.sqrt(k)).astype(jnp.bfloat16)
+    b = jax.random.normal(keys[2], (n,), jnp.float32)
+    interpret = mosaic_mlp.interpret_params()
+    out = mosaic_mlp.dense_gelu(x, w, b, with_preactivation=with_preactivation, tiling=tiling, num_sms=2, interpret=interpret)
+    gelu, pre = out if with_preactivation else (out, None)
+    want_pre = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+    want_gelu = 0.5 * want_pre * (1.0 + np.vectorize(math.erf)(want_pre / np.sqrt(2.0)))
+    assert np.max(np.abs(want_pre)) < 8.0
+    assert np.max(np.abs(np.asarray(gelu, np.float64) - want_gelu)) <= 2.0**-5 / 2 + 1e-4
+    if with_preactivation:
+        assert np.max(np.abs(np.asarray(pre, np.float64) - want_pre)) <= 2.0**-5 / 2 + 1e-4
