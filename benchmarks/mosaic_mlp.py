@@ -4,7 +4,8 @@
 
 The kernel is a persistent, warp-specialised GEMM: one CTA per SM walks the output tiles; a memory warpgroup
 streams the CTA's row block of x and column block of w, tile_k deep, into shared memory by TMA, two compute
-warpgroups each accumulate their own (tile_m, tile_n) tile with WGMMA in float32, and the epilogue adds the bias, applies GELU and stores bf16 tiles by TMA, optionally with the pre-activation as a second output (what GELU's
+warpgroups each accumulate their own (tile_m, tile_n) tile with WGMMA in float32, and the epilogue adds the bias,
+applies GELU and stores bf16 tiles by TMA, optionally with the pre-activation as a second output (what GELU's
 gradient needs in training). XLA runs the same layer as a cuBLAS GEMM and a separate bias + GELU pass over the
 (M, 4C) hidden activations, the pass this kernel removes (benchmarks/NOTES.md session 18: on an H100 at
 MambaVision-B's stage-3 shape, Mosaic GPU's GEMM with an activation epilogue took 103 µs against XLA's 166).

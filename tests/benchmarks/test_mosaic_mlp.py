@@ -78,7 +78,9 @@ def test_matches_float64_under_interpret_mode(m, k, n, split, with_preactivation
     w = (jax.random.normal(keys[1], (k, n)) / np.sqrt(k)).astype(jnp.bfloat16)
     b = jax.random.normal(keys[2], (n,), jnp.float32)
     interpret = mosaic_mlp.interpret_params()
-    out = mosaic_mlp.dense_gelu(x, w, b, with_preactivation=with_preactivation, tiling=tiling, num_sms=2, interpret=interpret)
+    out = mosaic_mlp.dense_gelu(
+        x, w, b, with_preactivation=with_preactivation, tiling=tiling, num_sms=2, interpret=interpret
+    )
     gelu, pre = out if with_preactivation else (out, None)
     want_pre = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
     want_gelu = 0.5 * want_pre * (1.0 + np.vectorize(math.erf)(want_pre / np.sqrt(2.0)))
