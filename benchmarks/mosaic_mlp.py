@@ -25,7 +25,6 @@ import functools
 import json
 import os
 import sys
-import time
 from typing import Any, Optional
 
 import jax
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from timing import median_seconds
 
 # Abramowitz & Stegun 7.1.26: erf(z) ≈ 1 - (a1 t + ... + a5 t^5) exp(-z^2), t = 1 / (1 + p z), z >= 0;
 # |error| <= 1.5e-7.
@@ -234,16 +234,9 @@ SHAPES = {  # name: (rows a batch image, C, hidden): the stage-3/4 MLPs at 224x2
 }
 
 
-def _time_us(f, *args, loops: int = 50, windows: int = 5) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(loops):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / loops)
-    return 1e6 * float(np.median(times))
+def _time_us(f, *args) -> float:
+    """Median µs a call of ``f(*args)`` (``timing.median_seconds``: warm-up excluded, windows of at least 0.2 s)."""
+    return 1e6 * median_seconds(f, [args])
 
 
 def main():
