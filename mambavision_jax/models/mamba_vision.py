@@ -17,6 +17,9 @@ import jax.numpy as jnp
 from mambavision_jax.models.layers import Conv3x3, DropPath, batch_norm, gelu_erf, window_partition, window_reverse
 from mambavision_jax.pallas import selective_scan
 from mambavision_jax.pallas.layer_norm import IMPLS as NORM_IMPLS
+
+MLP_IMPLS = ("xla", "mosaic")
+from mambavision_jax.pallas import mosaic_mlp
 from mambavision_jax.pallas.layer_norm import add_layer_norm, residual_update
 
 Dtype = Any
@@ -209,20 +212,58 @@ class LayerNormParams(nn.Module):
         return scale, self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
 
 
+class DenseParams(nn.Module):
+    """The parameters of :func:`_dense` (``kernel`` (in, features), ``bias`` (features,), float32), returned
+    instead of applied, for the fused MLP."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", _KERNEL_INIT, (in_features, self.features), jnp.float32)
+        return kernel, self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+
+
 class Mlp(nn.Module):
-    """timm Mlp: fc1 -> exact GELU -> dropout -> fc2 -> dropout, on (B, N, C)."""
+    """timm Mlp: fc1 -> exact GELU -> dropout -> fc2 -> dropout, on (B, N, C).
+
+    ``impl="mosaic"`` runs fc1 + GELU and, in training, fc2's input gradient + GELU' as Pallas Mosaic GPU kernels
+    (:mod:`mambavision_jax.pallas.mosaic_mlp`; Hopper GPUs, 16-bit ``dtype``, no dropout in training) wherever the
+    B·N token rows tile, and as XLA elsewhere; same parameters as "xla". ``interpret`` runs those kernels under
+    Mosaic GPU's interpreter (CPU tests)."""
 
     dim: int
     hidden: int
     drop: float = 0.0
     dtype: Dtype = jnp.float32
+    impl: str = "xla"
+    interpret: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.impl == "mosaic":
+            return self._fused(x, train)
+        if self.impl != "xla":
+            raise ValueError(f"mlp_impl must be one of {', '.join(MLP_IMPLS)}; got {self.impl!r}")
         x = gelu_erf(_dense(self.hidden, "fc1", self.dtype)(x))
         x = nn.Dropout(self.drop)(x, deterministic=not train)
         x = _dense(self.dim, "fc2", self.dtype)(x)
         return nn.Dropout(self.drop)(x, deterministic=not train)
+
+    def _fused(self, x: jax.Array, train: bool) -> jax.Array:
+        if jnp.dtype(self.dtype).itemsize != 2:
+            raise ValueError(f"mlp_impl='mosaic' needs a 16-bit compute dtype; got {jnp.dtype(self.dtype).name}")
+        if not self.interpret and jax.default_backend() != "gpu":
+            raise ValueError(f"mlp_impl='mosaic' runs on (Hopper) GPUs only; the backend is {jax.default_backend()}")
+        if train and self.drop > 0:
+            raise ValueError(f"mlp_impl='mosaic' has no dropout inside the MLP; got drop={self.drop} in training")
+        w1, b1 = DenseParams(self.hidden, name="fc1")(x.shape[-1])
+        w2, b2 = DenseParams(self.dim, name="fc2")(self.hidden)
+        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        cast = [w.astype(self.dtype) for w in (w1, w2)]
+        interpret = mosaic_mlp.interpret_params() if self.interpret else None
+        out = mosaic_mlp.gelu_mlp(rows, cast[0], b1, cast[1], b2, interpret)
+        return out.reshape(*x.shape[:-1], self.dim)
 
 
 class PendingUpdate(NamedTuple):
@@ -264,6 +305,7 @@ class Block(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     norm_impl: str = "xla"
+    mlp_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -277,7 +319,7 @@ class Block(nn.Module):
             mixer = Attention(self.dim, self.num_heads, self.attention_impl, self.dtype, name="mixer")
         else:
             mixer = MambaVisionMixer(self.dim, self.scan_impl, self.dtype, name="mixer")
-        mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, name="mlp")
+        mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.mlp_impl, name="mlp")
         if self.norm_impl == "pallas":
             return self._fused(x, mixer, mlp, drop_path, train)
         normed = self._layer_norm("norm1")(x)
@@ -353,6 +395,7 @@ class MambaVisionLayer(nn.Module):
     dtype: Dtype = jnp.float32
     channel_multiple: int = 1
     norm_impl: str = "xla"
+    mlp_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -383,6 +426,7 @@ class MambaVisionLayer(nn.Module):
                     self.attention_impl,
                     self.dtype,
                     self.norm_impl,
+                    self.mlp_impl,
                     name=f"blocks_{j}",
                 )(tokens, train)
             x = window_reverse(apply_pending(tokens), self.window_size, padded, size)
@@ -411,7 +455,8 @@ class MambaVision(nn.Module):
     ``forward_intermediates`` the four pre-downsample stage maps (NHWC), for backbone use. ``norm_impl="pallas"``
     runs the stage-3/4 LayerNorms with the mixer's residual update as Pallas row kernels
     (:mod:`mambavision_jax.pallas.layer_norm`); opt-in, and on an H200 no faster than the XLA default
-    (``benchmarks/NOTES.md`` session 15).
+    (``benchmarks/NOTES.md`` session 15). ``mlp_impl="mosaic"`` fuses the MLPs' GELU into Pallas Mosaic GPU
+    GEMMs (:class:`Mlp`; Hopper GPUs, 16-bit ``dtype``).
     """
 
     depths: Sequence[int]
@@ -431,6 +476,7 @@ class MambaVision(nn.Module):
     conv_channel_multiple: Optional[int] = None
     dtype: Dtype = jnp.float32
     norm_impl: str = "xla"
+    mlp_impl: str = "xla"
 
     def setup(self):
         total = sum(self.depths)
@@ -457,6 +503,7 @@ class MambaVision(nn.Module):
                     dtype=self.dtype,
                     channel_multiple=channel_multiple,
                     norm_impl=self.norm_impl,
+                    mlp_impl=self.mlp_impl,
                     name=f"levels_{i}",
                 )
             )
