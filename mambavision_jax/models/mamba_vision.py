@@ -229,15 +229,14 @@ class Mlp(nn.Module):
 
     ``impl="mosaic"`` runs fc1 + GELU and, in training, fc2's input gradient + GELU' as Pallas Mosaic GPU kernels
     (:mod:`mambavision_jax.pallas.mosaic_mlp`; Hopper GPUs, 16-bit ``dtype``, no dropout in training) wherever the
-    B·N token rows tile, and as XLA elsewhere; same parameters as "xla". ``interpret`` runs those kernels under
-    Mosaic GPU's interpreter (CPU tests)."""
+    B·N token rows tile, and as XLA elsewhere; same parameters as "xla". Off a GPU the kernels run under Mosaic
+    GPU's interpreter, which is for tests: slow."""
 
     dim: int
     hidden: int
     drop: float = 0.0
     dtype: Dtype = jnp.float32
     impl: str = "xla"
-    interpret: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -253,15 +252,13 @@ class Mlp(nn.Module):
     def _fused(self, x: jax.Array, train: bool) -> jax.Array:
         if jnp.dtype(self.dtype).itemsize != 2:
             raise ValueError(f"mlp_impl='mosaic' needs a 16-bit compute dtype; got {jnp.dtype(self.dtype).name}")
-        if not self.interpret and jax.default_backend() != "gpu":
-            raise ValueError(f"mlp_impl='mosaic' runs on (Hopper) GPUs only; the backend is {jax.default_backend()}")
         if train and self.drop > 0:
             raise ValueError(f"mlp_impl='mosaic' has no dropout inside the MLP; got drop={self.drop} in training")
         w1, b1 = DenseParams(self.hidden, name="fc1")(x.shape[-1])
         w2, b2 = DenseParams(self.dim, name="fc2")(self.hidden)
         rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
         cast = [w.astype(self.dtype) for w in (w1, w2)]
-        interpret = mosaic_mlp.interpret_params() if self.interpret else None
+        interpret = None if jax.default_backend() == "gpu" else mosaic_mlp.interpret_params()
         out = mosaic_mlp.gelu_mlp(rows, cast[0], b1, cast[1], b2, interpret)
         return out.reshape(*x.shape[:-1], self.dim)
 

@@ -356,9 +356,23 @@ def _gelu_grad_local(dy, w_t, h, interpret):
 
 
 # Both kernels are independent per token row: under SPMD each device runs them on its own rows.
-_fc1_gelu = batch_parallel(_fc1_gelu_local, "b c, c h, h -> b h", num_static=2)
-_fc1_gelu_pre = batch_parallel(_fc1_gelu_local, "b c, c h, h -> b h, b h", num_static=2)
-_gelu_grad = batch_parallel(_gelu_grad_local, "b c, c h, b h -> b h", num_static=1)
+_PARTITIONED = {
+    "fc1_gelu": batch_parallel(_fc1_gelu_local, "b c, c h, h -> b h", num_static=2),
+    "fc1_gelu_pre": batch_parallel(_fc1_gelu_local, "b c, c h, h -> b h, b h", num_static=2),
+    "gelu_grad": batch_parallel(_gelu_grad_local, "b c, c h, b h -> b h", num_static=1),
+}
+
+
+def _fc1_gelu(x, w1, b1, with_preactivation, interpret):
+    if interpret is not None:  # the interpreter's callbacks cannot be lowered inside custom_partitioning
+        return _fc1_gelu_local(x, w1, b1, with_preactivation, interpret)
+    return _PARTITIONED["fc1_gelu_pre" if with_preactivation else "fc1_gelu"](x, w1, b1, with_preactivation, None)
+
+
+def _gelu_grad(dy, w_t, h, interpret):
+    if interpret is not None:
+        return _gelu_grad_local(dy, w_t, h, interpret)
+    return _PARTITIONED["gelu_grad"](dy, w_t, h, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -372,7 +386,7 @@ def gelu_mlp(x, w1, b1, w2, b2, interpret=None):
 
 
 def _gelu_mlp_forward(x, w1, b1, w2, b2, interpret):
-    g, h = _fc1_gelu_pre(x, w1, b1, True, interpret)
+    g, h = _fc1_gelu(x, w1, b1, True, interpret)
     return jnp.dot(g, w2) + b2.astype(x.dtype), (x, w1, w2, g, h, b1, b2)
 
 
