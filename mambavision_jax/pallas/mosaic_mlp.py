@@ -12,10 +12,11 @@ and the bias gradients stay XLA's. Layouts: tokens (M, C) row-major, kernels as 
 biases (out,); 16-bit activations and weights, float32 accumulation and epilogue math.
 
 The kernels need M, the token rows, to be a multiple of the CTA's row tile (128 or 256) and C and 4C multiples of
-its column tiles; :func:`supported` says whether a shape fits. Each CTA (one per SM) walks its output tiles in a
+its column tiles (:func:`tiling_error` names what does not fit). Each CTA (one per SM) walks its output tiles in a
 snake order; a memory warpgroup streams x's row block and w's column block through shared memory by TMA; two
 compute warpgroups each accumulate a (tile_m, tile_n) float32 tile with WGMMA, then apply the epilogue and store
-bf16 chunks of ``epilogue_n`` columns by TMA from a double-buffered staging area.
+16-bit chunks of ``epilogue_n`` columns by TMA (the forward from a ring of two staging buffers, the backward from
+h's own buffer, which each chunk's result overwrites).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ __all__ = [
     "gelu_mlp_xla",
     "interpret_params",
     "matmul_gelu_grad",
-    "supported",
+    "tiling_error",
 ]
 
 # Abramowitz & Stegun 7.1.26: erf(z) ≈ 1 - (a1 t + ... + a5 t^5) exp(-z^2), t = 1 / (1 + p z), z >= 0;
@@ -118,12 +119,6 @@ def tiling_error(m: int, k: int, n: int, tiling: Tiling) -> Optional[str]:
         if size % tile:
             return f"{name}={size} is not a multiple of its tile {tile}"
     return None
-
-
-def supported(tokens: int, dim: int, hidden: int) -> bool:
-    """Whether :func:`gelu_mlp`'s kernels tile an MLP of ``tokens`` rows, ``dim`` channels and ``hidden`` units
-    with their default tilings (both kernels compute (tokens, dim) x (dim, hidden) GEMMs)."""
-    return all(tiling_error(tokens, dim, hidden, default_tiling(tokens, hidden, bwd)) is None for bwd in (False, True))
 
 
 def _swizzled(minor: int, dtype) -> tuple:
@@ -267,6 +262,7 @@ def _scratch(epilogue: str, tiling: Tiling, dtype) -> tuple:
 
 
 def _gemm(a, b, e, *, epilogue: str, tiling: Optional[Tiling], num_sms: Optional[int], interpret: Any):
+    """Checks the operands and runs :func:`_kernel` on a persistent grid of ``num_sms`` CTAs; a tuple of outputs."""
     m, k = a.shape
     k2, n = b.shape
     if k != k2:

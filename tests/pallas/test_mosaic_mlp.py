@@ -39,11 +39,15 @@ def test_tiling_splits_the_warpgroups_along_m_where_rows_tile_by_256_else_along_
     assert mosaic_mlp.Tiling(split="n").cta == (128, 256)
 
 
-def test_supported_names_the_mlps_that_tile():
-    assert mosaic_mlp.supported(128 * 196, 512, 2048)  # B stage 3 at batch 128
-    assert mosaic_mlp.supported(128 * 49, 640, 2560)  # T stage 4
-    assert not mosaic_mlp.supported(8 * 196, 512, 2048)  # 1568 rows: neither 128 nor 256 divides them
-    assert not mosaic_mlp.supported(128 * 196, 196, 784)  # L's channels: K = 196 is not a multiple of 64
+def test_tiling_error_names_the_mlps_that_do_not_tile():
+    def error(rows, dim, hidden, backward=False):
+        return mosaic_mlp.tiling_error(rows, dim, hidden, mosaic_mlp.default_tiling(rows, hidden, backward))
+
+    for backward in (False, True):
+        assert error(128 * 196, 512, 2048, backward) is None  # B stage 3 at batch 128
+        assert error(128 * 49, 640, 2560, backward) is None  # T stage 4
+    assert "M=1568" in error(8 * 196, 512, 2048)  # 8 images: neither 128 nor 256 divides the rows
+    assert "K=196" in error(128 * 196, 196, 1024)  # L-like channels
 
 
 @pytest.mark.parametrize(
