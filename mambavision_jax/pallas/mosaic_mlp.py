@@ -314,8 +314,11 @@ def matmul_gelu_grad(dy, w_t, h, *, tiling: Optional[Tiling] = None, num_sms: Op
 
 
 def interpret_params():
-    """Parameters for Mosaic GPU's interpret mode, which simulates TMA, barriers and WGMMA on the CPU (private in
-    jax 0.10)."""
+    """Parameters for Mosaic GPU's interpret mode, which simulates TMA, barriers and WGMMA on the CPU (public as
+    ``plgpu.InterpretGPUParams`` in newer JAX, private in jax 0.10)."""
+    public = getattr(plgpu, "InterpretGPUParams", None)
+    if public is not None:
+        return public()
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     return InterpretGPUParams()
