@@ -17,10 +17,9 @@ import jax.numpy as jnp
 from mambavision_jax.models.layers import Conv3x3, DropPath, batch_norm, gelu_erf, window_partition, window_reverse
 from mambavision_jax.pallas import selective_scan
 from mambavision_jax.pallas.layer_norm import IMPLS as NORM_IMPLS
+from mambavision_jax.pallas.layer_norm import add_layer_norm, residual_update
 
 MLP_IMPLS = ("xla", "mosaic")
-from mambavision_jax.pallas import mosaic_mlp
-from mambavision_jax.pallas.layer_norm import add_layer_norm, residual_update
 
 Dtype = Any
 D_STATE = 8  # the official Block builds every mixer with d_state=8, d_conv=3, expand=1
@@ -250,6 +249,9 @@ class Mlp(nn.Module):
         return nn.Dropout(self.drop)(x, deterministic=not train)
 
     def _fused(self, x: jax.Array, train: bool) -> jax.Array:
+        # Imported here: Mosaic GPU's Python side need not exist where the package is only used with "xla".
+        from mambavision_jax.pallas import mosaic_mlp
+
         if jnp.dtype(self.dtype).itemsize != 2:
             raise ValueError(f"mlp_impl='mosaic' needs a 16-bit compute dtype; got {jnp.dtype(self.dtype).name}")
         if train and self.drop > 0:
