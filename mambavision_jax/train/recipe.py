@@ -25,7 +25,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 31
     c.model_name = "mamba_vision_T"
     # Overrides for create_model. None values are dropped (model defaults apply, as with timm's drop_path: null).
-    c.model = ml_collections.ConfigDict({"drop_path_rate": placeholder(float)})
+    # The implementation choices, e.g. --config.model.mlp_impl=mosaic, are MambaVision's fields of those names.
+    c.model = ml_collections.ConfigDict(
+        {
+            "drop_path_rate": placeholder(float),
+            **{name: placeholder(str) for name in ("scan_impl", "attention_impl", "norm_impl", "mlp_impl")},
+        }
+    )
     c.init_from = placeholder(str)
     c.compute_dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
 
