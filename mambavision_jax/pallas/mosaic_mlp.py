@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from mambavision_jax.models.layers import gelu_erf
 from mambavision_jax.pallas.partitioning import batch_parallel
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "gelu_mlp_xla",
     "interpret_params",
     "matmul_gelu_grad",
+    "matmul_gelu_grad_xla",
     "tiling_error",
 ]
 
@@ -349,9 +351,14 @@ def interpret_params():
 def gelu_mlp_xla(x, w1, b1, w2, b2):
     """The MLP as XLA runs it in the model: fc1 (+ b1) -> exact GELU -> fc2 (+ b2), every step rounded to x's
     dtype. x (M, C); w1 (C, H), b1 (H,); w2 (H, C), b2 (C,); biases cast to x's dtype."""
-    h = (jnp.dot(x, w1) + b1.astype(x.dtype)).astype(jnp.float32)
-    g = (0.5 * h * (1.0 + jax.lax.erf(h * _INV_SQRT2))).astype(x.dtype)
-    return jnp.dot(g, w2) + b2.astype(x.dtype)
+    return jnp.dot(gelu_erf(jnp.dot(x, w1) + b1.astype(x.dtype)), w2) + b2.astype(x.dtype)
+
+
+def matmul_gelu_grad_xla(dy, w_t, h):
+    """:func:`matmul_gelu_grad` as XLA ops: (dy @ w_t) ⊙ GELU'(h), GELU' from ``lax.erf``, in dy's dtype."""
+    h32 = h.astype(jnp.float32)
+    grad = 0.5 * (1.0 + jax.lax.erf(h32 * _INV_SQRT2)) + _INV_SQRT_2PI * h32 * jnp.exp(-0.5 * h32 * h32)
+    return (jnp.dot(dy, w_t, preferred_element_type=jnp.float32) * grad).astype(dy.dtype)
 
 
 def _fc1_gelu_local(x, w1, b1, with_preactivation, interpret):
@@ -361,7 +368,7 @@ def _fc1_gelu_local(x, w1, b1, with_preactivation, interpret):
         out = dense_gelu(x, w1, b1, with_preactivation=with_preactivation, interpret=interpret)
         return out if with_preactivation else (out,)
     h = jnp.dot(x, w1, preferred_element_type=jnp.float32) + b1.astype(jnp.float32)
-    g = (0.5 * h * (1.0 + jax.lax.erf(h * _INV_SQRT2))).astype(x.dtype)
+    g = gelu_erf(h).astype(x.dtype)
     return (g, h.astype(x.dtype)) if with_preactivation else (g,)
 
 
@@ -374,10 +381,7 @@ def _gelu_grad_local(dy, w_t, h, fused_bias_grad, interpret):
             dh, partial_sums = matmul_gelu_grad(dy, w_t, h, with_column_sums=True, interpret=interpret)
             return dh, jnp.sum(partial_sums, axis=0)
         return (matmul_gelu_grad(dy, w_t, h, interpret=interpret),)
-    h32 = h.astype(jnp.float32)
-    erf = jax.lax.erf(h32 * _INV_SQRT2)
-    grad = 0.5 * (1.0 + erf) + _INV_SQRT_2PI * h32 * jnp.exp(-0.5 * h32 * h32)
-    dh = (jnp.dot(dy, w_t, preferred_element_type=jnp.float32) * grad).astype(dy.dtype)
+    dh = matmul_gelu_grad_xla(dy, w_t, h)
     return (dh, jnp.sum(dh, axis=0, dtype=jnp.float32)) if fused_bias_grad else (dh,)
 
 
