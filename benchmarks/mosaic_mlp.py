@@ -7,7 +7,6 @@ of timed windows (``timing.median_seconds``), of:
 - ``fc1``: fc1 + bias + GELU alone, XLA (cuBLAS GEMM, then a bias + GELU pass) against :func:`dense_gelu`;
 - ``mlp_forward``: the whole MLP, as inference runs it;
 - ``mlp_train``: the MLP's forward and backward (``jax.vjp`` with a fixed cotangent), as the training step runs it;
-- ``mlp_train_fused_bias``: the same with fc1's bias gradient from the backward kernel's column sums;
 - ``gelu_grad``: fc2's input-gradient GEMM with GELU's backward, XLA against :func:`matmul_gelu_grad`;
 and each Mosaic result's largest difference from XLA's, relative to XLA's largest magnitude (``*_rel_err``).
 ``--sweep`` also times :func:`dense_gelu` and :func:`matmul_gelu_grad` under each tiling of ``SWEEP``.
@@ -125,8 +124,6 @@ def main():
                  (x, w1, b1, w2, b2))
         _compare(row, "mlp_train", _train(mosaic_mlp.gelu_mlp_xla), _train(mosaic_mlp.gelu_mlp),
                  (x, w1, b1, w2, b2, dy))
-        _compare(row, "mlp_train_fused_bias", _train(mosaic_mlp.gelu_mlp_xla),
-                 _train(lambda *a: mosaic_mlp.gelu_mlp(*a, None, True)), (x, w1, b1, w2, b2, dy))
         _compare(row, "gelu_grad", jax.jit(mosaic_mlp.matmul_gelu_grad_xla), jax.jit(mosaic_mlp.matmul_gelu_grad),
                  (dy, w2.T, h))
         if args.sweep:

@@ -130,7 +130,7 @@ def _swizzled(minor: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-_OUTPUTS = {"gelu": 1, "gelu_pre": 2, "gelu_grad": 1, "gelu_grad_sums": 2}
+_OUTPUTS = {"gelu": 1, "gelu_pre": 2, "gelu_grad": 1}
 
 
 def _kernel(a_gmem, b_gmem, e_gmem, *refs, tiling: Tiling, epilogue: str):
@@ -138,13 +138,12 @@ def _kernel(a_gmem, b_gmem, e_gmem, *refs, tiling: Tiling, epilogue: str):
     pipeline's memory thread.
 
     ``epilogue``: "gelu" (e_gmem: the bias (N,) float32; outputs GELU(acc + bias)), "gelu_pre" (the same and
-    acc + bias as a second output), "gelu_grad" (e_gmem: the pre-activation h (M, N); output acc ⊙ GELU'(h)) or
-    "gelu_grad_sums" (the same and, as a second output, its column sums over each warpgroup's tile_m rows,
-    (M / tile_m, N) float32). ``refs``: the outputs, then the kernel's scratch (:func:`_scratch`): the epilogue
-    operand's shared-memory buffer, its barriers and, for "gelu_grad_sums", the column sums' buffer.
+    acc + bias as a second output) or "gelu_grad" (e_gmem: the pre-activation h (M, N); output acc ⊙ GELU'(h)).
+    ``refs``: the outputs, then the kernel's scratch (:func:`_scratch`): the epilogue operand's shared-memory buffer
+    and its barriers.
     """
-    out_gmems, (e_smem, e_barrier, *sums_smem) = refs[: _OUTPUTS[epilogue]], refs[_OUTPUTS[epilogue] :]
-    backward = epilogue.startswith("gelu_grad")
+    out_gmems, (e_smem, e_barrier) = refs[: _OUTPUTS[epilogue]], refs[_OUTPUTS[epilogue] :]
+    backward = epilogue == "gelu_grad"
     m, k = a_gmem.shape
     n = b_gmem.shape[1]
     tm, tn, tk, en = tiling.tile_m, tiling.tile_n, tiling.tile_k, tiling.epilogue_n
@@ -217,9 +216,7 @@ def _kernel(a_gmem, b_gmem, e_gmem, *refs, tiling: Tiling, epilogue: str):
                     run_pipeline(acc_ref)
                     acc = acc_ref[...]
                     if backward:
-                        sums = (sums_smem[0].at[wg], out_gmems[1].at[first_row // tm]) if sums_smem else None
-                        _store_gelu_grad(acc, e_smem, e_barrier, wg, out_gmems[0], wg_rows, chunk_cols, chunks, en,
-                                         sums)
+                        _store_gelu_grad(acc, e_smem, e_barrier, wg, out_gmems[0], wg_rows, chunk_cols, chunks, en)
                     else:
                         plgpu.barrier_wait(e_barrier.at[wg])
                         pre = acc + jax.lax.broadcast_in_dim(e_smem[wg], (tm, tn), [1])
@@ -247,35 +244,27 @@ def _store_chunks(results, staging, out_gmems, rows, chunk_cols, chunks: int, en
             plgpu.copy_smem_to_gmem(staging.at[buffer], out.at[rows, chunk_cols(j)])
 
 
-def _store_gelu_grad(acc, h_smem, h_barrier, wg, out, rows, chunk_cols, chunks: int, en: int, sums=None):
-    """dh = acc ⊙ GELU'(h) for each prefetched chunk of h, written over that chunk in shared memory and stored.
-    ``sums``: (the warpgroup's (chunks, en) float32 buffer, its row of the column-sums output), or None."""
+def _store_gelu_grad(acc, h_smem, h_barrier, wg, out, rows, chunk_cols, chunks: int, en: int):
+    """dh = acc ⊙ GELU'(h) for each prefetched chunk of h, written over that chunk in shared memory and stored."""
     for j in range(chunks):
         plgpu.barrier_wait(h_barrier.at[wg * chunks + j])
         h = h_smem[wg, j].astype(jnp.float32)
         dh = acc[:, j * en : (j + 1) * en] * gelu_erf_grad_as(h)
         h_smem[wg, j] = dh.astype(out.dtype)
-        if sums is not None:
-            sums[0][j] = jnp.sum(dh, axis=0)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(h_smem.at[wg, j], out.at[rows, chunk_cols(j)])
-        if sums is not None:
-            plgpu.copy_smem_to_gmem(sums[0].at[j], sums[1].at[chunk_cols(j)])
 
 
 def _scratch(epilogue: str, tiling: Tiling, dtype) -> tuple:
     """The epilogue operand's buffer and barriers, as kernel scratch (allocated by ``run_scoped`` beside the
     pipeline's buffers, the bias's hung Mosaic GPU's interpret mode in the pipeline's barrier waits, jax 0.10.2)."""
-    if epilogue.startswith("gelu_grad"):
+    if epilogue == "gelu_grad":
         chunks = tiling.tile_n // tiling.epilogue_n
-        h_and_barriers = (
+        return (
             plgpu.SMEM((2, chunks, tiling.tile_m, tiling.epilogue_n), dtype,
                        transforms=_swizzled(tiling.epilogue_n, dtype)),
             plgpu.Barrier(num_barriers=2 * chunks),
         )
-        if epilogue == "gelu_grad":
-            return h_and_barriers
-        return (*h_and_barriers, plgpu.SMEM((2, chunks, tiling.epilogue_n), jnp.float32))
     return plgpu.SMEM((2, tiling.tile_n), jnp.float32), plgpu.Barrier(num_barriers=2)
 
 
@@ -287,18 +276,16 @@ def _gemm(a, b, e, *, epilogue: str, tiling: Optional[Tiling], num_sms: Optional
         raise ValueError(f"mosaic_mlp: a {a.shape} and b {b.shape} do not fit together")
     if a.dtype != b.dtype or jnp.dtype(a.dtype).itemsize != 2:
         raise ValueError(f"mosaic_mlp: a and b must share a 16-bit dtype; got {a.dtype} and {b.dtype}")
-    tiling = tiling or default_tiling(m, n, backward=epilogue.startswith("gelu_grad"))
+    tiling = tiling or default_tiling(m, n, backward=epilogue == "gelu_grad")
     error = tiling_error(m, k, n, tiling)
     if error:
         raise ValueError(f"mosaic_mlp: {error}")
     if num_sms is None:
         num_sms = jax.devices()[0].core_count if jax.default_backend() == "gpu" else 2
-    out_type = [jax.ShapeDtypeStruct((m, n), a.dtype)] * _OUTPUTS[epilogue]
-    if epilogue == "gelu_grad_sums":
-        out_type[1] = jax.ShapeDtypeStruct((m // tiling.tile_m, n), jnp.float32)
+    out_type = (jax.ShapeDtypeStruct((m, n), a.dtype),) * _OUTPUTS[epilogue]
     call = plgpu.kernel(
         functools.partial(_kernel, tiling=tiling, epilogue=epilogue),
-        out_type=tuple(out_type),
+        out_type=out_type,
         grid=(num_sms,),
         grid_names=("sm",),
         num_threads=3,
@@ -325,16 +312,12 @@ def dense_gelu(x, w, b, *, with_preactivation: bool = False, tiling: Optional[Ti
     return out if with_preactivation else out[0]
 
 
-def matmul_gelu_grad(dy, w_t, h, *, with_column_sums: bool = False, tiling: Optional[Tiling] = None,
-                     num_sms: Optional[int] = None, interpret: Any = None):
-    """dh = (dy @ w_t) ⊙ GELU'(h) as one kernel: dy (M, K), w_t (K, N), h (M, N), one 16-bit dtype -> (M, N); with
-    ``with_column_sums`` the tuple (dh, partial column sums of dh before its rounding, (M / tile_m, N) float32),
-    whose sum over axis 0 is fc1's bias gradient."""
+def matmul_gelu_grad(dy, w_t, h, *, tiling: Optional[Tiling] = None, num_sms: Optional[int] = None,
+                     interpret: Any = None):
+    """dh = (dy @ w_t) ⊙ GELU'(h) as one kernel: dy (M, K), w_t (K, N), h (M, N), one 16-bit dtype -> (M, N)."""
     if h.shape != (dy.shape[0], w_t.shape[1]) or h.dtype != dy.dtype:
         raise ValueError(f"matmul_gelu_grad: h {h.shape} {h.dtype} does not fit dy {dy.shape} and w_t {w_t.shape}")
-    epilogue = "gelu_grad_sums" if with_column_sums else "gelu_grad"
-    out = _gemm(dy, w_t, h, epilogue=epilogue, tiling=tiling, num_sms=num_sms, interpret=interpret)
-    return out if with_column_sums else out[0]
+    return _gemm(dy, w_t, h, epilogue="gelu_grad", tiling=tiling, num_sms=num_sms, interpret=interpret)[0]
 
 
 def interpret_params():
@@ -372,26 +355,19 @@ def _fc1_gelu_local(x, w1, b1, with_preactivation, interpret):
     return (g, h.astype(x.dtype)) if with_preactivation else (g,)
 
 
-def _gelu_grad_local(dy, w_t, h, fused_bias_grad, interpret):
-    """:func:`matmul_gelu_grad` on this device's rows, or its XLA equivalent where they do not tile: (dh,), or with
-    ``fused_bias_grad`` (dh, Σ_rows dh (N,) float32) from the kernel's column sums."""
+def _gelu_grad_local(dy, w_t, h, interpret):
+    """(:func:`matmul_gelu_grad`,) on this device's rows, or its XLA equivalent where they do not tile."""
     m, c = dy.shape
     if tiling_error(m, c, w_t.shape[1], default_tiling(m, w_t.shape[1], backward=True)) is None:
-        if fused_bias_grad:
-            dh, partial_sums = matmul_gelu_grad(dy, w_t, h, with_column_sums=True, interpret=interpret)
-            return dh, jnp.sum(partial_sums, axis=0)
         return (matmul_gelu_grad(dy, w_t, h, interpret=interpret),)
-    dh = matmul_gelu_grad_xla(dy, w_t, h)
-    return (dh, jnp.sum(dh, axis=0, dtype=jnp.float32)) if fused_bias_grad else (dh,)
+    return (matmul_gelu_grad_xla(dy, w_t, h),)
 
 
-# Both kernels are independent per token row: under SPMD each device runs them on its own rows (and the bias
-# gradient's per-device sums are psum-ed).
+# Both kernels are independent per token row: under SPMD each device runs them on its own rows.
 _PARTITIONED = {
     "fc1_gelu": batch_parallel(_fc1_gelu_local, "b c, c h, h -> b h", num_static=2),
     "fc1_gelu_pre": batch_parallel(_fc1_gelu_local, "b c, c h, h -> b h, b h", num_static=2),
-    "gelu_grad": batch_parallel(_gelu_grad_local, "b c, c h, b h -> b h", num_static=2),
-    "gelu_grad_bias": batch_parallel(_gelu_grad_local, "b c, c h, b h -> b h, h", num_static=2, summed_results=(1,)),
+    "gelu_grad": batch_parallel(_gelu_grad_local, "b c, c h, b h -> b h", num_static=1),
 }
 
 
@@ -401,38 +377,35 @@ def _fc1_gelu(x, w1, b1, with_preactivation, interpret):
     return _PARTITIONED["fc1_gelu_pre" if with_preactivation else "fc1_gelu"](x, w1, b1, with_preactivation, None)
 
 
-def _gelu_grad(dy, w_t, h, fused_bias_grad, interpret):
+def _gelu_grad(dy, w_t, h, interpret):
     if interpret is not None:
-        return _gelu_grad_local(dy, w_t, h, fused_bias_grad, interpret)
-    return _PARTITIONED["gelu_grad_bias" if fused_bias_grad else "gelu_grad"](dy, w_t, h, fused_bias_grad, None)
+        return _gelu_grad_local(dy, w_t, h, interpret)[0]
+    return _PARTITIONED["gelu_grad"](dy, w_t, h, None)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def gelu_mlp(x, w1, b1, w2, b2, interpret=None, fused_bias_grad=False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gelu_mlp(x, w1, b1, w2, b2, interpret=None):
     """fc1 -> exact GELU -> fc2 on (M, C) tokens (shapes as :func:`gelu_mlp_xla`; x, w1 and w2 in one 16-bit
     dtype; output in x's dtype), with :func:`dense_gelu` and, in the backward, :func:`matmul_gelu_grad` wherever
     the rows (each device's, under SPMD) tile, and their XLA equivalents elsewhere. Differentiable in every array
-    argument; each cotangent comes back in its argument's dtype. ``fused_bias_grad``: fc1's bias gradient from
-    the backward kernel's column sums instead of a reduction over dh of its own (experimental, untimed: session
-    19)."""
+    argument; each cotangent comes back in its argument's dtype. (fc1's bias gradient stays XLA's reduction over
+    dh: column sums in the backward kernel's epilogue measured no faster on an H100 and wrong there while right
+    under the interpreter; benchmarks/NOTES.md, session 20.)"""
     (g,) = _fc1_gelu(x, w1, b1, False, interpret)
     return jnp.dot(g, w2) + b2.astype(x.dtype)
 
 
-def _gelu_mlp_forward(x, w1, b1, w2, b2, interpret, fused_bias_grad):
+def _gelu_mlp_forward(x, w1, b1, w2, b2, interpret):
     g, h = _fc1_gelu(x, w1, b1, True, interpret)
     return jnp.dot(g, w2) + b2.astype(x.dtype), (x, w1, w2, g, h, b1, b2)
 
 
-def _gelu_mlp_backward(interpret, fused_bias_grad, residuals, dy):
+def _gelu_mlp_backward(interpret, residuals, dy):
     x, w1, w2, g, h, b1, b2 = residuals
     dw2 = jnp.dot(g.T, dy)
     db2 = jnp.sum(dy, axis=0, dtype=jnp.float32).astype(b2.dtype)
-    if fused_bias_grad:
-        dh, db1 = _gelu_grad(dy, w2.T, h, True, interpret)
-    else:
-        (dh,) = _gelu_grad(dy, w2.T, h, False, interpret)
-        db1 = jnp.sum(dh, axis=0, dtype=jnp.float32)
+    dh = _gelu_grad(dy, w2.T, h, interpret)
+    db1 = jnp.sum(dh, axis=0, dtype=jnp.float32)
     return jnp.dot(dh, w1.T), jnp.dot(x.T, dh), db1.astype(b1.dtype), dw2, db2
 
 
