@@ -87,7 +87,11 @@ def inference(name, batch, dtype, size, overrides, profile_dir=None, compiler_op
 def build_training(name, batch, dtype, size, overrides, compiler_options=None):
     """The compiled bf16 AdamW training step of ``name`` at ``batch``: ``(run, input_sets, compile_s, memory)``,
     ``run(images)`` advancing a donated state held inside (see the module docstring)."""
-    model = mvj.create_model(name, dtype=dtype, **overrides)
+    return build_training_of(mvj.create_model(name, dtype=dtype, **overrides), batch, size, compiler_options)
+
+
+def build_training_of(model, batch, size, compiler_options=None):
+    """:func:`build_training` for a given linen classifier ``model`` (``apply(..., train=True)`` -> logits)."""
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
     tx = optax.adamw(1e-4, weight_decay=0.05)
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
