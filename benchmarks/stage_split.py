@@ -91,24 +91,34 @@ def official_conv_stages(name: str):
     return OfficialConvStages()
 
 
-def official_step_ms(module, batch: int, size: int, windows: int = 5, steps: int = 5, warm: int = 10) -> float:
-    """The official protocol's training step of a PyTorch ``module`` on the GPU (bf16 autocast, channels_last,
-    fused AdamW), ms: median of ``windows`` CUDA-event windows of ``steps`` steps after ``warm`` steps."""
+def official_step(module, batch: int, size: int, device: str = "cuda"):
+    """The official protocol's training step of a PyTorch ``module`` (bf16 autocast, channels_last, fused AdamW on
+    a GPU) on fixed random inputs: a closure that runs one step and returns its loss tensor."""
     import torch
 
-    torch.backends.cudnn.benchmark = True
-    module = module.cuda().train().to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
-    x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device="cuda")
+    module = module.to(device).train().to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device == "cuda")
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(module(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
 
+    return step
+
+
+def official_step_ms(module, batch: int, size: int, windows: int = 5, steps: int = 5, warm: int = 10) -> float:
+    """:func:`official_step` on the GPU, ms: median of ``windows`` CUDA-event windows of ``steps`` steps after
+    ``warm`` steps (cuDNN autotuning on)."""
+    import torch
+
+    torch.backends.cudnn.benchmark = True
+    step = official_step(module, batch, size)
     for _ in range(warm):
         step()
     torch.cuda.synchronize()

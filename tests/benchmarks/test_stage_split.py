@@ -42,6 +42,19 @@ def test_both_cuts_give_the_same_logits_from_the_same_randomised_weights():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_the_official_cut_trains_under_the_anchors_protocol():
+    """The timed official step (bf16 autocast, AdamW) run on the CPU: it trains every parameter of the cut."""
+    from official_reference import torch
+
+    torch.manual_seed(0)
+    cut = stage_split.official_conv_stages("mamba_vision_T")
+    before = {k: v.detach().clone() for k, v in cut.named_parameters()}
+    step = stage_split.official_step(cut, batch=2, size=32, device="cpu")
+    losses = [float(step()) for _ in range(2)]
+    assert all(np.isfinite(losses))
+    assert all(not torch.equal(before[k], v) for k, v in cut.named_parameters())
+
+
 def test_the_table_gives_rest_as_whole_minus_conv_and_the_speedups():
     ours = {"B": stage_split.split_row(14.0, 39.5)}
     theirs = {"B": stage_split.split_row(21.0, 72.5)}
