@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mambavision_jax as mvj  # noqa: E402
+from mambavision_jax.train.packing import Packing  # noqa: E402
 from config_file import load_config  # noqa: E402
 from timing import compile_seconds, median_seconds, top_device_ops  # noqa: E402
 
@@ -91,17 +92,20 @@ def build_training(name, batch, dtype, size, overrides, compiler_options=None):
 
 
 def build_training_of(model, batch, size, compiler_options=None):
-    """:func:`build_training` for a given linen classifier ``model`` (``apply(..., train=True)`` -> logits)."""
+    """:func:`build_training` for a given linen classifier ``model`` (``apply(..., train=True)`` -> logits). The
+    parameters are held in the training loop's layout (``mambavision_jax.train.packing``), as main.py holds them."""
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+    packing = Packing.of(variables["params"])
     tx = optax.adamw(1e-4, weight_decay=0.05)
-    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+    params = packing.pack(variables["params"])
+    state = (params, variables["batch_stats"], tx.init(params))
 
     def step(state, images, labels, rng):
         params, batch_stats, opt_state = state
 
         def loss_fn(params):
             logits, new = model.apply(
-                {"params": params, "batch_stats": batch_stats},
+                {"params": packing.unpack(params), "batch_stats": batch_stats},
                 images,
                 train=True,
                 rngs={"dropout": rng},

@@ -22,6 +22,7 @@ from mambavision_jax.train import optim
 from mambavision_jax.train import sharding as sharding_lib
 from mambavision_jax.train import state as state_lib
 from mambavision_jax.train import step as step_lib
+from mambavision_jax.train.packing import Packing
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,9 @@ def _setup(config, workdir, model, data):
     init_rng, train_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     abstract_params = jax.eval_shape(lambda r: model.init({"params": r}, dummy), init_rng)["params"]
-    tx, schedule = optim.make_optimizer(config, spe, abstract_params)
-    init_fn = state_lib.make_init_fn(model, tx, image_size, use_ema=bool(config.get("ema_decay")))
+    packing = Packing.of(abstract_params)
+    tx, schedule = optim.make_optimizer(config, spe, packing.abstract(abstract_params))
+    init_fn = state_lib.make_init_fn(model, tx, image_size, use_ema=bool(config.get("ema_decay")), packing=packing)
     abstract = jax.eval_shape(init_fn, init_rng)
     shardings = sharding_lib.state_shardings(
         abstract, mesh, config.get("sharding", "data"), int(config.get("fsdp_min_size", 2**14))
@@ -209,6 +211,7 @@ def _setup(config, workdir, model, data):
         init_rng=init_rng,
         train_rng=train_rng,
         tx=tx,
+        packing=packing,
         schedule=schedule,
         init_fn=init_fn,
         abstract=abstract,
@@ -264,7 +267,7 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
         fresh = jax.jit(lambda r: model.init({"params": r}, s["dummy"]))(s["init_rng"])
         variables = merge_pretrained(fresh, pre, say)
         state = state_lib.state_from_variables(
-            state_lib.make_state_fn(s["tx"], bool(config.get("ema_decay"))), variables, shardings
+            state_lib.make_state_fn(s["tx"], bool(config.get("ema_decay")), s["packing"]), variables, shardings
         )
         say(f"Fine-tuning from {config.init_from}.")
     else:

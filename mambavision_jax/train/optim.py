@@ -64,11 +64,15 @@ def make_schedule(config, steps_per_epoch: int):
     return schedule
 
 
+def takes_weight_decay(path: tuple, leaf) -> bool:
+    """Whether weight decay applies to the leaf at ``path`` (flattened-dict key): ndim >= 2 and not named 'bias'."""
+    return len(np.shape(leaf)) > 1 and path[-1] != "bias"
+
+
 def weight_decay_mask(params) -> Any:
-    """True where weight decay applies: leaves with ndim >= 2 that are not named 'bias'."""
+    """A tree of bools shaped like ``params``: :func:`takes_weight_decay` of each leaf."""
     flat = traverse_util.flatten_dict(params)
-    mask = {k: (jnp.ndim(v) > 1 and k[-1] != "bias") for k, v in flat.items()}
-    return traverse_util.unflatten_dict(mask)
+    return traverse_util.unflatten_dict({k: takes_weight_decay(k, v) for k, v in flat.items()})
 
 
 def leaf_squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:

@@ -1,4 +1,7 @@
-"""Train state: a plain pytree (flax.struct dataclass), created directly sharded with ``jax.jit(out_shardings=)``."""
+"""Train state: a plain pytree (flax.struct dataclass), created directly sharded with ``jax.jit(out_shardings=)``.
+
+Parameters, their EMA and the optimizer state are held in the training layout of :mod:`.packing` when the state has
+a ``packing`` (what the training loop builds); :meth:`TrainState.variables` gives the model's variables."""
 
 from __future__ import annotations
 
@@ -10,32 +13,42 @@ import jax.numpy as jnp
 import optax
 
 from mambavision_jax.train import sharding as sharding_lib
+from mambavision_jax.train.packing import Packing
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: number of optimizer updates applied (= batches consumed)
-    params: Any  # float32 master weights
+    params: Any  # float32 master weights, in the training layout
     batch_stats: Any
     opt_state: Any
-    ema_params: Any = None  # None when EMA is off
+    ema_params: Any = None  # None when EMA is off; training layout
     ema_batch_stats: Any = None
+    packing: Packing | None = flax.struct.field(pytree_node=False, default=None)  # None: the model's own layout
+
+    def model_params(self, params) -> Any:
+        """Params in the training layout (``self.params``, ``self.ema_params``, their gradients) -> the model's tree."""
+        return params if self.packing is None else self.packing.unpack(params)
 
     def variables(self, ema: bool = False) -> dict:
+        """The model's variables (``{"params", "batch_stats"}``), of the EMA copy with ``ema``."""
         if ema:
-            return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
-        return {"params": self.params, "batch_stats": self.batch_stats}
+            return {"params": self.model_params(self.ema_params), "batch_stats": self.ema_batch_stats}
+        return {"params": self.model_params(self.params), "batch_stats": self.batch_stats}
 
 
 def _as_f32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_state_fn(tx: optax.GradientTransformation, use_ema: bool):
-    """Returns ``state_fn(variables) -> TrainState`` (step 0, fresh optimizer state)."""
+def make_state_fn(tx: optax.GradientTransformation, use_ema: bool, packing: Packing | None = None):
+    """Returns ``state_fn(variables) -> TrainState`` (step 0, fresh optimizer state). With a ``packing``, ``tx`` must
+    have been built for the packed layout (``optim.make_optimizer(..., packing.abstract(params))``)."""
 
     def state_fn(variables):
         params = _as_f32(variables["params"])
+        if packing is not None:
+            params = packing.pack(params)
         batch_stats = variables.get("batch_stats", {})
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -44,14 +57,17 @@ def make_state_fn(tx: optax.GradientTransformation, use_ema: bool):
             opt_state=tx.init(params),
             ema_params=params if use_ema else None,
             ema_batch_stats=batch_stats if use_ema else None,
+            packing=packing,
         )
 
     return state_fn
 
 
-def make_init_fn(model, tx: optax.GradientTransformation, image_size: int, use_ema: bool):
-    """Returns ``init(rng) -> TrainState`` with freshly initialised model variables."""
-    state_fn = make_state_fn(tx, use_ema)
+def make_init_fn(
+    model, tx: optax.GradientTransformation, image_size: int, use_ema: bool, packing: Packing | None = None
+):
+    """Returns ``init(rng) -> TrainState`` with freshly initialised model variables (see :func:`make_state_fn`)."""
+    state_fn = make_state_fn(tx, use_ema, packing)
 
     def init(rng):
         return state_fn(model.init({"params": rng}, jnp.zeros((1, image_size, image_size, 3), jnp.float32)))

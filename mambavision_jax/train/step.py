@@ -116,7 +116,7 @@ def make_train_step(
 
         def loss_fn(params):
             logits, new_vars = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
+                {"params": state.model_params(params), "batch_stats": state.batch_stats},
                 images,
                 train=True,
                 rngs={"dropout": drop_rng},

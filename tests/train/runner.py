@@ -42,6 +42,7 @@ def compare_steps():
     import mambavision_jax.data as data
     from flax import traverse_util
     from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
+    from mambavision_jax.train.packing import Packing
 
     out = {}
     arrays = {}
@@ -59,8 +60,9 @@ def compare_steps():
         c.fsdp_min_size = 256
         mesh = sharding.make_mesh()
         spe = 10
-        tx, schedule = optim.make_optimizer(c, spe, variables["params"])
-        state_fn = state_lib.make_state_fn(tx, use_ema=bool(c.get("ema_decay")))
+        packing = Packing.of(variables["params"])
+        tx, schedule = optim.make_optimizer(c, spe, packing.abstract(variables["params"]))
+        state_fn = state_lib.make_state_fn(tx, use_ema=bool(c.get("ema_decay")), packing=packing)
         shardings = sharding.state_shardings(jax.eval_shape(state_fn, variables), mesh, strategy, c.fsdp_min_size)
         st = state_lib.state_from_variables(state_fn, variables, shardings)
         n_sharded = sum(1 for s in jax.tree.leaves(shardings) if any(a is not None for a in s.spec))
@@ -71,10 +73,10 @@ def compare_steps():
             st, m = train_step(st, batch, jax.random.PRNGKey(1), i)
             losses.append(float(m["loss"]))
         out[strategy] = {"losses": losses, "n_sharded_leaves": n_sharded}
-        for k, v in traverse_util.flatten_dict(jax.device_get(st.params)).items():
+        for k, v in traverse_util.flatten_dict(jax.device_get(st.variables()["params"])).items():
             arrays[strategy + "/" + "/".join(k)] = np.asarray(v)
         if st.ema_params is not None:
-            for k, v in traverse_util.flatten_dict(jax.device_get(st.ema_params)).items():
+            for k, v in traverse_util.flatten_dict(jax.device_get(st.variables(ema=True)["params"])).items():
                 arrays[strategy + "/ema/" + "/".join(k)] = np.asarray(v)
     np.savez(spec["out"], **arrays)
     out["device_count"] = jax.device_count()

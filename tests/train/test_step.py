@@ -8,6 +8,7 @@ import pytest
 
 import mambavision_jax.data as data
 from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
+from mambavision_jax.train.packing import Packing
 
 
 def test_train_steps_lower_loss_and_mesa_schedule(tiny_config, jax_cache_env):
@@ -25,8 +26,9 @@ def test_train_steps_lower_loss_and_mesa_schedule(tiny_config, jax_cache_env):
     model = loop.build_model(c)
     rng = jax.random.PRNGKey(0)
     abstract = jax.eval_shape(lambda r: model.init({"params": r}, jnp.zeros((1, 32, 32, 3))), rng)["params"]
-    tx, schedule = optim.make_optimizer(c, spe, abstract)
-    init_fn = state_lib.make_init_fn(model, tx, 32, use_ema=True)
+    packing = Packing.of(abstract)
+    tx, schedule = optim.make_optimizer(c, spe, packing.abstract(abstract))
+    init_fn = state_lib.make_init_fn(model, tx, 32, use_ema=True, packing=packing)
     state, shardings = state_lib.create_train_state(init_fn, rng, mesh)
     train_step = step_lib.make_train_step(model, tx, schedule, c, spe, data, mesh, shardings)
     rs = np.random.RandomState(0)
@@ -66,8 +68,10 @@ def test_train_step_normalises_and_erases_uint8_batches(tiny_config, jax_cache_e
     model = loop.build_model(c)
     rng = jax.random.PRNGKey(0)
     abstract = jax.eval_shape(lambda r: model.init({"params": r}, jnp.zeros((1, 32, 32, 3))), rng)["params"]
-    tx, schedule = optim.make_optimizer(c, 1, abstract)
-    state, shardings = state_lib.create_train_state(state_lib.make_init_fn(model, tx, 32, use_ema=False), rng, mesh)
+    packing = Packing.of(abstract)
+    tx, schedule = optim.make_optimizer(c, 1, packing.abstract(abstract))
+    init_fn = state_lib.make_init_fn(model, tx, 32, use_ema=False, packing=packing)
+    state, shardings = state_lib.create_train_state(init_fn, rng, mesh)
     train_step = step_lib.make_train_step(model, tx, schedule, c, 1, data, mesh, shardings)
     pre = data.preprocess_settings(c)
     rs = np.random.RandomState(0)
