@@ -132,3 +132,18 @@ def test_train_step_on_packed_state_matches_leaf_by_leaf(tiny_config, jax_cache_
     for a, b in ((v1, v0), (e1, e0)):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
     assert not np.allclose(jax.tree.leaves(v1["params"])[0], jax.tree.leaves(e1["params"])[0])
+
+
+def test_leaf_by_leaf_checkpoint_is_refused_by_a_packed_state(tmp_path):
+    """A checkpoint of the leaf-by-leaf layout (written before packing) does not half-restore into a packed state:
+    the error says the checkpoint does not match."""
+    from mambavision_jax.train import checkpoint as ckpt_lib
+
+    params = _params()
+    packing = Packing.of(params)
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
+    ckpt.save(3, {"params": params})
+    ckpt.wait()
+    with pytest.raises(ValueError, match="step 3 .* does not match the train state"):
+        ckpt.restore({"params": packing.abstract(params)})
+    ckpt.close()
