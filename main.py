@@ -3,6 +3,7 @@
   python main.py --config=configs/tiny.py --workdir=/tmp/mv_t [--config.key=value ...]
   python main.py --config=configs/demo.py --workdir=/tmp/demo
   python main.py --config=configs/tiny.py --config.mode=eval --config.init_from=<converted dir> --workdir=/tmp/ev
+  python main.py --config=configs/tiny.py --config.mode=export --workdir=/tmp/mv_t   # -> /tmp/mv_t/converted[_ema]
 
 Running the same command again with the same --workdir resumes from the latest checkpoint.
 Multi-process (multi-host) runs call jax.distributed.initialize() when --multihost is given or the environment
@@ -76,8 +77,10 @@ def main(argv):
             loop.train_and_evaluate(config, workdir)
         elif mode == "eval":
             loop.evaluate(config, workdir)
+        elif mode == "export":
+            loop.export(config, workdir)
         else:
-            raise app.UsageError(f"config.mode must be 'train' or 'eval', got {mode!r}")
+            raise app.UsageError(f"config.mode must be 'train', 'eval' or 'export', got {mode!r}")
     except loop.NonFiniteLossError as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         sys.exit(3)

@@ -236,6 +236,19 @@ def _truncate_metrics(workdir: str, step: int):
         os.replace(tmp, path)
 
 
+def _restore_latest(config, workdir, model, data, missing: str):
+    """``(setup, state, step)`` of the workdir's latest checkpoint (the checkpointer closed); FileNotFoundError
+    starting with ``missing`` when there is none."""
+    s = _setup(config, workdir, model, data)
+    latest = s["ckpt"].latest_step()
+    if latest is None:
+        s["ckpt"].close()
+        raise FileNotFoundError(f"{missing} checkpoint under {s['ckpt'].directory}")
+    state = s["ckpt"].restore(ckpt_lib.abstract_with_shardings(s["abstract"], s["shardings"]), latest)
+    s["ckpt"].close()
+    return s, state, latest
+
+
 # ----------------------------------------------------------------------------------------------------- train
 
 
@@ -359,6 +372,36 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     return final_eval
 
 
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def export(config, workdir: str, *, model=None, data_module=None) -> list[str]:
+    """Writes the workdir's latest checkpoint as converted-weights directories (``mambavision_jax.weights``): the
+    trained variables to ``config.export_dir`` (default ``<workdir>/converted``) and, when the run keeps an EMA, the
+    EMA copy to the same path with ``_ema`` appended; an existing export there is replaced. Returns the directories.
+    Load one with ``mvj.from_pretrained(config.model_name, directory)``; its manifest records the config's model
+    overrides (e.g. ``num_classes``), which ``from_pretrained`` applies. One process only."""
+    from mambavision_jax.weights import save_converted
+
+    if jax.process_count() > 1:
+        raise RuntimeError("mode=export runs in one process: start it without --multihost on one host.")
+    _, state, latest = _restore_latest(config, workdir, model, _data_module(data_module), "mode=export: no")
+    base = os.path.abspath(config.get("export_dir") or os.path.join(workdir, "converted"))
+    copies = [(base, False)] + ([(base + "_ema", True)] if state.ema_params is not None else [])
+    for directory, ema in copies:
+        save_converted(
+            directory,
+            config.model_name,
+            jax.device_get(state.variables(ema=ema)),
+            _model_overrides(config),
+            source=f"{os.path.basename(workdir.rstrip(os.sep))}_step{latest}",
+            ema=ema,
+            overwrite=True,
+        )
+        print(f"wrote {'EMA ' if ema else ''}weights of step {latest} to {directory}", flush=True)
+    return [d for d, _ in copies]
+
+
 # ------------------------------------------------------------------------------------------------------ eval
 
 
@@ -373,14 +416,8 @@ def evaluate(config, workdir: str, *, model=None, data_module=None) -> dict:
         metrics = run_eval(eval_step_for(module), variables, data, config, mesh)
         step = 0
     else:
-        s = _setup(config, workdir, model, data)
-        latest = s["ckpt"].latest_step()
-        if latest is None:
-            raise FileNotFoundError(f"mode=eval: no config.init_from and no checkpoint under {s['ckpt'].directory}")
-        state = s["ckpt"].restore(ckpt_lib.abstract_with_shardings(s["abstract"], s["shardings"]), latest)
+        s, state, step = _restore_latest(config, workdir, model, data, "mode=eval: no config.init_from and no")
         metrics = _eval_all(eval_step_for(s["model"]), state, data, config, mesh)
-        s["ckpt"].close()
-        step = latest
     writer = metrics_lib.MetricWriter(workdir, progress=False)
     writer.write(step, "eval", metrics)
     writer.close()

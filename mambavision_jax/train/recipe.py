@@ -96,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.progress_bar = True
     c.gc_freeze = True  # gc.freeze() once the step is compiled (see train.loop.train_and_evaluate)
-    c.mode = "train"
+    c.mode = "train"  # "train", "eval" or "export" (the latest checkpoint as converted weights)
+    c.export_dir = placeholder(str)  # mode=export: where to write; default <workdir>/converted
     return c
 
 

@@ -1,0 +1,46 @@
+"""mode=export and mode=eval of a checkpoint: a run's latest checkpoint, evaluated and written as converted-weights
+directories, reproduces the run's own final eval."""
+
+import json
+import os
+
+import pytest
+
+from mambavision_jax.train import loop
+from mambavision_jax.train.metrics import read_jsonl
+
+
+def test_export_reproduces_the_runs_final_eval(tiny_config, jax_cache_env, tmp_path):
+    c = tiny_config
+    c.total_steps = 2
+    c.checkpoint_every_steps = 2
+    c.ema_decay = 0.5
+    c.async_checkpointing = False
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(c, workdir)
+    final = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "eval"][-1]
+    assert final["step"] == 2 and "ema_top1" in final
+
+    from_checkpoint = loop.evaluate(c, workdir)  # mode=eval without init_from: the latest checkpoint, EMA too
+    for key in ("loss", "top1", "ema_loss", "ema_top1"):
+        assert from_checkpoint[key] == pytest.approx(final[key], rel=1e-5, abs=1e-6), key
+
+    written = loop.export(c, workdir)
+    assert written == [os.path.join(workdir, "converted"), os.path.join(workdir, "converted_ema")]
+    manifests = [json.load(open(os.path.join(d, "mambavision.json"))) for d in written]
+    assert [m["ema"] for m in manifests] == [False, True]
+    assert all(m["overrides"]["num_classes"] == 10 and m["source"] == "run_step2" for m in manifests)
+
+    for directory, prefix in zip(written, ("", "ema_")):
+        e = tiny_config.copy_and_resolve_references()
+        e.init_from = directory
+        got = loop.evaluate(e, str(tmp_path / f"eval_{prefix or 'plain'}"))
+        for key in ("loss", "top1", "top5"):
+            assert got[key] == pytest.approx(final[prefix + key], rel=1e-5, abs=1e-6), (directory, key)
+
+
+def test_export_and_eval_without_a_checkpoint_name_the_workdir(tiny_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="mode=export: no checkpoint under .*empty"):
+        loop.export(tiny_config, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="mode=eval: no config.init_from and no checkpoint under .*empty"):
+        loop.evaluate(tiny_config, str(tmp_path / "empty"))
