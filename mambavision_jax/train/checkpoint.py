@@ -45,7 +45,8 @@ class Checkpointer:
             raise ValueError(
                 f"The checkpoint of step {step} in {self.directory} does not match the train state this config "
                 "builds (a different model, optimizer or EMA setting, or a checkpoint written by another version of "
-                f"mambavision_jax). Use a fresh --workdir, or the config it was written with. Orbax: {e}"
+                "mambavision_jax; checkpoints from before 2026-12-06 need --config.pack_params=False). Use a fresh "
+                f"--workdir, or the config it was written with. Orbax: {e}"
             ) from e
 
     def wait(self):

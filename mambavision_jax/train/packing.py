@@ -2,6 +2,8 @@
 
     {"dense": <the params tree without the packed leaves>, "packed": (n,) float32}
 
+The training loop uses it unless ``config.pack_params`` is False.
+
 The packed leaves are exactly those :func:`mambavision_jax.train.optim.takes_weight_decay` rejects: 1-D leaves
 (norm scales, biases, the mixers' ``D``) and any leaf named ``bias``, in the order of
 ``flax.traverse_util.flatten_dict`` (sorted paths), each flattened in row-major order.

@@ -44,3 +44,21 @@ def test_export_and_eval_without_a_checkpoint_name_the_workdir(tiny_config, tmp_
         loop.export(tiny_config, str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="mode=eval: no config.init_from and no checkpoint under .*empty"):
         loop.evaluate(tiny_config, str(tmp_path / "empty"))
+
+
+def test_a_leaf_by_leaf_checkpoint_needs_pack_params_false(tiny_config, jax_cache_env, tmp_path):
+    """A run with ``pack_params=False`` writes the leaf-by-leaf layout (that of checkpoints before packing): the
+    default config refuses it with a message naming the option, and ``pack_params=False`` reads it back."""
+    c = tiny_config
+    c.total_steps = 2
+    c.checkpoint_every_steps = 2
+    c.async_checkpointing = False
+    c.pack_params = False
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(c, workdir)
+    final = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "eval"][-1]
+    packed = c.copy_and_resolve_references()
+    packed.pack_params = True
+    with pytest.raises(ValueError, match="pack_params=False"):
+        loop.evaluate(packed, workdir)
+    assert loop.evaluate(c, workdir)["loss"] == pytest.approx(final["loss"], rel=1e-5)
