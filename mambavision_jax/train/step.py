@@ -7,7 +7,7 @@ gradients and optimizer/EMA updates are float32. No loss scaling is needed for b
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
