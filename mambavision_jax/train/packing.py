@@ -66,7 +66,8 @@ class Packing:
             raise ValueError(f"packed leaf {'/'.join(k)} has shape {got}, the packing expects {want}")
         pieces = [jnp.ravel(flat[k]).astype(jnp.float32) for k in self.paths]
         vector = jnp.concatenate(pieces) if pieces else jnp.zeros((0,), jnp.float32)
-        dense = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in set(self.paths)})
+        packed = set(self.paths)
+        dense = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in packed})
         return {DENSE: dense, PACKED: vector}
 
     def unpack(self, packed: dict) -> Any:
