@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ARG_NAMES", "make_inputs", "reference_float64", "rel_err"]
+__all__ = ["ARG_NAMES", "gradient_magnitudes_float64", "make_inputs", "reference_float64", "rel_err"]
 
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
@@ -85,6 +85,16 @@ def reference_float64(args, dy, softplus: bool):
     with _x64(), jax.default_device(jax.devices("cpu")[0]):
         y, grads = _vjp64(softplus)([jnp.asarray(a) for a in host], jnp.asarray(dy))
         return np.asarray(y), [np.asarray(g) for g in grads]
+
+
+def gradient_magnitudes_float64(args, dy, softplus: bool):
+    """Gradients of the same scan with the signs taken out (``|u|, |B|, |C|, |D|, |dy|``), as float64 numpy.
+
+    Each is the size of the terms its gradient sums. Where those terms cancel (dB and dC of a one-token scan are
+    one sum over channels), float32 rounding is bounded by this magnitude, not by the small true gradient.
+    """
+    signless = [None if a is None else (jnp.abs(a) if name in "uBCD" else a) for name, a in zip(ARG_NAMES, args)]
+    return reference_float64(signless, jnp.abs(dy), softplus)[1]
 
 
 def rel_err(out, ref) -> float:

@@ -22,11 +22,21 @@ from mambavision_jax.pallas import (
     selective_scan,
     selective_scan_pallas,
 )
-from mambavision_jax.pallas.testing import ARG_NAMES, make_inputs, reference_float64, rel_err
+from mambavision_jax.pallas.testing import (
+    ARG_NAMES,
+    gradient_magnitudes_float64,
+    make_inputs,
+    reference_float64,
+    rel_err,
+)
 from mambavision_jax.pallas.triton_kernels import gpu_sm_count
 
 SEED = int(os.environ.get("SCAN_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
 TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (2e-2, 3e-2), jnp.float16: (3e-3, 5e-3)}  # (forward, grads)
+# Every impl accumulates in float32: a gradient may also be off by a few float32 ulps of the terms it sums, which is
+# what a relative tolerance cannot allow where they cancel (seed 19170678 left dB of the one-token case 26,000×
+# smaller than its terms, and all three impls 5e-4 to 1e-3 off relative to it).
+SUM_ROUNDING = 8 * float(np.finfo(np.float32).eps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,6 +77,7 @@ def _check(impl, case, config=None):
     dy = jnp.asarray(rng.normal(0.0, 1.0, (batch, length, dim)), dtype)
     present = [i for i, a in enumerate(args) if a is not None]
     y_ref, g_ref = reference_float64(args, dy, softplus)
+    magnitudes = gradient_magnitudes_float64(args, dy, softplus)
 
     y, grads = _jitted(impl, softplus, config)(args, dy)
     fwd_tol, grad_tol = TOL[dtype]
@@ -76,7 +87,8 @@ def _check(impl, case, config=None):
     for i in present:
         assert grads[i].dtype == args[i].dtype, f"d{ARG_NAMES[i]} dtype {grads[i].dtype}; {where}"
         err = rel_err(grads[i], g_ref[i])
-        assert err <= grad_tol, f"d{ARG_NAMES[i]} rel err {err:.2e} > {grad_tol}; {where}"
+        allowed = grad_tol + SUM_ROUNDING * np.linalg.norm(magnitudes[i]) / max(np.linalg.norm(g_ref[i]), 1e-30)
+        assert err <= allowed, f"d{ARG_NAMES[i]} rel err {err:.2e} > {allowed:.2e} (tolerance + rounding); {where}"
 
 
 @pytest.mark.parametrize(
