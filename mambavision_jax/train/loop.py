@@ -193,7 +193,7 @@ def _setup(config, workdir, model, data):
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     abstract_params = jax.eval_shape(lambda r: model.init({"params": r}, dummy), init_rng)["params"]
     packing = Packing.of(abstract_params) if config.get("pack_params", True) else None
-    tx, schedule = optim.make_optimizer(config, spe, packing.abstract(abstract_params) if packing else abstract_params)
+    tx, schedule = optim.make_optimizer(config, spe, abstract_params, packing)
     init_fn = state_lib.make_init_fn(model, tx, image_size, use_ema=bool(config.get("ema_decay")), packing=packing)
     abstract = jax.eval_shape(init_fn, init_rng)
     shardings = sharding_lib.state_shardings(

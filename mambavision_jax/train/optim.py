@@ -24,13 +24,16 @@ trust ratio's two norms and the logged gradient norm that was ~1,400 small reduc
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+
+if TYPE_CHECKING:
+    from mambavision_jax.train.packing import Packing
 
 NORM_ROW = 2048  # elements per row in leaf_squared_norms (each leaf is zero-padded to whole rows)
 
@@ -75,10 +78,14 @@ def weight_decay_mask(params) -> Any:
     return traverse_util.unflatten_dict({k: takes_weight_decay(k, v) for k, v in flat.items()})
 
 
-def leaf_squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:
-    """Sum of squares of each array in ``leaves``, as a (len(leaves),) float32 vector, in three kernels whatever the
-    number of leaves: every leaf is flattened and zero-padded to whole rows of ``NORM_ROW`` elements and the rows
-    are concatenated; one row reduction; then each leaf's row sums are added by a masked reduction over all rows.
+def leaf_squared_norms(leaves: Sequence[jax.Array], segments: Sequence[Optional[tuple[int, ...]]] = ()) -> jax.Array:
+    """Sum of squares of each array in ``leaves``, as a float32 vector, in three kernels whatever the number of
+    leaves: every leaf is flattened and zero-padded to whole rows of ``NORM_ROW`` elements and the rows are
+    concatenated; one row reduction; then each leaf's row sums are added by a masked reduction over all rows.
+
+    ``segments`` (optional, one entry a leaf): None for a whole leaf, or a tuple of row counts for a leaf of shape
+    (rows, NORM_ROW) whose rows hold several parameters one after another (``packing``'s rows array); such a leaf
+    gives one sum a segment. The result has one entry a whole leaf or segment, in order.
 
     Not a segment sum: its scatter-add, ~300 leaves receiving up to ~2,000 rows each, ran as compare-and-swap loops
     under contention on XLA:GPU (jaxlib 0.10.2 to at least 0.11.2: openxla/xla#46225), 36 of the 78 ms of
@@ -88,8 +95,16 @@ def leaf_squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:
     """
     if not leaves:
         return jnp.zeros((0,), jnp.float32)
+    segments = list(segments) or [None] * len(leaves)
     rows, counts = [], []
-    for leaf in leaves:
+    for leaf, segment in zip(leaves, segments, strict=True):
+        if segment is not None:
+            if leaf.shape != (sum(segment), NORM_ROW):
+                raise ValueError(f"a leaf of {len(segment)} row segments must be ({sum(segment)}, {NORM_ROW}); "
+                                 f"got {leaf.shape}")
+            rows.append(leaf.astype(jnp.float32))
+            counts.extend(segment)
+            continue
         flat = jnp.ravel(leaf).astype(jnp.float32)
         n_rows = max(-(-flat.size // NORM_ROW), 1)
         rows.append(jnp.pad(flat, (0, n_rows * NORM_ROW - flat.size)).reshape(n_rows, NORM_ROW))
@@ -100,8 +115,8 @@ def leaf_squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:
     per_row = jnp.sum(stacked * stacked, axis=1)
     ends = np.cumsum(counts, dtype=np.int32)
     starts = ends - np.asarray(counts, np.int32)
-    row = jax.lax.broadcasted_iota(jnp.int32, (len(leaves), per_row.size), 1)
-    owned = (row >= starts[:, None]) & (row < ends[:, None])  # (leaves, rows): row r belongs to leaf i
+    row = jax.lax.broadcasted_iota(jnp.int32, (len(counts), per_row.size), 1)
+    owned = (row >= starts[:, None]) & (row < ends[:, None])  # (units, rows): row r belongs to leaf or segment i
     return jnp.sum(jnp.where(owned, per_row[None, :], 0.0), axis=1)
 
 
@@ -123,30 +138,52 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def scale_by_trust_ratio(mask) -> optax.GradientTransformation:
+def scale_by_trust_ratio(mask, segments: Optional[dict] = None) -> optax.GradientTransformation:
     """LAMB's layer-wise trust ratio on the leaves where ``mask`` (a tree of Python bools shaped like the params)
     is True: each such update is scaled by ||param|| / ||update||, or 1 where either norm is 0
-    (``optax.masked(optax.scale_by_trust_ratio(), mask)``, timm ``Lamb``); the other leaves pass unchanged. The
-    norms come from two :func:`leaf_squared_norms` passes."""
+    (``optax.masked(optax.scale_by_trust_ratio(), mask)``, timm ``Lamb``); the other leaves pass unchanged.
+    ``segments``: ``{flattened path: row counts}`` for leaves of several parameters on rows of ``NORM_ROW``
+    (``packing.Packing.segments``), whose ratio is taken per segment. The norms come from two
+    :func:`leaf_squared_norms` passes."""
+    segments = segments or {}
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("scale_by_trust_ratio needs the current params: call tx.update(grads, state, params).")
-        leaves, treedef = jax.tree.flatten(updates)
+        keyed, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        leaves = [leaf for _, leaf in keyed]
+        paths = [tuple(k.key for k in path) for path, _ in keyed]  # dict keys: the flattened-dict paths
         chosen = [i for i, m in enumerate(treedef.flatten_up_to(mask)) if m]
+        chosen_segments = [segments.get(paths[i]) for i in chosen]
         param_leaves = treedef.flatten_up_to(params)
-        param_norm = jnp.sqrt(leaf_squared_norms([param_leaves[i] for i in chosen]))
-        update_norm = jnp.sqrt(leaf_squared_norms([leaves[i] for i in chosen]))
+        param_norm = jnp.sqrt(leaf_squared_norms([param_leaves[i] for i in chosen], chosen_segments))
+        update_norm = jnp.sqrt(leaf_squared_norms([leaves[i] for i in chosen], chosen_segments))
         ratio = jnp.where((param_norm > 0) & (update_norm > 0), param_norm / update_norm, 1.0)
-        for j, i in enumerate(chosen):
-            leaves[i] = (leaves[i] * ratio[j]).astype(leaves[i].dtype)
+        unit = 0
+        for i, segment in zip(chosen, chosen_segments):
+            if segment is None:
+                leaves[i] = (leaves[i] * ratio[unit]).astype(leaves[i].dtype)
+                unit += 1
+            else:  # one ratio a row, from the row's segment
+                owner = np.repeat(np.arange(unit, unit + len(segment)), segment)
+                leaves[i] = (leaves[i] * ratio[owner][:, None]).astype(leaves[i].dtype)
+                unit += len(segment)
         return treedef.unflatten(leaves), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def make_optimizer(config, steps_per_epoch: int, params_shape) -> tuple[optax.GradientTransformation, Any]:
-    """Returns (tx, schedule). ``params_shape`` may be abstract (ShapeDtypeStruct leaves)."""
+def make_optimizer(
+    config, steps_per_epoch: int, params_shape, packing: Optional[Packing] = None
+) -> tuple[optax.GradientTransformation, Any]:
+    """Returns (tx, schedule) for the model's params tree ``params_shape`` (may be abstract, ShapeDtypeStruct
+    leaves), or, with a ``packing``, for its training layout (``packing.pack(params)``)."""
+    segments = None
+    if packing is not None:
+        params_shape, segments = packing.abstract(params_shape), packing.segments
+    elif isinstance(params_shape, dict) and "packed_rows" in params_shape:
+        raise ValueError("make_optimizer takes the model's params tree and the packing (packing=...), not a packed "
+                         "layout: LAMB's trust ratio needs the packing's row segments.")
     o = config.optimizer
     schedule = make_schedule(config, steps_per_epoch)
     mask = weight_decay_mask(params_shape)
@@ -160,7 +197,7 @@ def make_optimizer(config, steps_per_epoch: int, params_shape) -> tuple[optax.Gr
         parts += [
             optax.scale_by_adam(b1=b1, b2=b2, eps=float(o.eps)),
             optax.add_decayed_weights(float(o.weight_decay), mask=mask),
-            scale_by_trust_ratio(mask),
+            scale_by_trust_ratio(mask, segments),
             optax.scale_by_learning_rate(schedule),
         ]
     elif name == "adamw":

@@ -96,8 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.progress_bar = True
     c.gc_freeze = True  # gc.freeze() once the step is compiled (see train.loop.train_and_evaluate)
-    # The train state's layout: True packs the leaves without weight decay into one vector (train/packing.py,
-    # faster); False keeps every leaf apart, the layout of checkpoints written before 2026-12-06.
+    # The train state's layout: True packs the leaves without weight decay into one vector and the other small ones
+    # into rows (train/packing.py, faster); False keeps every leaf apart, the layout of checkpoints written before
+    # 2026-12-06.
     c.pack_params = True
     c.mode = "train"  # "train", "eval" or "export" (the latest checkpoint as converted weights)
     c.export_dir = placeholder(str)  # mode=export: where to write; default <workdir>/converted

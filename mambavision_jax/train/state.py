@@ -43,7 +43,7 @@ def _as_f32(tree):
 
 def make_state_fn(tx: optax.GradientTransformation, use_ema: bool, packing: Packing | None = None):
     """Returns ``state_fn(variables) -> TrainState`` (step 0, fresh optimizer state). With a ``packing``, ``tx`` must
-    have been built for the packed layout (``optim.make_optimizer(..., packing.abstract(params))``)."""
+    have been built for the packed layout (``optim.make_optimizer(..., packing)``)."""
 
     def state_fn(variables):
         params = _as_f32(variables["params"])

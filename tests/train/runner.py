@@ -61,7 +61,7 @@ def compare_steps():
         mesh = sharding.make_mesh()
         spe = 10
         packing = Packing.of(variables["params"])
-        tx, schedule = optim.make_optimizer(c, spe, packing.abstract(variables["params"]))
+        tx, schedule = optim.make_optimizer(c, spe, variables["params"], packing)
         state_fn = state_lib.make_state_fn(tx, use_ema=bool(c.get("ema_decay")), packing=packing)
         shardings = sharding.state_shardings(jax.eval_shape(state_fn, variables), mesh, strategy, c.fsdp_min_size)
         st = state_lib.state_from_variables(state_fn, variables, shardings)

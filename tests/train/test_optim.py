@@ -88,6 +88,17 @@ def test_leaf_squared_norms_match_per_leaf_sums(sizes):
     assert float(optim.global_norm(tree)) == pytest.approx(np.sqrt(sum(want)), rel=1e-5)
 
 
+def test_leaf_squared_norms_of_row_segments():
+    """A (rows, NORM_ROW) leaf with row segments (the packed small leaves) gives one sum a segment, in order."""
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(6, optim.NORM_ROW)).astype(np.float32)
+    whole = rng.normal(size=(3, 5)).astype(np.float32)
+    got = np.asarray(jax.jit(optim.leaf_squared_norms, static_argnums=1)(
+        [jnp.asarray(whole), jnp.asarray(rows), jnp.asarray(whole)], (None, (1, 3, 2), None)))
+    sq = lambda x: np.sum(x.astype(np.float64) ** 2)  # noqa: E731
+    np.testing.assert_allclose(got, [sq(whole), sq(rows[:1]), sq(rows[1:4]), sq(rows[4:]), sq(whole)], rtol=1e-5)
+
+
 def test_leaf_squared_norms_use_no_scatter_and_a_concatenation_of_their_own():
     # XLA:GPU's scatter-add under contention (a segment sum into ~300 leaves) took 36 of B's 78 ms recipe step.
     jaxpr = jax.make_jaxpr(optim.leaf_squared_norms)([jnp.ones((5000,)), jnp.ones((3, 4))]).jaxpr

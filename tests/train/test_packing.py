@@ -1,7 +1,9 @@
-"""The training layout of the parameters (no-weight-decay leaves packed into one vector): exact round trips, clear
-errors, and the same updates as leaf by leaf for every optimizer and for the whole train step."""
+"""The training layout of the parameters (no-weight-decay leaves packed into one vector, small decayed leaves into
+rows): exact round trips, clear errors, and the same updates as leaf by leaf for every optimizer and for the whole
+train step."""
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -18,28 +20,40 @@ def _params(seed=0):
     shapes = {
         "conv": {"kernel": (3, 3, 4, 8), "bias": (8,)},
         "norm": {"scale": (8,), "bias": (8,)},
-        "mixer": {"A_log": (4, 8), "D": (4,), "odd": {"bias": (2, 3)}},
+        "mixer": {"A_log": (4, 8), "D": (4,), "odd": {"bias": (2, 3)}, "x_proj": {"kernel": (70, 64)}},
         "head": {"kernel": (8, 10), "bias": (10,)},
+        "big": {"kernel": (256, 256)},  # SMALL_LEAF elements: stays dense
     }
     return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s).astype(np.float32)), shapes,
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-def test_packs_exactly_the_leaves_without_weight_decay():
+def test_packs_the_leaves_without_weight_decay_and_the_small_ones():
     params = _params()
     packing = Packing.of(params)
-    mask = optim.weight_decay_mask(params)
-    assert set(packing.paths) == {k for k, decays in traverse_util.flatten_dict(mask).items() if not decays}
+    mask = traverse_util.flatten_dict(optim.weight_decay_mask(params))
+    assert set(packing.paths) == {k for k, decays in mask.items() if not decays}
     assert packing.size == 8 + 8 + 8 + 4 + 6 + 10
+    # the decayed leaves under SMALL_LEAF elements, sorted by path, each on whole rows of NORM_ROW
+    want = (("conv", "kernel"), ("head", "kernel"), ("mixer", "A_log"), ("mixer", "x_proj", "kernel"))
+    assert packing.row_paths == want
+    assert packing.row_counts == (1, 1, 1, 3) and packing.segments == {("packed_rows",): (1, 1, 1, 3)}
     packed = packing.pack(params)
     assert packed["packed"].shape == (packing.size,) and packed["packed"].dtype == jnp.float32
-    assert "norm" not in packed["dense"] and set(packed["dense"]["conv"]) == {"kernel"}
+    assert packed["packed_rows"].shape == (6, optim.NORM_ROW) and packed["packed_rows"].dtype == jnp.float32
+    assert packed["dense"] == {"big": {"kernel": params["big"]["kernel"]}}
+    # the padding is zero: row 3 starts x_proj (70 x 64 = 4,480 elements on 3 rows of 2,048)
+    np.testing.assert_array_equal(packed["packed_rows"][3:].reshape(-1)[4480:], 0.0)
+    x_proj = params["mixer"]["x_proj"]["kernel"]
+    np.testing.assert_array_equal(packed["packed_rows"][3:].reshape(-1)[:4480], x_proj.ravel())
     back = packing.unpack(packed)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, params)
-    # the optimizer's mask of the packed layout: the vector (1-D) takes no decay, every dense leaf does
+    # the optimizer's mask of the packed layout: the vector (1-D) takes no decay, the rows and dense leaves do
     packed_mask = optim.weight_decay_mask(packed)
-    assert packed_mask["packed"] is False and all(jax.tree.leaves(packed_mask["dense"]))
+    assert packed_mask["packed"] is False and packed_mask["packed_rows"] is True and all(
+        jax.tree.leaves(packed_mask["dense"])
+    )
     # abstract packing computes nothing and agrees with the concrete one
     abstract = packing.abstract(jax.eval_shape(lambda: params))
     assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(lambda a: (a.shape, a.dtype), packed)
@@ -57,9 +71,15 @@ def test_bad_inputs_name_the_problem():
         packing.pack(wrong)
     packed = packing.pack(params)
     with pytest.raises(ValueError, match="packed vector has shape"):
-        packing.unpack({"dense": packed["dense"], "packed": packed["packed"][:-1]})
-    with pytest.raises(ValueError, match="keys 'dense' and 'packed'"):
+        packing.unpack({**packed, "packed": packed["packed"][:-1]})
+    with pytest.raises(ValueError, match=r"packed rows have shape \(5, 2048\), the packing expects \(6, 2048\)"):
+        packing.unpack({**packed, "packed_rows": packed["packed_rows"][:-1]})
+    with pytest.raises(ValueError, match="keys 'dense', 'packed' and 'packed_rows'"):
         packing.unpack(params)
+    with pytest.raises(ValueError, match="not a packed layout"):
+        optim.make_optimizer(ml_collections.ConfigDict({"optimizer": {"name": "lamb"}}), 1, packed)
+    with pytest.raises(ValueError, match=r"4 row segments must be \(6, 2048\)"):
+        optim.leaf_squared_norms([packed["packed_rows"][:-1]], [(1, 1, 1, 3)])
 
 
 def test_gradient_through_unpack_is_the_packed_gradient():
@@ -86,7 +106,7 @@ def test_optimizers_update_packed_params_as_leaf_by_leaf(tiny_config, name):
     params = _params()
     packing = Packing.of(params)
     tx_leaf, _ = optim.make_optimizer(c, 10, params)
-    tx_packed, _ = optim.make_optimizer(c, 10, packing.abstract(params))
+    tx_packed, _ = optim.make_optimizer(c, 10, params, packing)
     leafwise, packed = params, packing.pack(params)
     s_leaf, s_packed = tx_leaf.init(leafwise), tx_packed.init(packed)
     rng = np.random.default_rng(2)
@@ -119,7 +139,7 @@ def test_train_step_on_packed_state_matches_leaf_by_leaf(tiny_config, jax_cache_
     )
     results = []
     for p in (None, packing):
-        tx, schedule = optim.make_optimizer(c, 10, abstract if p is None else p.abstract(abstract))
+        tx, schedule = optim.make_optimizer(c, 10, abstract, p)
         state, shardings = state_lib.create_train_state(state_lib.make_init_fn(model, tx, 32, True, p), rng, mesh)
         train_step = step_lib.make_train_step(model, tx, schedule, c, 10, data, mesh, shardings)
         losses = []

@@ -27,7 +27,7 @@ def test_train_steps_lower_loss_and_mesa_schedule(tiny_config, jax_cache_env):
     rng = jax.random.PRNGKey(0)
     abstract = jax.eval_shape(lambda r: model.init({"params": r}, jnp.zeros((1, 32, 32, 3))), rng)["params"]
     packing = Packing.of(abstract)
-    tx, schedule = optim.make_optimizer(c, spe, packing.abstract(abstract))
+    tx, schedule = optim.make_optimizer(c, spe, abstract, packing)
     init_fn = state_lib.make_init_fn(model, tx, 32, use_ema=True, packing=packing)
     state, shardings = state_lib.create_train_state(init_fn, rng, mesh)
     train_step = step_lib.make_train_step(model, tx, schedule, c, spe, data, mesh, shardings)
@@ -69,7 +69,7 @@ def test_train_step_normalises_and_erases_uint8_batches(tiny_config, jax_cache_e
     rng = jax.random.PRNGKey(0)
     abstract = jax.eval_shape(lambda r: model.init({"params": r}, jnp.zeros((1, 32, 32, 3))), rng)["params"]
     packing = Packing.of(abstract)
-    tx, schedule = optim.make_optimizer(c, 1, packing.abstract(abstract))
+    tx, schedule = optim.make_optimizer(c, 1, abstract, packing)
     init_fn = state_lib.make_init_fn(model, tx, 32, use_ema=False, packing=packing)
     state, shardings = state_lib.create_train_state(init_fn, rng, mesh)
     train_step = step_lib.make_train_step(model, tx, schedule, c, 1, data, mesh, shardings)
