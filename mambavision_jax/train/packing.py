@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mambavision_jax.train.optim import NORM_ROW, takes_weight_decay
+from mambavision_jax.train.optim import NORM_ROW, as_norm_rows, norm_rows, takes_weight_decay
 
 DENSE, PACKED, ROWS = "dense", "packed", "packed_rows"
 SMALL_LEAF = 65_536  # weight-decayed leaves under this many elements go into ROWS; larger ones stay dense
@@ -43,11 +43,6 @@ SMALL_LEAF = 65_536  # weight-decayed leaves under this many elements go into RO
 
 def _size(shape) -> int:
     return int(np.prod(shape, dtype=np.int64))
-
-
-def _rows(shape) -> int:
-    """Rows of NORM_ROW elements a leaf of ``shape`` takes in ROWS (at least one)."""
-    return max(-(-_size(shape) // NORM_ROW), 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +74,7 @@ class Packing:
     @property
     def row_counts(self) -> tuple[int, ...]:
         """Rows each leaf of ``row_paths`` takes in the rows array, in order."""
-        return tuple(_rows(s) for s in self.row_shapes)
+        return tuple(norm_rows(_size(s)) for s in self.row_shapes)
 
     @property
     def segments(self) -> dict:
@@ -101,10 +96,7 @@ class Packing:
             raise ValueError(f"packed leaf {'/'.join(k)} has shape {got}, the packing expects {want}")
         pieces = [jnp.ravel(flat[k]).astype(jnp.float32) for k in self.paths]
         vector = jnp.concatenate(pieces) if pieces else jnp.zeros((0,), jnp.float32)
-        rows = [
-            jnp.pad(jnp.ravel(flat[k]).astype(jnp.float32), (0, n * NORM_ROW - _size(s))).reshape(n, NORM_ROW)
-            for k, s, n in zip(self.row_paths, self.row_shapes, self.row_counts)
-        ]
+        rows = [as_norm_rows(flat[k]) for k in self.row_paths]
         packed = set(paths)
         dense = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in packed})
         return {
