@@ -3,6 +3,7 @@
 All tensors are channels-last. Images and feature maps are NHWC; token sequences are (batch, length, channels).
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -39,14 +40,82 @@ class DropPath(nn.Module):
         return jnp.where(mask, 1.0 / keep, 0.0).astype(jnp.float32)
 
 
-def batch_norm(name: str, epsilon: float, dtype: Dtype, train: bool) -> nn.BatchNorm:
-    """BatchNorm over the last (channel) axis matching ``torch.nn.BatchNorm2d`` (momentum 0.1 == flax 0.9).
+def channel_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel mean and biased variance over every axis but the last, in float32: (..., C) -> (C,), (C,)."""
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axes)
+    return mean, jnp.maximum(jnp.mean(xf * xf, axes) - mean * mean, 0.0)
 
-    Statistics and affine parameters are float32 whatever the compute dtype.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Dtype) -> jax.Array:
+    """BatchNorm with the batch's own statistics: (..., C) -> (..., C) in ``dtype``, statistics over every axis but
+    the last; ``scale`` and ``bias`` (C,) float32. The arithmetic is float32 whatever ``x``'s dtype.
+
+    Its VJP is written out: two per-channel sums (dy and dy·x̂) and one float32 pass for dx,
+    dx = scale·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)). Autodiff of the same forward gives three full-size reductions
+    and dx as a sum of two terms rounded to the compute dtype; the written one was 1-2 % faster on MambaVision-B/T
+    training steps (H100, ``benchmarks/NOTES.md`` session 23). Reverse mode only (a ``custom_vjp``).
     """
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name
-    )
+    return _batch_norm_train_forward(x, scale, bias, epsilon, dtype)[0]
+
+
+def _batch_norm_train_forward(x, scale, bias, epsilon, dtype):
+    mean, var = channel_statistics(x)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x.astype(jnp.float32) - mean) * (scale * rstd) + bias
+    return y.astype(dtype), (x, mean, rstd, scale)
+
+
+def _batch_norm_train_backward(epsilon, dtype, residuals, dy):
+    del epsilon, dtype
+    x, mean, rstd, scale = residuals
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    dyf = dy.astype(jnp.float32)
+    x_hat = (x.astype(jnp.float32) - mean) * rstd
+    sum_dy = jnp.sum(dyf, axes)
+    sum_dy_x_hat = jnp.sum(dyf * x_hat, axes)
+    dx = (scale * rstd) * (dyf - sum_dy / count - x_hat * (sum_dy_x_hat / count))
+    return dx.astype(x.dtype), sum_dy_x_hat, sum_dy
+
+
+batch_norm_train.defvjp(_batch_norm_train_forward, _batch_norm_train_backward)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over the last (channel) axis as ``torch.nn.BatchNorm2d`` computes it. (..., C) -> (..., C).
+
+    Variables as ``flax.linen.BatchNorm``'s, all float32: params ``scale`` and ``bias`` (C,), batch_stats ``mean``
+    and ``var`` (C,). In training the batch's statistics normalise (:func:`batch_norm_train`) and the running ones
+    move by 0.1 of the way (``momentum`` 0.9 in flax's convention), the variance unbiased, as torch updates them; in
+    eval the running statistics normalise. The output has the compute ``dtype``.
+    """
+
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
+        if not train:
+            multiplier = scale * jax.lax.rsqrt(running_var.value + self.epsilon)
+            return ((x.astype(jnp.float32) - running_mean.value) * multiplier + bias).astype(self.dtype)
+        count = x.size // channels
+        if count < 2:
+            raise ValueError(f"BatchNorm in training needs more than 1 value per channel, got input shape {x.shape}")
+        if not self.is_initializing():
+            mean, var = channel_statistics(jax.lax.stop_gradient(x))
+            keep = self.momentum
+            running_mean.value = keep * running_mean.value + (1 - keep) * mean
+            running_var.value = keep * running_var.value + (1 - keep) * var * (count / (count - 1))
+        return batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
 
 
 def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mambavision_jax.models.layers import Conv3x3, DropPath, batch_norm, gelu_erf, window_partition, window_reverse
+from mambavision_jax.models.layers import BatchNorm, Conv3x3, DropPath, gelu_erf, window_partition, window_reverse
 from mambavision_jax.pallas import selective_scan
 from mambavision_jax.pallas.layer_norm import IMPLS as NORM_IMPLS
 from mambavision_jax.pallas.layer_norm import add_layer_norm, residual_update
@@ -62,9 +62,9 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv3x3(self.in_dim, 2, False, self.channel_multiple, self.dtype, name="conv_down_0")(x)
-        x = nn.relu(batch_norm("conv_down_1", 1e-4, self.dtype, train)(x))
+        x = nn.relu(BatchNorm(1e-4, self.dtype, name="conv_down_1")(x, train))
         x = Conv3x3(self.dim, 2, False, self.channel_multiple, self.dtype, name="conv_down_3")(x)
-        return nn.relu(batch_norm("conv_down_4", 1e-4, self.dtype, train)(x))
+        return nn.relu(BatchNorm(1e-4, self.dtype, name="conv_down_4")(x, train))
 
 
 class ConvBlock(nn.Module):
@@ -80,9 +80,9 @@ class ConvBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         shortcut = x
         x = Conv3x3(self.dim, 1, True, self.channel_multiple, self.dtype, name="conv1")(x)
-        x = nn.gelu(batch_norm("norm1", 1e-5, self.dtype, train)(x), approximate=True)
+        x = nn.gelu(BatchNorm(1e-5, self.dtype, name="norm1")(x, train), approximate=True)
         x = Conv3x3(self.dim, 1, True, self.channel_multiple, self.dtype, name="conv2")(x)
-        x = batch_norm("norm2", 1e-5, self.dtype, train)(x)
+        x = BatchNorm(1e-5, self.dtype, name="norm2")(x, train)
         if self.layer_scale is not None:
             x = x * self.param("gamma", nn.initializers.constant(self.layer_scale), (self.dim,), jnp.float32)
         return shortcut + DropPath(self.drop_path)(x, deterministic=not train)
@@ -508,7 +508,7 @@ class MambaVision(nn.Module):
             )
             start += depth
         self.levels = levels
-        self.norm = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
+        self.norm = BatchNorm(1e-5, self.dtype)
         if self.num_classes > 0:
             self.head = nn.Dense(
                 self.num_classes,
@@ -527,7 +527,7 @@ class MambaVision(nn.Module):
     def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
         """(B, H, W, in_chans) -> (B, 8 * dim) float32: final BatchNorm then global average pool."""
         x = self._stages(images, train)[1]
-        x = self.norm(x, use_running_average=not train)
+        x = self.norm(x, train)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
     def forward_intermediates(self, images: jax.Array, train: bool = False) -> list[jax.Array]:

@@ -1,15 +1,19 @@
-"""Logit parity with the official PyTorch MambaVision (every parameter and BN statistic randomised).
+"""Parity with the official PyTorch MambaVision (every parameter and BN statistic randomised): eval logits for every
+variant, and a training-mode forward and backward (logits, every parameter's gradient, the updated BN statistics).
 
-Criterion (float32, matmul precision 'highest'): max |JAX - torch| <= 1e-4 * max |torch logit|.
+Criterion (float32, matmul precision 'highest'): max |JAX - torch| <= 1e-4 * max |torch value|, per logit array,
+gradient leaf and statistic.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import mambavision_jax as mvj
 from mambavision_jax.weights import load_state_dict
-from official_reference import official_model, state_dict_numpy, torch_logits
+from official_reference import official_model, state_dict_numpy, torch, torch_logits
 
 TOLERANCE = 1e-4
 SMALL_VARIANTS = ["mamba_vision_T", "mamba_vision_T2", "mamba_vision_S", "mamba_vision_B", "mamba_vision_B_21k"]
@@ -69,3 +73,40 @@ def test_scan_implementations_agree():
     }
     scale = np.abs(outputs["sequential"]).max()
     assert np.abs(outputs["sequential"] - outputs["associative"]).max() <= TOLERANCE * scale
+
+
+def test_training_forward_and_backward_match_official():
+    """Train mode, drop path off: logits, the gradient of every parameter (mapped through the weights' key map like
+    the weights themselves) and the running statistics after the step (torch's unbiased variance update) match.
+    Biases that feed a training BatchNorm directly (the conv blocks', the last block's fc2) cancel: their gradients
+    are zero up to rounding on both sides (torch's under 1e-6 of the largest), so those are checked against the
+    largest gradient."""
+    name, images = "mamba_vision_T", np.random.default_rng(4).standard_normal((2, 64, 96, 3), dtype=np.float32)
+    torch_model = official_model(name, seed=4, drop_path_rate=0.0).train()
+    before = {k: v.copy() for k, v in state_dict_numpy(torch_model).items()}  # numpy views alias torch's buffers
+    logits_torch = torch_model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+    (logits_torch**2).mean().backward()
+    parameters = dict(torch_model.named_parameters())
+    torch_grads = {k: parameters[k].grad.numpy() if k in parameters else v for k, v in before.items()}
+
+    model = mvj.create_model(name, drop_path_rate=0.0)
+    variables = load_state_dict(before, model)
+
+    def loss(params):
+        logits, new = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+        return jnp.mean(logits**2), (logits, new["batch_stats"])
+
+    (_, (logits, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    logits_torch = logits_torch.detach().numpy()
+    assert np.abs(np.asarray(logits) - logits_torch).max() <= TOLERANCE * np.abs(logits_torch).max()
+
+    want = traverse_util.flatten_dict(load_state_dict(torch_grads, model)["params"])
+    got = traverse_util.flatten_dict(grads)
+    largest = max(np.abs(g).max() for g in want.values())
+    for path, g in want.items():
+        scale = np.abs(g).max() if np.abs(g).max() >= 1e-6 * largest else largest
+        assert np.abs(np.asarray(got[path]) - g).max() <= TOLERANCE * scale, "/".join(path)
+
+    want_stats = traverse_util.flatten_dict(load_state_dict(state_dict_numpy(torch_model), model)["batch_stats"])
+    for path, s in traverse_util.flatten_dict(stats).items():
+        assert np.abs(np.asarray(s) - want_stats[path]).max() <= TOLERANCE * np.abs(want_stats[path]).max(), path
