@@ -55,8 +55,9 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
 
     Its VJP is written out: two per-channel sums (dy and dy·x̂) and one float32 pass for dx,
     dx = scale·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)). Autodiff of the same forward gives three full-size reductions
-    and dx as a sum of two terms rounded to the compute dtype; the written one was 1-2 % faster on MambaVision-B/T
-    training steps (H100, ``benchmarks/NOTES.md`` session 23). Reverse mode only (a ``custom_vjp``).
+    and dx as a sum of two terms rounded to the compute dtype. The written one made MambaVision-B's and -T's bf16
+    training steps 0.6-2.2 % faster (H100, ``benchmarks/NOTES.md`` session 23). Reverse mode only (a
+    ``custom_vjp``).
     """
     return _batch_norm_train_forward(x, scale, bias, epsilon, dtype)[0]
 
