@@ -75,22 +75,31 @@ def test_scan_implementations_agree():
     assert np.abs(outputs["sequential"] - outputs["associative"]).max() <= TOLERANCE * scale
 
 
-def test_training_forward_and_backward_match_official():
+# A small MambaVision with layer scale in both the conv blocks and the token blocks (as in the L3 variants), so that
+# every kind of parameter gets a gradient; heads and windows as T's.
+LAYER_SCALED = dict(depths=[1, 1, 2, 2], dim=32, in_dim=16, layer_scale=0.5, layer_scale_conv=0.5)
+
+
+@pytest.mark.parametrize("architecture", [{}, LAYER_SCALED], ids=["T", "small_layer_scaled"])
+def test_training_forward_and_backward_match_official(architecture):
     """Train mode, drop path off: logits, the gradient of every parameter (mapped through the weights' key map like
     the weights themselves) and the running statistics after the step (torch's unbiased variance update) match.
     Biases that feed a training BatchNorm directly (the conv blocks', the last block's fc2) cancel: their gradients
     are zero up to rounding on both sides (torch's under 1e-6 of the largest), so those are checked against the
     largest gradient."""
     name, images = "mamba_vision_T", np.random.default_rng(4).standard_normal((2, 64, 96, 3), dtype=np.float32)
-    torch_model = official_model(name, seed=4, drop_path_rate=0.0).train()
+    torch_model = official_model(name, seed=4, drop_path_rate=0.0, **architecture).train()
     before = {k: v.copy() for k, v in state_dict_numpy(torch_model).items()}  # numpy views alias torch's buffers
     logits_torch = torch_model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
     (logits_torch**2).mean().backward()
     parameters = dict(torch_model.named_parameters())
     torch_grads = {k: parameters[k].grad.numpy() if k in parameters else v for k, v in before.items()}
 
-    model = mvj.create_model(name, drop_path_rate=0.0)
+    model = mvj.create_model(name, drop_path_rate=0.0, **architecture)
     variables = load_state_dict(before, model)
+    if architecture:
+        leaves = {path[-1] for path in traverse_util.flatten_dict(variables["params"])}
+        assert {"gamma", "gamma_1", "gamma_2"} <= leaves, "layer scale in the conv blocks and the token blocks"
 
     def loss(params):
         logits, new = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
