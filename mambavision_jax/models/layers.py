@@ -112,6 +112,7 @@ class BatchNorm(nn.Module):
         if count < 2:
             raise ValueError(f"BatchNorm in training needs more than 1 value per channel, got input shape {x.shape}")
         if not self.is_initializing():
+            # the same reductions as inside batch_norm_train: XLA computes them once (CSE)
             mean, var = channel_statistics(jax.lax.stop_gradient(x))
             keep = self.momentum
             running_mean.value = keep * running_mean.value + (1 - keep) * mean

@@ -15,8 +15,9 @@ of ``flax.traverse_util.flatten_dict`` (sorted paths), each leaf in row-major or
 Why: the optimizer update and the EMA update run leaf by leaf, and XLA gives each small leaf a GPU kernel of its own,
 most of it launch latency. MambaVision-B has 311 parameter leaves: 193 of them (147,048 elements) go into ``packed``
 and 41 (364,736) into ``packed_rows``. On an H100 80GB HBM3 (one process, bf16 AdamW step at batch 128) B's step
-took 39.14 ms with ``packed`` alone against 39.70 leaf by leaf, and T's 19.08 against 19.47; packing every leaf
-under 65,536 elements measured 38.83 ms for B in a scratch run (``benchmarks/NOTES.md``, session 21).
+took 39.14 ms with ``packed`` alone against 39.70 leaf by leaf, and T's 19.08 against 19.47 (session 21);
+``packed_rows`` then took B from 39.53 to 39.35 ms and T from 19.44 to 19.32 on another H100 (session 23,
+``benchmarks/NOTES.md``).
 
 The update is the same as leaf by leaf. Everything the optimizers apply works per element (Adam's moments, weight
 decay, the learning rate, SGD's momentum, EMA) or over all leaves together (the global-norm clip), and the zero

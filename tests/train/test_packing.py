@@ -3,8 +3,8 @@ rows): exact round trips, clear errors, and the same updates as leaf by leaf for
 train step."""
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
