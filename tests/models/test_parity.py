@@ -50,6 +50,7 @@ def test_variant_matches_official(name):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("large_variants")  # one worker runs them in turn: an L3 alone peaks near 12 GB of memory
 @pytest.mark.parametrize("name", LARGE_VARIANTS)
 def test_large_variant_matches_official(name):
     assert relative_error(name, native_images(name)) <= TOLERANCE
