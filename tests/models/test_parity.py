@@ -53,7 +53,7 @@ def test_variant_matches_official(name):
 def one_large_model_at_a_time(tmp_path_factory):
     """Under pytest-xdist (``-n 2``) the workers' temporary directories share a parent; a file lock there keeps two
     workers from holding the largest variants at once (an L3 test alone peaks near 12 GB of memory)."""
-    from filelock import FileLock  # a dependency of torch, which these tests need anyway
+    from filelock import FileLock  # in the reference extra (and a dependency of torch)
 
     with FileLock(tmp_path_factory.getbasetemp().parent / "large_variants.lock"):
         yield
