@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesa_start_ratio = 0.25
 
     c.sharding = "data"  # "data" | "fsdp"
+    # False: BatchNorm statistics per device, as the official DDP training (timm without --sync-bn, --dist-bn
+    # reduce); True: over the global batch (SyncBN). See train.step.make_train_step.
+    c.sync_batch_norm = False
     c.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated under fsdp
     c.total_steps = placeholder(int)  # caps the run; the schedule still follows the epochs
     c.log_every_steps = 100

@@ -12,6 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from mambavision_jax import xla_options
 from mambavision_jax.data.config_utils import preprocess_settings
@@ -96,7 +97,18 @@ def make_train_step(
 ) -> TrainStep:
     """Returns the jitted :class:`TrainStep`. ``batch``: "image" uint8 (normalised here with the config's mean/std)
     or float (already normalised), "label", and optionally "erase" (random-erasing rectangles, filled here; see
-    ``data.batch_images``)."""
+    ``data.batch_images``).
+
+    Over several devices, ``config.sync_batch_norm`` picks the data-parallel semantics:
+
+    * False (the official recipe, PyTorch DDP without SyncBN): each device runs the forward and backward on its own
+      rows (``shard_map``), with BatchNorm statistics, mixup/cutmix partners and random draws of those rows alone;
+      the loss, the float32 gradients and the new BatchNorm running statistics are then averaged over the devices.
+      Averaging the running statistics every step equals timm's ``--dist-bn reduce`` (an average once an epoch),
+      since their update is linear. The result depends on the device count, as the official training's does.
+    * True: BatchNorm statistics (and mixup partners) over the global batch, partitioned by XLA: any device count
+      gives the numbers of one device with the global batch. XLA then sums the bfloat16 weight gradients of the
+      16-bit compute copies across devices in bfloat16 before their cast to float32."""
     targets_fn = _targets_fn(config, data_module)
     preprocess = preprocess_settings(config)
     erase_mode = str(config.aug.get("remode", "pixel"))
@@ -104,9 +116,10 @@ def make_train_step(
     ema_decay = config.get("ema_decay")
     if mesa > 0 and not ema_decay:
         raise ValueError("config.mesa > 0 needs an EMA teacher: set config.ema_decay.")
+    sync_batch_norm = bool(config.get("sync_batch_norm", False))
 
-    def train_step(state: TrainState, batch: dict, base_rng, mesa_on: bool):
-        rng = jax.random.fold_in(base_rng, state.step)
+    def loss_and_grads(state: TrainState, batch: dict, rng, mesa_on: bool):
+        """The forward and backward on ``batch``: ``(grads, new batch_stats, {"loss", "top1", *aux})``."""
         mix_rng, drop_rng = jax.random.split(rng)
         images = batch_images(batch, preprocess.mean, preprocess.std, erase_mode, jax.random.fold_in(rng, 1))
         images, targets = targets_fn(mix_rng, images, batch["label"])
@@ -133,6 +146,35 @@ def make_train_step(
             return loss, (logits, new_vars.get("batch_stats", {}), aux)
 
         (loss, (logits, new_bs, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32)
+        return grads, new_bs, {"loss": loss, "top1": top1, **aux}
+
+    def per_device_loss_and_grads(state: TrainState, batch: dict, rng, mesa_on: bool):
+        """:func:`loss_and_grads` on each device's rows of ``batch`` (BatchNorm statistics of those rows alone, the
+        random draws of each device its own), then everything averaged over the devices, in float32."""
+
+        def local(state, batch, rng):
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(sharding_lib.DATA_AXIS))
+            return jax.lax.pmean(loss_and_grads(state, batch, rng, mesa_on), sharding_lib.DATA_AXIS)
+
+        # Only what the forward and backward read goes in: an FSDP-sharded optimizer state would be gathered.
+        needed = state.replace(opt_state=None)
+        if not mesa_on:
+            needed = needed.replace(ema_params=None, ema_batch_stats=None)
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(), P(sharding_lib.DATA_AXIS), P()),
+            out_specs=P(),
+            check_vma=False,  # Pallas kernels' outputs carry no per-axis variance annotations
+        )(needed, batch, rng)
+
+    def train_step(state: TrainState, batch: dict, base_rng, mesa_on: bool):
+        rng = jax.random.fold_in(base_rng, state.step)
+        if sync_batch_norm or mesh.size == 1:
+            grads, new_bs, values = loss_and_grads(state, batch, rng, mesa_on)
+        else:
+            grads, new_bs, values = per_device_loss_and_grads(state, batch, rng, mesa_on)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs, opt_state=opt_state)
@@ -145,12 +187,10 @@ def make_train_step(
             )
         grad_norm = optim.global_norm(grads)
         metrics = {
-            "loss": loss,
-            "top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32),
+            **values,
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
-            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
-            **aux,
+            "finite": jnp.isfinite(values["loss"]) & jnp.isfinite(grad_norm),
         }
         return new_state, metrics
 

@@ -1,7 +1,7 @@
 """Subprocess helper for the training tests. Usage: ``python runner.py '<json spec>'``; prints one JSON line
 prefixed with ``RESULT:``. Spec keys:
   devices: int           fake CPU devices (XLA_FLAGS is set before jax is imported)
-  task: "compare_steps" | "train"
+  task: "compare_steps" | "per_device_step" | "train"
   overrides: {dotted.key: value}   applied to tests/train/tiny_config.get_config()
   workdir: str (train)
   exit_after_step: int (train)     hard-exits (os._exit: no cleanup, async saves cut off, like SIGKILL) right
@@ -83,6 +83,70 @@ def compare_steps():
     return out
 
 
+def per_device_step():
+    """One step on an 8-image global batch over all devices with per-device BatchNorm statistics, against one-device
+    steps on each device's rows from the same state. The spec's overrides must make the update linear in the
+    gradient (plain SGD, no clipping) and the step free of random draws (no drop path, mixup or erasing), so the
+    per-device step must give the average of the one-device results. Prints the largest differences."""
+    import mambavision_jax.data as data
+    from flax import traverse_util
+    from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
+
+    rs = np.random.RandomState(0)
+    images = rs.normal(size=(8, 32, 32, 3)).astype(np.float32)
+    labels = rs.randint(0, 10, size=(8,)).astype(np.int32)
+    c = make_config()
+    model = loop.build_model(c)
+    variables = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, jax.numpy.zeros((1, 32, 32, 3)))
+
+    def one_step(devices, rows, sync_batch_norm, dtype_text=False):
+        c.sync_batch_norm = sync_batch_norm
+        mesh = sharding.make_mesh(devices)
+        tx, schedule = optim.make_optimizer(c, 10, variables["params"])
+        state_fn = state_lib.make_state_fn(tx, use_ema=False)
+        shardings = sharding.state_shardings(jax.eval_shape(state_fn, variables), mesh)
+        st = state_lib.state_from_variables(state_fn, variables, shardings)
+        train_step = step_lib.make_train_step(model, tx, schedule, c, 10, data, mesh, shardings)
+        batch = sharding.global_batch({"image": images[rows], "label": labels[rows]}, mesh)
+        hlo = train_step.lower(st, batch, jax.random.PRNGKey(1), 0).compile().as_text()
+        st, m = train_step(st, batch, jax.random.PRNGKey(1), 0)
+        flat = traverse_util.flatten_dict(jax.device_get(st.variables()), sep="/")
+        return float(m["loss"]), {k: np.asarray(v, np.float64) for k, v in flat.items()}, hlo
+
+    n = jax.device_count()
+    per = 8 // n
+    loss, tree, hlo = one_step(jax.devices(), slice(None), False)
+    singles = [one_step(jax.devices()[:1], slice(k * per, (k + 1) * per), True) for k in range(n)]
+    sync_loss, sync_tree, sync_hlo = one_step(jax.devices(), slice(None), True)
+    mean_tree = {k: np.mean([s[1][k] for s in singles], axis=0) for k in tree}
+    scale = {k: max(1e-3, float(np.max(np.abs(mean_tree[k])))) for k in tree}
+
+    def worst(a, b, part):
+        return max(float(np.max(np.abs(a[k] - b[k]))) / scale[k] for k in a if k.startswith(part))
+
+    def all_reduce_dtypes(text):
+        """The element types of the results of the all-reduces in an optimized HLO text."""
+        results = [
+            line.split("=", 1)[1].split(op)[0]
+            for line in text.splitlines()
+            for op in (" all-reduce(", " all-reduce-start(")
+            if op in line
+        ]
+        return sorted({t for r in results for t in ("bf16", "f16", "f32") if t + "[" in r})
+
+    return {
+        "devices": n,
+        "loss": loss,
+        "mean_single_loss": float(np.mean([s[0] for s in singles])),
+        "sync_loss": sync_loss,
+        "params_vs_mean_single": worst(tree, mean_tree, "params"),
+        "stats_vs_mean_single": worst(tree, mean_tree, "batch_stats"),
+        "stats_vs_sync": worst(tree, sync_tree, "batch_stats"),
+        "all_reduce_dtypes": all_reduce_dtypes(hlo),
+        "sync_all_reduce_dtypes": all_reduce_dtypes(sync_hlo),
+    }
+
+
 def train():
     from mambavision_jax.train import loop
 
@@ -106,5 +170,5 @@ def train():
 
 if __name__ == "__main__":
     task = spec["task"]
-    result = {"compare_steps": compare_steps, "train": train}[task]()
+    result = {"compare_steps": compare_steps, "per_device_step": per_device_step, "train": train}[task]()
     print("RESULT:" + json.dumps(result), flush=True)

@@ -1,5 +1,8 @@
-"""The same global batch on 1 and on 4 (fake CPU) devices gives the same losses and updated params, for both
-data parallelism and FSDP. Each device count runs in its own subprocess (XLA_FLAGS must precede jax init)."""
+"""Data parallelism on fake CPU devices, each device count in its own subprocess (XLA_FLAGS must precede jax init).
+
+With global BatchNorm statistics (``sync_batch_norm``) the same global batch on 1 and on 4 devices gives the same
+losses and updated params, for both data parallelism and FSDP. With per-device statistics (the default, the official
+recipe) a step on 2 devices gives the average of one-device steps on each device's rows."""
 
 import numpy as np
 
@@ -10,7 +13,13 @@ def test_one_vs_four_devices_data_and_fsdp(run_runner, tmp_path):
     # across devices) into +-lr sized updates. With eps 1e-3 those updates are ~1e-9 and everything else compares.
     spec = {
         "task": "compare_steps",
-        "overrides": {"ema_decay": 0.99, "optimizer.name": "lamb", "optimizer.eps": 1e-3, "optimizer.lr": 5e-3},
+        "overrides": {
+            "ema_decay": 0.99,
+            "optimizer.name": "lamb",
+            "optimizer.eps": 1e-3,
+            "optimizer.lr": 5e-3,
+            "sync_batch_norm": True,
+        },
     }
     r1 = run_runner({**spec, "devices": 1, "out": str(tmp_path / "d1.npz")})
     r4 = run_runner({**spec, "devices": 4, "out": str(tmp_path / "d4.npz")})
@@ -26,3 +35,39 @@ def test_one_vs_four_devices_data_and_fsdp(run_runner, tmp_path):
     # data-parallel and FSDP agree with each other too
     for k in [f for f in p4.files if f.startswith("data/")]:
         np.testing.assert_allclose(p4["fsdp/" + k[len("data/") :]], p4[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_per_device_batch_norm_with_fsdp_matches_data_parallel(run_runner, tmp_path):
+    overrides = {"ema_decay": 0.99, "optimizer.name": "lamb", "optimizer.eps": 1e-3, "sync_batch_norm": False}
+    r = run_runner({"task": "compare_steps", "devices": 4, "out": str(tmp_path / "p.npz"), "overrides": overrides})
+    assert r["fsdp"]["n_sharded_leaves"] > 0
+    np.testing.assert_allclose(r["fsdp"]["losses"], r["data"]["losses"], rtol=1e-5, atol=1e-6)
+    p = np.load(tmp_path / "p.npz")
+    for k in [f for f in p.files if f.startswith("data/")]:
+        np.testing.assert_allclose(p["fsdp/" + k[len("data/") :]], p[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_per_device_batch_norm_averages_one_device_steps(run_runner):
+    # Plain SGD without clipping makes the update linear in the gradient, and no drop path, mixup or erasing makes
+    # the step free of random draws: then the 2-device step must equal the average of one-device steps on the two
+    # halves of the batch (params, BatchNorm running statistics and loss), in bfloat16 compute.
+    overrides = {
+        "optimizer.name": "sgd",
+        "optimizer.momentum": 0.0,
+        "optimizer.clip_grad_norm": 0.0,
+        "model.drop_path_rate": 0.0,
+        "aug.mixup": 0.0,
+        "aug.cutmix": 0.0,
+        "ema_decay": None,
+        "compute_dtype": "bfloat16",
+    }
+    r = run_runner({"task": "per_device_step", "devices": 2, "overrides": overrides})
+    assert r["devices"] == 2
+    np.testing.assert_allclose(r["loss"], r["mean_single_loss"], rtol=1e-4)
+    assert r["params_vs_mean_single"] < 1e-4, r
+    assert r["stats_vs_mean_single"] < 2e-3, r
+    # The global-batch statistics are something else: the per-device path really normalised per device.
+    assert r["stats_vs_sync"] > 2e-2, r
+    assert abs(r["loss"] - r["sync_loss"]) > 1e-3, r
+    # Gradients and statistics are averaged as float32 (the bfloat16 compute copies' gradients cast first).
+    assert r["all_reduce_dtypes"] == ["f32"], r
