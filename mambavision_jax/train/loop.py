@@ -289,7 +289,9 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     say(
         f"{config.model_name}: {num_params:,} params; {jax.device_count()} devices ({jax.default_backend()}), "
-        f"sharding={config.get('sharding', 'data')}, compute dtype={jnp.dtype(compute_dtype(config)).name}; "
+        f"sharding={config.get('sharding', 'data')}, "
+        f"BatchNorm statistics {'global' if config.get('sync_batch_norm', False) else 'per device'}, "
+        f"compute dtype={jnp.dtype(compute_dtype(config)).name}; "
         f"{s['spe']} steps/epoch, steps {start}->{total}."
     )
 
