@@ -50,7 +50,9 @@ def test_per_device_batch_norm_with_fsdp_matches_data_parallel(run_runner, tmp_p
 def test_per_device_batch_norm_averages_one_device_steps(run_runner):
     # Plain SGD without clipping makes the update linear in the gradient, and no drop path, mixup or erasing makes
     # the step free of random draws: then the 2-device step must equal the average of one-device steps on the two
-    # halves of the batch (params, BatchNorm running statistics and loss), in bfloat16 compute.
+    # halves of the batch (params, BatchNorm running statistics and loss), in bfloat16 compute. norm_impl="pallas"
+    # puts Pallas kernels (interpret mode here) with their batch-parallel custom_partitioning inside the shard_map,
+    # as the scan's are on GPUs.
     overrides = {
         "optimizer.name": "sgd",
         "optimizer.momentum": 0.0,
@@ -60,6 +62,7 @@ def test_per_device_batch_norm_averages_one_device_steps(run_runner):
         "aug.cutmix": 0.0,
         "ema_decay": None,
         "compute_dtype": "bfloat16",
+        "model.norm_impl": "pallas",
     }
     r = run_runner({"task": "per_device_step", "devices": 2, "overrides": overrides})
     assert r["devices"] == 2
