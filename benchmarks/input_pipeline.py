@@ -1,12 +1,15 @@
 """Host input pipeline throughput: ``build_train_iterator`` alone (no device work), img/s and bytes a batch.
 
-    python benchmarks/input_pipeline.py [--config configs/tiny.py] [--sources synthetic,digits] [--batches 8]
+    python benchmarks/input_pipeline.py [--config configs/tiny.py] [--sources synthetic,digits] [--batches 8] \
+        [--workers 16] [--processes 0,16] [--data-dir <folder root>]
 
 Each source runs the config's train pipeline (for augmented sources: RandomResizedCrop, flip, RandAugment and the
 random-erasing rectangles; normalisation and the erasing fill run on the device in the jitted step, not here) at
 the config's batch size and image size, without the iterator's background prefetch (``config.data.prefetch = 0``,
 so the time is the producer's own); three warm-up batches are excluded. ``--workers`` overrides
-``config.data.num_workers`` (grain threads). Prints one line a source.
+``config.data.num_workers`` (grain threads), ``--processes`` lists ``config.data.worker_processes`` settings to time
+one after another (0: threads only), ``--data-dir`` is the folder source's root (``<root>/train/<class>/*.jpg``).
+Prints one line a source and setting.
 """
 
 from __future__ import annotations
@@ -54,18 +57,25 @@ def main():
     parser.add_argument("--sources", default="synthetic,digits")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--processes", default="0", help="comma list of worker-process counts (0: threads only)")
+    parser.add_argument("--data-dir", default=None, help="root of the folder source")
     args = parser.parse_args()
     for source in args.sources.split(","):
-        config = load_config(args.config)
-        if args.workers is not None:
-            config.data.num_workers = args.workers
-        r = measure(config, source, args.batches)
-        arrays = ", ".join(f"{k} {v}" for k, v in r["arrays"].items())
-        print(
-            f"{source:10s} {r['img_per_s']:9.0f} img/s  {r['ms_per_batch']:7.1f} ms/batch  "
-            f"{r['mb_per_batch']:6.1f} MB/batch  ({arrays})",
-            flush=True,
-        )
+        for processes in (int(p) for p in args.processes.split(",")):
+            config = load_config(args.config)
+            if args.workers is not None:
+                config.data.num_workers = args.workers
+            config.data.worker_processes = processes
+            if args.data_dir:
+                config.data.data_dir = args.data_dir
+            r = measure(config, source, args.batches)
+            arrays = ", ".join(f"{k} {v}" for k, v in r["arrays"].items())
+            parallel = f"{processes} processes" if processes else f"{config.data.num_workers} threads"
+            print(
+                f"{source:10s} {parallel:>13s} {r['img_per_s']:9.0f} img/s  {r['ms_per_batch']:7.1f} ms/batch  "
+                f"{r['mb_per_batch']:6.1f} MB/batch  ({arrays})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

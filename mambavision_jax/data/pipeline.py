@@ -1,4 +1,5 @@
-"""Train/eval iterators (grain MapDataset -> thread-parallel decode -> batch -> background prefetch).
+"""Train/eval iterators (grain MapDataset -> decode and augment in threads or worker processes -> batch ->
+background prefetch).
 
 Global stream (train): step ``s`` belongs to epoch ``e = s // steps_per_epoch`` at position
 ``p = s % steps_per_epoch``. Epoch ``e`` reads the records ``perm_e[p*G:(p+1)*G]`` with
@@ -9,19 +10,28 @@ only on (config, step, process_index, process_count): resuming = ``build_train_i
 
 Eval: one ordered pass, ``ceil(N / G_eval)`` batches on every host (same count on all hosts), host slices as above,
 positions past ``N`` padded with zeros and ``mask`` 0.
+
+Parallelism (``config.data``): ``num_workers`` threads of this process decode and augment examples, or, with
+``worker_processes`` > 0, that many spawned processes each make whole batches (grain ``mp_prefetch``; the batches
+are the same, in the same order). Processes scale with the host's cores where threads stop at the GIL: on the
+2-core development machine the folder source with the full train augmentation gave 366 img/s in one thread and
+678 in two, and slowed down beyond (``benchmarks/input_pipeline.py``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 
 import grain
 import numpy as np
+from absl import flags
 
 from .config_utils import cfg_get, global_batch_size, image_size, local_batch_size
 from .example_transforms import EvalTransform, TrainTransform
 from .prefetch import Prefetcher
+from . import source_folder
 from .source_folder import all_skipped_files
 from .sources import build_source
 
@@ -64,8 +74,8 @@ def steps_per_epoch(config) -> int:
 
 class DataIterator:
     """Iterator of batch dicts. ``step`` is the global step of the next batch (train) or batch index (eval);
-    ``skipped_files`` lists corrupt files skipped so far (folder source, on_corrupt='skip'); ``close()`` stops the
-    background threads."""
+    ``skipped_files`` lists corrupt files skipped so far (folder source, on_corrupt='skip'; also those skipped in
+    worker processes, which report them with their batch); ``close()`` stops the background threads and processes."""
 
     def __init__(self, it, source, start_step: int, prefetch: int):
         self._pf = Prefetcher(it, prefetch)
@@ -77,6 +87,9 @@ class DataIterator:
 
     def __next__(self) -> dict:
         batch = next(self._pf)
+        skipped = batch.pop(_SKIPPED, None)
+        if skipped:
+            self.source.skip_log.merge(skipped)
         self.step += 1
         return batch
 
@@ -105,8 +118,59 @@ def _read_options(config, local_batch: int) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=max(0, threads), prefetch_buffer_size=max(16, min(2 * local_batch, 1024)))
 
 
+def _worker_processes(config) -> int:
+    processes = cfg_get(config.data, "worker_processes", 0)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
+        raise ValueError(f"config.data.worker_processes must be an int >= 0 (0: threads only); got {processes!r}")
+    return processes
+
+
 def _stack(examples):
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+_SKIPPED = "skipped_files"  # batch key of the corrupt files a worker process skipped while making the batch
+
+
+class _WholeBatches:
+    """``step -> batch``: the ``size`` examples at global positions ``step * size + k`` stacked, made one after
+    another; for worker processes, which each make whole batches. A folder source's corrupt files skipped while
+    making it travel with the batch under ``_SKIPPED`` ({path: times}), since the worker's skip log is its own."""
+
+    def __init__(self, example, size: int, source):
+        self.example, self.size, self.source = example, size, source
+
+    def __call__(self, step: int) -> dict:
+        log = getattr(self.source, "skip_log", None)
+        before = dict(log.files) if log is not None else {}
+        batch = _stack([self.example(int(step) * self.size + k) for k in range(self.size)])
+        if log is not None:
+            batch[_SKIPPED] = {p: n - before.get(p, 0) for p, n in log.files.items() if n > before.get(p, 0)}
+        return batch
+
+
+def _quiet_worker(worker_index: int, worker_count: int) -> None:
+    """Worker processes leave the corrupt-file warnings to the main process, which logs what they report."""
+    del worker_index, worker_count
+    logging.getLogger(source_folder.__name__).setLevel(logging.ERROR)
+
+
+def _batches(example, size: int, source, first_step: int, steps: int, config, drop_remainder: bool):
+    """The iterator of the batches ``first_step ..`` (``steps`` of them) made by ``example(position)``, position
+    ``step * size + k`` for the k-th example of a step: in threads of this process (``config.data.num_workers``) or,
+    with ``config.data.worker_processes`` > 0, as whole batches in that many spawned processes, put back in order.
+    ``example`` must then pickle (cloudpickle), with what it holds (source, transform)."""
+    processes = _worker_processes(config)
+    if processes == 0:
+        ds = grain.MapDataset.range(first_step * size, (first_step + steps) * size).map(example)
+        it = ds.to_iter_dataset(_read_options(config, size))
+        return iter(it.batch(size, drop_remainder=drop_remainder, batch_fn=_stack))
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags when it starts its workers; scripts may parse none
+        flags.FLAGS.mark_as_parsed()
+    ds = grain.MapDataset.range(first_step, first_step + steps).map(_WholeBatches(example, size, source))
+    options = grain.MultiprocessingOptions(num_workers=processes, per_worker_buffer_size=2)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options, worker_init_fn=_quiet_worker)
+    return iter(it)
 
 
 def _check_process(process_index: int, process_count: int):
@@ -115,10 +179,18 @@ def _check_process(process_index: int, process_count: int):
 
 
 class _EpochPermutations:
+    """``epoch -> permutation of range(n)``, the last two cached; picklable (for worker processes)."""
+
     def __init__(self, seed: int, n: int):
         self.seed, self.n = seed, n
         self._lock = threading.Lock()
         self._cache: dict[int, np.ndarray] = {}
+
+    def __getstate__(self):
+        return {"seed": self.seed, "n": self.n}
+
+    def __setstate__(self, state):
+        self.__init__(state["seed"], state["n"])
 
     def __call__(self, epoch: int) -> np.ndarray:
         with self._lock:
@@ -174,8 +246,7 @@ def build_train_iterator(config, *, start_step: int, process_index: int, process
             example["erase"] = box
         return example
 
-    ds = grain.MapDataset.range(int(start_step) * local, _STREAM_LEN).map(load)
-    it = iter(ds.to_iter_dataset(_read_options(config, local)).batch(local, drop_remainder=True, batch_fn=_stack))
+    it = _batches(load, local, source, int(start_step), _STREAM_LEN // local - int(start_step), config, True)
     return DataIterator(it, source, start_step, int(cfg_get(config.data, "prefetch", 2)))
 
 
@@ -202,9 +273,8 @@ def build_eval_iterator(config, *, process_index: int, process_count: int) -> Da
             image = transform(image)
         return {"image": image, "label": np.int32(label), "mask": np.float32(1)}
 
-    ds = grain.MapDataset.range(0, num_steps * local).map(load)
-    it = ds.to_iter_dataset(_read_options(config, local)).batch(local, drop_remainder=False, batch_fn=_stack)
-    return DataIterator(iter(it), source, 0, int(cfg_get(config.data, "prefetch", 2)))
+    it = _batches(load, local, source, 0, num_steps, config, False)
+    return DataIterator(it, source, 0, int(cfg_get(config.data, "prefetch", 2)))
 
 
 def skipped_files() -> list[str]:

@@ -9,8 +9,8 @@ _END = object()
 
 
 class Prefetcher:
-    """Iterates ``make_iter()`` in a daemon thread, keeping up to ``depth`` items queued. Exceptions raised in the
-    producer are re-raised by ``__next__``. ``close()`` stops the thread."""
+    """Iterates ``it`` in a daemon thread, keeping up to ``depth`` items queued. Exceptions raised in the producer
+    are re-raised by ``__next__``. ``close()`` stops the thread."""
 
     def __init__(self, it, depth: int = 2):
         self._it = it
@@ -53,6 +53,9 @@ class Prefetcher:
         raise StopIteration
 
     def close(self):
+        """Stops the thread, drops the queued items and closes the iterator if it has ``close`` (grain's
+        multiprocess iterator: stops its worker processes), then lets go of it (an iterator finalised only at
+        interpreter exit can fail there)."""
         self._stop.set()
         self._done = True
         try:
@@ -60,3 +63,7 @@ class Prefetcher:
                 self._q.get_nowait()
         except queue.Empty:
             pass
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+        self._it = None

@@ -36,6 +36,23 @@ class SkipLog:
         if first:
             log.warning("skipping corrupt image %s (%s: %s)", path, type(err).__name__, err)
 
+    def merge(self, skipped: dict[str, int]):
+        """Adds the skips a worker process reported (``{path: times}``), warning once for each new file."""
+        with self._lock:
+            new = [p for p in skipped if p not in self.files]
+            for path, times in skipped.items():
+                self.files[path] = self.files.get(path, 0) + int(times)
+        for path in new:
+            log.warning("skipping corrupt image %s (in a worker process)", path)
+
+    def __getstate__(self):
+        with self._lock:
+            return {"files": dict(self.files)}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self.files = dict(state["files"])
+
     @property
     def count(self) -> int:
         with self._lock:

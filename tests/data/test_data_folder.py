@@ -87,3 +87,45 @@ def test_folder_errors(tmp_path):
         D.build_source(_cfg(tmp_path, "raise"), "train")
     with pytest.raises(D.DatasetNotFoundError, match="split 'test'"):
         D.build_source(_cfg(tmp_path, "raise"), "test")
+
+
+def _take(iterator, n):
+    try:
+        return [next(iterator) for _ in range(n)]
+    finally:
+        iterator.close()
+
+
+def test_worker_processes_give_the_threads_batches_and_report_skips(tmp_path):
+    bad = _write_folder(tmp_path)
+    cfg = _cfg(tmp_path, "skip")
+    threads = D.build_train_iterator(cfg, start_step=2, process_index=0, process_count=1)
+    expected = _take(threads, 7)  # steps 2-8: past the first epoch's end (3 steps an epoch), the bad file read
+    assert threads.skipped_files == [bad]
+    cfg.data.worker_processes = 2
+    processes = D.build_train_iterator(cfg, start_step=2, process_index=0, process_count=1)
+    got = _take(processes, 7)
+    assert [sorted(b) for b in got] == [sorted(b) for b in expected] and "erase" in got[0]
+    for a, b in zip(got, expected):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # Reported with the batches that were delivered (threads also count what they read ahead).
+    assert processes.skipped_files == [bad] and processes.num_skipped >= 1
+
+    eval_threads = list(D.build_eval_iterator(_cfg(tmp_path, "skip", bs=5), process_index=0, process_count=1))
+    eval_cfg = _cfg(tmp_path, "skip", bs=5)
+    eval_cfg.data.worker_processes = 2
+    eval_processes = list(D.build_eval_iterator(eval_cfg, process_index=0, process_count=1))
+    assert len(eval_processes) == len(eval_threads) == 2  # 6 images in batches of 5: the second one padded
+    for a, b in zip(eval_processes, eval_threads):
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "4"])
+def test_worker_processes_must_be_a_count(tmp_path, value):
+    _write_folder(tmp_path, corrupt=False)
+    cfg = _cfg(tmp_path, "raise")
+    cfg.data.worker_processes = value
+    with pytest.raises(ValueError, match="worker_processes"):
+        D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1)
