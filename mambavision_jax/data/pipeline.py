@@ -78,6 +78,7 @@ class DataIterator:
     worker processes, which report them with their batch); ``close()`` stops the background threads and processes."""
 
     def __init__(self, it, source, start_step: int, prefetch: int):
+        self._workers = it if isinstance(it, _WorkerBatches) else None
         self._pf = Prefetcher(it, prefetch)
         self.source = source
         self.step = int(start_step)
@@ -105,6 +106,9 @@ class DataIterator:
 
     def close(self):
         self._pf.close()
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     def __del__(self):
         try:
@@ -170,7 +174,25 @@ def _batches(example, size: int, source, first_step: int, steps: int, config, dr
     ds = grain.MapDataset.range(first_step, first_step + steps).map(_WholeBatches(example, size, source))
     options = grain.MultiprocessingOptions(num_workers=processes, per_worker_buffer_size=2)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options, worker_init_fn=_quiet_worker)
-    return iter(it)
+    return _WorkerBatches(iter(it))
+
+
+class _WorkerBatches:
+    """The batches of grain's multiprocess iterator ``it``, every array copied out of the shared memory the workers
+    hand it over in, which is then freed at once (arrays the device step aliases, or that are alive at interpreter
+    exit, would otherwise keep their segments); ``close()`` stops the worker processes."""
+
+    def __init__(self, it):
+        self._it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in next(self._it).items()}
+
+    def close(self):
+        self._it.close()
 
 
 def _check_process(process_index: int, process_count: int):

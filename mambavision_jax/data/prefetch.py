@@ -53,9 +53,8 @@ class Prefetcher:
         raise StopIteration
 
     def close(self):
-        """Stops the thread, drops the queued items and closes the iterator if it has ``close`` (grain's
-        multiprocess iterator: stops its worker processes), then lets go of it (an iterator finalised only at
-        interpreter exit can fail there)."""
+        """Stops the thread, drops the queued items and lets go of the iterator (grain's, finalised only at
+        interpreter exit, can fail there)."""
         self._stop.set()
         self._done = True
         try:
@@ -63,7 +62,4 @@ class Prefetcher:
                 self._q.get_nowait()
         except queue.Empty:
             pass
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
         self._it = None

@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "validation"
     c.data.num_classes = 1000
     c.data.image_size = 224
-    c.data.num_workers = 16
+    c.data.num_workers = 16  # decode/augment threads, when worker_processes is 0
+    c.data.worker_processes = 0  # > 0: spawned processes making whole batches (scale past the GIL)
     c.data.prefetch = 2
     c.data.on_corrupt = "skip"
     c.data.synthetic_examples = 0
