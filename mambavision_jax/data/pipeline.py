@@ -13,10 +13,10 @@ positions past ``N`` padded with zeros and ``mask`` 0.
 
 Parallelism (``config.data``): ``num_workers`` threads of this process decode and augment examples, or, with
 ``worker_processes`` > 0, that many spawned processes each make whole batches (grain ``mp_prefetch``; the batches
-are the same, in the same order). Processes scale with the host's cores where threads stop at the GIL: on the
-2-core development machine, 500x375 JPEGs through the folder source with the full train augmentation gave 360
-img/s in one thread, 669 in two threads, 890 in two processes, and threads slowed down beyond two
-(``benchmarks/input_pipeline.py``).
+are the same, in the same order). Threads share the GIL, which an example holds for ~0.75 ms of its 3.4 (a 500x375
+JPEG with the full train augmentation, profiled on the 2-core development machine), so they cap at ~4.5 cores'
+worth; processes scale with the cores. There, at batch 128: one thread 360 img/s, two threads 669, two processes
+890 (``benchmarks/input_pipeline.py``).
 """
 
 from __future__ import annotations
