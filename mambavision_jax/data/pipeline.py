@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
+import time
 
 import grain
 import numpy as np
@@ -154,10 +156,20 @@ class _WholeBatches:
         return batch
 
 
-def _quiet_worker(worker_index: int, worker_count: int) -> None:
-    """Worker processes leave the corrupt-file warnings to the main process, which logs what they report."""
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """Run first in each worker process: it leaves the corrupt-file warnings to the main process (which logs what
+    the workers report) and exits when the main process is gone (killed, say), instead of waiting forever to hand
+    over its next batch."""
     del worker_index, worker_count
     logging.getLogger(source_folder.__name__).setLevel(logging.ERROR)
+    parent = os.getppid()
+
+    def exit_when_orphaned():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True, name="mvj-worker-watchdog").start()
 
 
 def _batches(example, size: int, source, first_step: int, steps: int, config, drop_remainder: bool):
@@ -174,7 +186,7 @@ def _batches(example, size: int, source, first_step: int, steps: int, config, dr
         flags.FLAGS.mark_as_parsed()
     ds = grain.MapDataset.range(first_step, first_step + steps).map(_WholeBatches(example, size, source))
     options = grain.MultiprocessingOptions(num_workers=processes, per_worker_buffer_size=2)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options, worker_init_fn=_quiet_worker)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options, worker_init_fn=_init_worker)
     return _WorkerBatches(iter(it))
 
 

@@ -1,6 +1,9 @@
 """Image-folder source on generated JPEGs, including a corrupt file."""
 
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -129,3 +132,41 @@ def test_worker_processes_must_be_a_count(tmp_path, value):
     cfg.data.worker_processes = value
     with pytest.raises(ValueError, match="worker_processes"):
         D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an orphan's zombie may wait for a reaper)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_worker_processes_exit_when_the_main_process_is_killed(tmp_path):
+    _write_folder(tmp_path, corrupt=False)
+    script = f"""
+import multiprocessing, sys, time
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from mvj_data_helpers import make_config
+from mambavision_jax import data as D
+if __name__ == "__main__":
+    cfg = make_config("folder", size=16, bs=4, num_classes=3, data_dir={str(tmp_path)!r}, eval_split="val")
+    cfg.data.worker_processes = 2
+    it = D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1)
+    next(it)
+    print(*[p.pid for p in multiprocessing.active_children() if "resource_tracker" not in p.name], flush=True)
+    time.sleep(600)
+"""
+    main = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in main.stdout.readline().split()]
+        assert len(workers) == 2 and all(_running(p) for p in workers)
+    finally:
+        main.kill()  # SIGKILL: no cleanup in the main process
+        main.wait()
+    deadline = time.monotonic() + 20
+    while any(_running(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(p) for p in workers), "worker processes outlived the killed main process"
