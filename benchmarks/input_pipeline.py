@@ -1,14 +1,16 @@
 """Host input pipeline throughput: ``build_train_iterator`` alone (no device work), img/s and bytes a batch.
 
     python benchmarks/input_pipeline.py [--config configs/tiny.py] [--sources synthetic,digits] [--batches 8] \
-        [--workers 16] [--processes 0,16] [--data-dir <folder root>]
+        [--workers 16] [--processes 0,16] [--data-dir <folder root> [--write-jpegs 640]]
 
 Each source runs the config's train pipeline (for augmented sources: RandomResizedCrop, flip, RandAugment and the
 random-erasing rectangles; normalisation and the erasing fill run on the device in the jitted step, not here) at
 the config's batch size and image size, without the iterator's background prefetch (``config.data.prefetch = 0``,
 so the time is the producer's own); three warm-up batches are excluded. ``--workers`` overrides
 ``config.data.num_workers`` (grain threads), ``--processes`` lists ``config.data.worker_processes`` settings to time
-one after another (0: threads only), ``--data-dir`` is the folder source's root (``<root>/train/<class>/*.jpg``).
+one after another (0: threads only), ``--data-dir`` is the folder source's root (``<root>/train/<class>/*.jpg``);
+``--write-jpegs N`` first fills an empty or missing root with N ImageNet-sized stand-ins (500x375 JPEGs, quality 90,
+~75 KB, in 4 classes) to time a host without ImageNet.
 Prints one line a source and setting.
 """
 
@@ -51,6 +53,28 @@ def measure(config, source: str, batches: int) -> dict:
     }
 
 
+def write_jpegs(root: str, count: int, classes: int = 4) -> None:
+    """``count`` smooth, noisy 500x375 RGB JPEGs (about an ImageNet photo's size and file size) under
+    ``root/{train,val}/class<i>/`` (val: 4 a class), unless ``root`` already holds files."""
+    from PIL import Image
+
+    if os.path.isdir(root) and os.listdir(root):
+        return
+    rng = np.random.default_rng(0)
+    x = np.mgrid[0:375, 0:500][1]
+    for split, per_class in (("train", max(1, count // classes)), ("val", 4)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                waves = [
+                    np.sin(x / (20 + 7 * k) + 6 * rng.random()) * 80 + 120 + 12 * rng.normal(size=x.shape)
+                    for k in range(3)
+                ]
+                image = np.clip(np.stack(waves, -1), 0, 255).astype(np.uint8)
+                Image.fromarray(image).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
@@ -59,7 +83,12 @@ def main():
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--processes", default="0", help="comma list of worker-process counts (0: threads only)")
     parser.add_argument("--data-dir", default=None, help="root of the folder source")
+    parser.add_argument("--write-jpegs", type=int, default=0, help="fill an empty --data-dir with this many JPEGs")
     args = parser.parse_args()
+    if args.write_jpegs:
+        if not args.data_dir:
+            parser.error("--write-jpegs needs --data-dir")
+        write_jpegs(args.data_dir, args.write_jpegs)
     for source in args.sources.split(","):
         for processes in (int(p) for p in args.processes.split(",")):
             config = load_config(args.config)

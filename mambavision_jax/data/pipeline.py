@@ -15,8 +15,8 @@ Parallelism (``config.data``): ``num_workers`` threads of this process decode an
 ``worker_processes`` > 0, that many spawned processes each make whole batches (grain ``mp_prefetch``; the batches
 are the same, in the same order). Threads share the GIL, which an example holds for ~0.75 ms of its 3.4 (a 500x375
 JPEG with the full train augmentation, profiled on the 2-core development machine), so they cap at ~4.5 cores'
-worth; processes scale with the cores. There, at batch 128: one thread 360 img/s, two threads 669, two processes
-890 (``benchmarks/input_pipeline.py``).
+worth; processes scale with the cores. There, at batch 128: one thread 360 img/s, two threads 633-749, two
+processes 696-936 (``benchmarks/input_pipeline.py``, four runs).
 """
 
 from __future__ import annotations
