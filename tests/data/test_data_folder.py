@@ -170,3 +170,13 @@ if __name__ == "__main__":
     while any(_running(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_running(p) for p in workers), "worker processes outlived the killed main process"
+
+
+def test_worker_processes_raise_the_corrupt_file_error_by_name(tmp_path):
+    bad = _write_folder(tmp_path)
+    cfg = _cfg(tmp_path, "raise")
+    cfg.data.worker_processes = 2
+    it = D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1)
+    with pytest.raises(D.CorruptImageError, match="dog_bad.jpg") as error:
+        _take(it, 12)  # 3 steps an epoch; the file is read in the first epochs for this seed
+    assert error.value.path == bad
