@@ -23,6 +23,7 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OPERANDS = re.compile(r"%([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_LAYOUT = re.compile(r"\{[^{}]*\}")  # an array's layout, e.g. {2,1,0} or {1,0:T(8,128)}
 
 
 def array_bytes(text: str) -> int:
@@ -41,6 +42,7 @@ class Instruction:
     name: str
     opcode: str
     result_bytes: int
+    result: str  # the result's arrays, layouts dropped: "bf16[128,196,512]" or "(f32[512], bf16[128,196,512])"
     operand_bytes: int
     calls: str | None  # the fused computation, for fusions
     target: str | None  # custom_call_target, for custom calls
@@ -108,6 +110,7 @@ def parse_module(text: str) -> dict[str, dict[str, Instruction]]:
             name=name,
             opcode=opcode.group(0) if opcode else "",
             result_bytes=array_bytes(shape),
+            result=_LAYOUT.sub("", shape),
             operand_bytes=typed if typed else -len(names),  # untyped operand lists are resolved in link()
             calls=calls.group(1) if calls else None,
             target=target.group(1) if target else None,

@@ -97,6 +97,7 @@ def attribute(kernels: list[dict], instructions: dict, calls: int) -> list[dict]
             row = rows[key] = dict(
                 kernel=k["name"],
                 hlo=inst.name if inst else None,
+                result=inst.result if inst else None,
                 opcode=(inst.target or inst.opcode) if inst else None,
                 bytes=inst.bytes if inst else 0,
                 path=path,
@@ -186,9 +187,10 @@ def main():
     print(f"top {args.top} kernels:")
     for r in rows[: args.top]:
         gbs = f"{r['gb_per_s']:6.0f} GB/s" if r["gb_per_s"] else " " * 11
+        result = (r["result"] or "")[:60]  # what the kernel writes: float32 activations show here
         print(
             f"  {r['us_per_call']:8.1f} us x{r['launches_per_call']:<4.0f} {gbs} {r['bytes'] / 1e6:8.1f} MB  "
-            f"{'bwd' if r['backward'] else 'fwd'} {r['path'][:48]:<48} {r['kernel'][:50]}"
+            f"{'bwd' if r['backward'] else 'fwd'} {r['path'][:48]:<48} {r['kernel'][:50]} -> {result}"
         )
 
 

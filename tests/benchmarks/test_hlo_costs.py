@@ -64,6 +64,7 @@ def test_dots_are_found_with_their_bytes_and_places(instructions):
     assert ("fc1", False) in places and ("fc2", False) in places
     assert ("fc1", True) in places and ("fc2", True) in places
     fc1_forward = [i for i in dots if hlo_costs.origin(i) == ("fc1", False)]
+    assert any(i.result == "f32[8,48]" for i in fc1_forward)  # the result's arrays, without their layout
     # (8, 32) @ (32, 48) in float32: operands and result, at least
     assert max(i.bytes for i in fc1_forward) >= 4 * (8 * 32 + 32 * 48 + 8 * 48)
 
