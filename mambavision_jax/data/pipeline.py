@@ -21,6 +21,7 @@ processes 696-936 (``benchmarks/input_pipeline.py``, four runs).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -156,16 +157,15 @@ class _WholeBatches:
         return batch
 
 
-def _init_worker(worker_index: int, worker_count: int) -> None:
-    """Run first in each worker process: it leaves the corrupt-file warnings to the main process (which logs what
-    the workers report) and exits when the main process is gone (killed, say), instead of waiting forever to hand
-    over its next batch."""
+def _init_worker(worker_index: int, worker_count: int, main_pid: int) -> None:
+    """Run first in each worker process: it leaves the corrupt-file warnings to the main process ``main_pid`` (which
+    logs what the workers report) and exits when that process is gone (killed, say, even before this worker got
+    here), instead of waiting forever to hand over its next batch."""
     del worker_index, worker_count
     logging.getLogger(source_folder.__name__).setLevel(logging.ERROR)
-    parent = os.getppid()
 
     def exit_when_orphaned():
-        while os.getppid() == parent:
+        while os.getppid() == main_pid:
             time.sleep(1.0)
         os._exit(1)
 
@@ -186,7 +186,8 @@ def _batches(example, size: int, source, first_step: int, steps: int, config, dr
         flags.FLAGS.mark_as_parsed()
     ds = grain.MapDataset.range(first_step, first_step + steps).map(_WholeBatches(example, size, source))
     options = grain.MultiprocessingOptions(num_workers=processes, per_worker_buffer_size=2)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options, worker_init_fn=_init_worker)
+    init = functools.partial(_init_worker, main_pid=os.getpid())
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options, worker_init_fn=init)
     return _WorkerBatches(iter(it))
 
 
