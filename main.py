@@ -3,6 +3,7 @@
   python main.py --config=configs/tiny.py --workdir=/tmp/mv_t [--config.key=value ...]
   python main.py --config=configs/demo.py --workdir=/tmp/demo
   python main.py --config=configs/tiny.py --config.mode=eval --config.init_from=<converted dir> --workdir=/tmp/ev
+  python main.py --config=configs/tiny.py --config.mode=eval --config.init_from=hf-hub --workdir=/tmp/ev  # official
   python main.py --config=configs/tiny.py --config.mode=export --workdir=/tmp/mv_t   # -> /tmp/mv_t/converted[_ema]
 
 Running the same command again with the same --workdir resumes from the latest checkpoint.

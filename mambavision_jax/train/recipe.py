@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
             **{name: placeholder(str) for name in ("scan_impl", "attention_impl", "norm_impl", "mlp_impl")},
         }
     )
-    c.init_from = placeholder(str)
+    c.init_from = placeholder(str)  # weights to start from: a checkpoint, a converted dir, or "hf-hub" (official)
     c.compute_dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
 
     c.data = ml_collections.ConfigDict()

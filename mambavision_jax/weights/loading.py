@@ -17,6 +17,7 @@ from flax import traverse_util
 from mambavision_jax.models.mamba_vision import MambaVision
 from mambavision_jax.models.registry import create_model, resolve_name
 from mambavision_jax.weights.converted import is_converted_dir, load_converted
+from mambavision_jax.weights.hub import HUB_SOURCE, download_official
 from mambavision_jax.weights.params import (
     expected_torch_keys,
     flat_leaves,
@@ -73,20 +74,26 @@ def load_state_dict(
 
 
 def from_pretrained(
-    name: Optional[str], source: str, *, ema: bool = False, seed: int = 0, **overrides: Any
+    name: Optional[str], source: Optional[str] = None, *, ema: bool = False, seed: int = 0, **overrides: Any
 ) -> tuple[MambaVision, dict[str, Any]]:
     """Load official or converted weights: ``(module, variables)`` ready for ``module.apply``.
 
     Args:
       name: registry name or alias (``None``: the name stored in a converted directory).
       source: an official ``.pth``/``.pth.tar`` (``state_dict``/``model``/``state_dict_ema``, ``module.``
-        prefixes), a Hugging Face ``model.safetensors`` (with or without ``model.`` prefixes), or a directory
-        written by ``convert_torch_weights.py``.
+        prefixes), a Hugging Face ``model.safetensors`` (with or without ``model.`` prefixes), a directory
+        written by ``convert_torch_weights.py``, or ``None`` / ``"hf-hub"``: the official checkpoint of ``name``
+        from the Hugging Face Hub (:func:`~mambavision_jax.weights.hub.download_official`, cached after the
+        first download).
       ema: take ``state_dict_ema`` from a training checkpoint.
       seed: initialisation seed of a replaced head.
       **overrides: :func:`create_model` overrides. A ``num_classes`` other than the checkpoint's keeps every
         weight but the head, which is freshly initialised (and logged).
     """
+    if source in (None, HUB_SOURCE):
+        if name is None:
+            raise ValueError("name is required to download the official weights from the Hugging Face Hub")
+        source = download_official(name)
     if is_converted_dir(source):
         manifest, variables = load_converted(source)
         stored = manifest["model_name"]

@@ -1,9 +1,12 @@
 """Weights: key map round trips, both file formats, EMA, the converter CLI, head replacement, and errors."""
 
+import dataclasses
+import json
 import logging
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -222,3 +225,100 @@ def test_torch_checkpoint_without_torch_says_how_to_install(reference, monkeypat
     monkeypatch.setitem(sys.modules, "torch", None)  # any torch import now fails
     with pytest.raises(ImportError, match=r"pip install 'mambavision-jax\[torch\]'"):
         mvj.from_pretrained(NAME, str(reference["dir"] / "state_dict.pth.tar"), **ARCH)
+
+
+class FakeHub:
+    """``huggingface_hub.hf_hub_download`` stand-in: serves ``files`` ({filename: local path}), raises ``errors``
+    ({filename: exception}), and records every (repo_id, filename) asked for."""
+
+    def __init__(self, files=None, errors=None):
+        self.files, self.errors, self.calls = files or {}, errors or {}, []
+
+    def __call__(self, repo_id, filename, **kwargs):
+        self.calls.append((repo_id, filename))
+        if filename in self.errors:
+            raise self.errors[filename]
+        if filename not in self.files:
+            raise AssertionError(f"unexpected download of {repo_id}/{filename}")
+        return self.files[filename]
+
+
+@pytest.fixture
+def hub_safetensors(reference):
+    path = reference["dir"] / "hub_model.safetensors"
+    save_file({f"model.{k}": v for k, v in state_dict_numpy(reference["model"]).items()}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("source", [None, "hf-hub"])
+def test_official_weights_download_from_the_hub(reference, hub_safetensors, source, monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub(files={"model.safetensors": hub_safetensors})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    module, variables = mvj.from_pretrained("mambavision_tiny", source, **ARCH)
+    assert hub.calls == [("nvidia/MambaVision-T-1K", "model.safetensors")]
+    assert_close(jax_logits(module, variables, reference["images"]), reference["logits"])
+    with pytest.raises(ValueError, match="name is required"):
+        mvj.from_pretrained(None, source)
+
+
+def test_hub_download_falls_back_to_the_official_pth_tar(reference, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    hub = FakeHub(
+        files={"mambavision_tiny_1k.pth.tar": str(reference["dir"] / "state_dict.pth.tar")},
+        errors={"model.safetensors": errors.EntryNotFoundError("404: no such file")},
+    )
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    module, variables = mvj.from_pretrained(NAME, **ARCH)
+    assert [f for _, f in hub.calls] == ["model.safetensors", "mambavision_tiny_1k.pth.tar"]
+    assert_close(jax_logits(module, variables, reference["images"]), reference["logits"])
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        ("offline", r"nvidia/MambaVision-B-1K/model.safetensors is not in the Hugging Face cache"),
+        ("http", r"could not download nvidia/MambaVision-B-1K/model.safetensors: 401"),
+        ("neither", r"nvidia/MambaVision-B-1K holds none of model.safetensors, mambavision_base_1k.pth.tar"),
+    ],
+)
+def test_hub_failures_name_the_repository_and_file(error, message, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    missing = errors.EntryNotFoundError("404")
+    response = types.SimpleNamespace(headers={}, request=None)  # what HfHubHTTPError reads of an HTTP response
+    raised = {
+        "offline": {"model.safetensors": errors.LocalEntryNotFoundError("no connection")},
+        "http": {"model.safetensors": errors.HfHubHTTPError("401 Client Error: Unauthorized", response=response)},
+        "neither": {"model.safetensors": missing, "mambavision_base_1k.pth.tar": missing},
+    }[error]
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", FakeHub(errors=raised))
+    with pytest.raises(CheckpointError, match=message):
+        mvj.from_pretrained("mamba_vision_B")
+
+
+def test_hub_download_without_huggingface_hub_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # any huggingface_hub import now fails
+    with pytest.raises(ImportError, match=r"pip install 'mambavision-jax\[hub\]'"):
+        mvj.from_pretrained(NAME)
+
+
+def test_converter_cli_downloads_without_input(reference, hub_safetensors, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.syspath_prepend(ROOT)
+    import convert_torch_weights
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", FakeHub(files={"model.safetensors": hub_safetensors}))
+    # The CLI converts registered architectures only: register the small test architecture as T for this test.
+    variants = mvj.models.registry.VARIANTS
+    monkeypatch.setitem(variants, NAME, dataclasses.replace(variants[NAME], **ARCH))
+    out = tmp_path / "from_hub"
+    assert convert_torch_weights.main(["--model", NAME, "--output", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "mambavision.json").read_text())["source"] == os.path.basename(hub_safetensors)
+    module, variables = mvj.from_pretrained(None, str(out))
+    assert_close(jax_logits(module, variables, reference["images"]), reference["logits"])
