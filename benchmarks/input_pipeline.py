@@ -6,7 +6,9 @@
 Each source runs the config's train pipeline (for augmented sources: RandomResizedCrop, flip, RandAugment and the
 random-erasing rectangles; normalisation and the erasing fill run on the device in the jitted step, not here) at
 the config's batch size and image size, without the iterator's background prefetch (``config.data.prefetch = 0``,
-so the time is the producer's own); three warm-up batches are excluded. ``--workers`` overrides
+so the time is the producer's own). Warm-up batches are excluded: three, plus two a worker process, since each
+process makes batches ahead into its buffer while the first ones are taken (time many more batches than
+processes: with few, the buffered ones inflate the rate). ``--workers`` overrides
 ``config.data.num_workers`` (grain threads), ``--processes`` lists ``config.data.worker_processes`` settings to time
 one after another (0: threads only), ``--data-dir`` is the folder source's root (``<root>/train/<class>/*.jpg``);
 ``--write-jpegs N`` first fills an empty or missing root with N ImageNet-sized stand-ins (500x375 JPEGs, quality 90,
@@ -26,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import mambavision_jax.data as data  # noqa: E402
+from mambavision_jax.data.config_utils import local_batch_size  # noqa: E402
 from config_file import load_config  # noqa: E402
 
 
@@ -34,9 +37,10 @@ def measure(config, source: str, batches: int) -> dict:
     config.data.prefetch = 0
     if source == "synthetic" and not config.data.get("synthetic_examples"):
         config.data.synthetic_examples = 100_000
+    processes = data.worker_process_count(config, local_batch_size(config))
     it = data.build_train_iterator(config, start_step=0, process_index=0, process_count=1)
     try:
-        for _ in range(3):
+        for _ in range(3 + 2 * processes):
             batch = next(it)
         start = time.perf_counter()
         for _ in range(batches):
@@ -46,6 +50,7 @@ def measure(config, source: str, batches: int) -> dict:
         it.close()
     size = len(batch["label"])
     return {
+        "processes": processes,
         "img_per_s": size / seconds,
         "ms_per_batch": 1e3 * seconds,
         "mb_per_batch": sum(np.asarray(v).nbytes for v in batch.values()) / 1e6,
@@ -81,7 +86,9 @@ def main():
     parser.add_argument("--sources", default="synthetic,digits")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--processes", default="0", help="comma list of worker-process counts (0: threads only)")
+    parser.add_argument(
+        "--processes", default="0", help="comma list of worker-process counts (0: threads only, -1: auto)"
+    )
     parser.add_argument("--data-dir", default=None, help="root of the folder source")
     parser.add_argument("--write-jpegs", type=int, default=0, help="fill an empty --data-dir with this many JPEGs")
     args = parser.parse_args()
@@ -99,7 +106,7 @@ def main():
                 config.data.data_dir = args.data_dir
             r = measure(config, source, args.batches)
             arrays = ", ".join(f"{k} {v}" for k, v in r["arrays"].items())
-            parallel = f"{processes} processes" if processes else f"{config.data.num_workers} threads"
+            parallel = f"{r['processes']} processes" if r["processes"] else f"{config.data.num_workers} threads"
             print(
                 f"{source:10s} {parallel:>13s} {r['img_per_s']:9.0f} img/s  {r['ms_per_batch']:7.1f} ms/batch  "
                 f"{r['mb_per_batch']:6.1f} MB/batch  ({arrays})",

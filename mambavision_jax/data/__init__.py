@@ -18,6 +18,7 @@ from .pipeline import (
     num_examples,
     skipped_files,
     steps_per_epoch,
+    worker_process_count,
 )
 from .sources import DATASETS, build_source
 
@@ -26,6 +27,7 @@ __all__ = [
     "build_eval_iterator",
     "num_examples",
     "steps_per_epoch",
+    "worker_process_count",
     "batch_images",
     "mixup_cutmix",
     "mixup_cutmix_with_lam",

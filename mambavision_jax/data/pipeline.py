@@ -13,10 +13,11 @@ positions past ``N`` padded with zeros and ``mask`` 0.
 
 Parallelism (``config.data``): ``num_workers`` threads of this process decode and augment examples, or, with
 ``worker_processes`` > 0, that many spawned processes each make whole batches (grain ``mp_prefetch``; the batches
-are the same, in the same order). Threads share the GIL, which an example holds for ~0.75 ms of its 3.4 (a 500x375
-JPEG with the full train augmentation, profiled on the 2-core development machine), so they cap at ~4.5 cores'
-worth; processes scale with the cores. There, at batch 128: one thread 360 img/s, two threads 633-749, two
-processes 696-936 (``benchmarks/input_pipeline.py``, four runs).
+are the same, in the same order); -1 picks the count from the cores and ``/dev/shm`` (:func:`auto_worker_processes`).
+Threads share the GIL, which an example holds for ~0.75 ms of its 3.4 (a 500x375 JPEG with the full train
+augmentation, profiled on the 2-core development machine), so they cap at ~4.5 cores' worth; processes scale with
+the cores. At batch 128 there: one thread 360 img/s, two threads 633-749, two processes 696-936; on a 16-core GPU
+host, 16 threads 697-807 img/s and 15 processes ~3,000 (``benchmarks/input_pipeline.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from .prefetch import Prefetcher
 from . import source_folder
 from .source_folder import all_skipped_files
 from .sources import build_source
+
+log = logging.getLogger(__name__)
 
 _STREAM_LEN = 2**62  # "infinite" length of the train index stream
 
@@ -126,10 +129,59 @@ def _read_options(config, local_batch: int) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=max(0, threads), prefetch_buffer_size=max(16, min(2 * local_batch, 1024)))
 
 
-def _worker_processes(config) -> int:
+AUTO = -1  # worker_processes: as many as the cores and /dev/shm allow (see auto_worker_processes)
+_SHM = "/dev/shm"
+_SHM_BATCHES_PER_PROCESS = 4  # per_worker_buffer_size (2), the batch being handed over, and headroom
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _free_shm_bytes() -> int | None:
+    """Free bytes in ``/dev/shm``, where worker processes hand their batches over; None where there is none."""
+    try:
+        stat = os.statvfs(_SHM)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def auto_worker_processes(batch_bytes: int, cores: int, free_shm: int | None) -> int:
+    """``worker_processes=-1`` (auto): one process a core but one (left to the main process), as many as ``/dev/shm``
+    holds batches of ``batch_bytes`` for (``_SHM_BATCHES_PER_PROCESS`` each); 0 (threads) where that is under two,
+    which two threads match (a 2-core host, or Docker's default 64 MB ``/dev/shm``)."""
+    processes = cores - 1
+    if free_shm is not None:
+        processes = min(processes, free_shm // (_SHM_BATCHES_PER_PROCESS * max(1, batch_bytes)))
+    return int(processes) if processes >= 2 else 0
+
+
+def worker_process_count(config, batch_size: int) -> int:
+    """How many worker processes make batches of ``batch_size`` images for ``config`` (0: threads), with
+    ``config.data.worker_processes`` = -1 (auto) resolved on this host; ValueError for a setting that is no count."""
+    batch_bytes = batch_size * image_size(config) ** 2 * 3  # uint8 HWC images
     processes = cfg_get(config.data, "worker_processes", 0)
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
-        raise ValueError(f"config.data.worker_processes must be an int >= 0 (0: threads only); got {processes!r}")
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < AUTO:
+        raise ValueError(
+            f"config.data.worker_processes must be an int >= 0 (0: threads only) or -1 (auto); got {processes!r}"
+        )
+    if processes != AUTO:
+        return processes
+    cores, free_shm = _usable_cores(), _free_shm_bytes()
+    processes = auto_worker_processes(batch_bytes, cores, free_shm)
+    shm = "no /dev/shm" if free_shm is None else f"{free_shm / 2**20:,.0f} MiB free in /dev/shm"
+    chosen = f"{processes} worker processes" if processes else "threads"
+    if processes < auto_worker_processes(batch_bytes, cores, None):  # /dev/shm, not the cores, set the count
+        log.warning(
+            "input pipeline: %s, as /dev/shm holds no more batches (%s, %d cores); in Docker, a larger "
+            "--shm-size lets a process a core run",
+            chosen,
+            shm,
+            cores,
+        )
+    else:
+        log.info("input pipeline: %s (worker_processes=-1, auto: %d cores, %s)", chosen, cores, shm)
     return processes
 
 
@@ -177,7 +229,7 @@ def _batches(example, size: int, source, first_step: int, steps: int, config, dr
     ``step * size + k`` for the k-th example of a step: in threads of this process (``config.data.num_workers``) or,
     with ``config.data.worker_processes`` > 0, as whole batches in that many spawned processes, put back in order.
     ``example`` must then pickle (cloudpickle), with what it holds (source, transform)."""
-    processes = _worker_processes(config)
+    processes = worker_process_count(config, size)
     if processes == 0:
         ds = grain.MapDataset.range(first_step * size, (first_step + steps) * size).map(example)
         it = ds.to_iter_dataset(_read_options(config, size))

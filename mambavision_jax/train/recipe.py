@@ -42,8 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "validation"
     c.data.num_classes = 1000
     c.data.image_size = 224
-    c.data.num_workers = 16  # decode/augment threads, when worker_processes is 0
-    c.data.worker_processes = 0  # > 0: spawned processes making whole batches (scale past the GIL)
+    # Decoding and augmentation: worker_processes spawned processes making whole batches (-1: a process a core but
+    # one, as /dev/shm allows, else threads), or num_workers threads (worker_processes=0), which the GIL caps.
+    c.data.num_workers = 16
+    c.data.worker_processes = -1
     c.data.prefetch = 2
     c.data.on_corrupt = "skip"
     c.data.synthetic_examples = 0

@@ -125,13 +125,46 @@ def test_worker_processes_give_the_threads_batches_and_report_skips(tmp_path):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, True, "4"])
+@pytest.mark.parametrize("value", [-2, 1.5, True, "4"])
 def test_worker_processes_must_be_a_count(tmp_path, value):
     _write_folder(tmp_path, corrupt=False)
     cfg = _cfg(tmp_path, "raise")
     cfg.data.worker_processes = value
     with pytest.raises(ValueError, match="worker_processes"):
         D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1)
+
+
+MB = 2**20
+
+
+@pytest.mark.parametrize(
+    "cores, free_shm, expected",
+    [
+        (16, None, 15),  # a process a core but one
+        (16, 64 * 1024 * MB, 15),
+        (16, 8 * 19 * MB, 2),  # /dev/shm holds 4 batches a process of 19 MB: room for 2
+        (16, 64 * MB, 0),  # Docker's default: not even 2 processes, so threads
+        (2, None, 0),  # one process would lose to two threads
+        (3, None, 2),
+    ],
+)
+def test_auto_worker_processes_follow_the_cores_and_dev_shm(cores, free_shm, expected):
+    assert D.pipeline.auto_worker_processes(19 * MB, cores, free_shm) == expected
+
+
+def test_auto_worker_processes_from_the_config(tmp_path, monkeypatch, caplog):
+    cfg = _cfg(tmp_path, "raise")  # 16x16 images: 768 bytes each, 3,072 a batch of 4
+    cfg.data.worker_processes = -1
+    monkeypatch.setattr(D.pipeline, "_usable_cores", lambda: 8)
+    monkeypatch.setattr(D.pipeline, "_free_shm_bytes", lambda: 10**9)
+    assert D.worker_process_count(cfg, 4) == 7
+    assert D.worker_process_count(cfg, 2) == 7
+    monkeypatch.setattr(D.pipeline, "_free_shm_bytes", lambda: 3 * 4 * 3072)  # room for 3 processes' batches of 4
+    with caplog.at_level("WARNING"):
+        assert D.worker_process_count(cfg, 4) == 3
+    assert "/dev/shm" in caplog.text and "--shm-size" in caplog.text
+    cfg.data.worker_processes = 0
+    assert D.worker_process_count(cfg, 4) == 0
 
 
 def _running(pid: int) -> bool:
