@@ -1,10 +1,16 @@
 """imagenet2012 through tfds.data_source on tfds.testing.mock_data (no TensorFlow)."""
 
+import os
+import subprocess
+import sys
+
+import cloudpickle
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from mambavision_jax import data as D
+from mambavision_jax.data.source_tfds import TfdsSource
 from mvj_data_helpers import make_config, take
 
 N = 40
@@ -81,3 +87,42 @@ def test_not_prepared_error(tmp_path):
     cfg = _cfg(data_dir=str(tmp_path))
     with pytest.raises(D.DatasetNotPreparedError, match="tfds build imagenet2012"):
         D.num_examples(cfg, "train")
+
+
+class MvjTestImages(tfds.core.GeneratorBasedBuilder):
+    """A prepared array_record dataset (numpy features, so no TensorFlow is needed to write it)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = {"image": tfds.features.Tensor(shape=(20, 24, 3), dtype=np.uint8)}
+        features["label"] = tfds.features.ClassLabel(num_classes=3)
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(7)}
+
+    def _generate_examples(self, n):
+        rng = np.random.default_rng(n)
+        for i in range(n):
+            yield i, {"image": rng.integers(0, 256, (20, 24, 3), dtype=np.uint8), "label": i % 3}
+
+
+def test_tfds_source_survives_the_trip_to_a_worker_process(tmp_path):
+    """Worker processes (``config.data.worker_processes``, -1 by default) get the source by cloudpickle in a fresh
+    interpreter: a TFDS array_record source must reopen its files there and read the same records."""
+    MvjTestImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    source = TfdsSource("mvj_test_images", "train", str(tmp_path))
+    (tmp_path / "source.pkl").write_bytes(cloudpickle.dumps(source))
+    read = (
+        "import pickle, sys, numpy as np\n"
+        "source = pickle.load(open(sys.argv[1], 'rb'))\n"
+        "print([(source.load(i)[1], int(np.asarray(source.load(i)[0]).sum())) for i in range(len(source))])\n"
+    )
+    # The worker imports the builder's module, as workers import tensorflow_datasets' own imagenet2012 builder.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    args = [sys.executable, "-c", read, str(tmp_path / "source.pkl")]
+    there = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert there.returncode == 0, there.stderr
+    here = [(source.load(i)[1], int(np.asarray(source.load(i)[0]).sum())) for i in range(len(source))]
+    assert len(here) == 7 and there.stdout.strip() == str(here)
