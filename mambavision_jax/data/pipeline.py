@@ -17,7 +17,7 @@ are the same, in the same order); -1 picks the count from the cores and ``/dev/s
 Threads share the GIL, which an example holds for ~0.75 ms of its 3.4 (a 500x375 JPEG with the full train
 augmentation, profiled on the 2-core development machine), so they cap at ~4.5 cores' worth; processes scale with
 the cores. At batch 128 there: one thread 360 img/s, two threads 633-749, two processes 696-936; on a 16-core GPU
-host, 16 threads 697-807 img/s and 15 processes ~3,000 (``benchmarks/input_pipeline.py``).
+host, 16 threads 697-807 img/s and 15 processes 3,026-4,666 (``benchmarks/input_pipeline.py``).
 """
 
 from __future__ import annotations
