@@ -10,7 +10,7 @@ from mambavision_jax.models.registry import VARIANTS, resolve_name
 from mambavision_jax.weights.readers import CheckpointError
 
 HUB_SOURCE = "hf-hub"  # the `source` / `init_from` value that means "the official file of this variant"
-SAFETENSORS_FILE = "model.safetensors"  # float32 weights in every nvidia/MambaVision-* repo; read without torch
+SAFETENSORS_FILE = "model.safetensors"  # the Hugging Face wrapper's float32 weights; read without torch
 
 
 def hub_repo_id(name: str) -> str:
