@@ -138,6 +138,25 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# Launchers' counts of the processes started on this host: Open MPI, torchrun-style launchers, SLURM.
+_LOCAL_PROCESS_VARS = (
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_TASKS_PER_NODE",
+)
+
+
+def _processes_on_this_host() -> int:
+    """How many training processes the launcher started on this host (1 where none says): they share its cores and
+    its /dev/shm. SLURM's ``SLURM_TASKS_PER_NODE`` reads like ``8(x2),4``: this host's count is taken as the first."""
+    for name in _LOCAL_PROCESS_VARS:
+        first = os.environ.get(name, "").split(",")[0].split("(")[0].strip()
+        if first.isdigit() and int(first) > 0:
+            return int(first)
+    return 1
+
+
 def _free_shm_bytes() -> int | None:
     """Free bytes in ``/dev/shm``, where worker processes hand their batches over; None where there is none."""
     try:
@@ -159,7 +178,9 @@ def auto_worker_processes(batch_bytes: int, cores: int, free_shm: int | None) ->
 
 def worker_process_count(config, batch_size: int) -> int:
     """How many worker processes make batches of ``batch_size`` images for ``config`` (0: threads), with
-    ``config.data.worker_processes`` = -1 (auto) resolved on this host; ValueError for a setting that is no count."""
+    ``config.data.worker_processes`` = -1 (auto) resolved on this host, where several training processes started by
+    one launcher (SLURM, Open MPI, torchrun-style) split the cores and /dev/shm; ValueError for a setting that is no
+    count."""
     batch_bytes = batch_size * image_size(config) ** 2 * 3  # uint8 HWC images
     processes = cfg_get(config.data, "worker_processes", 0)
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < AUTO:
@@ -168,20 +189,24 @@ def worker_process_count(config, batch_size: int) -> int:
         )
     if processes != AUTO:
         return processes
-    cores, free_shm = _usable_cores(), _free_shm_bytes()
+    cores, free_shm, sharing = _usable_cores(), _free_shm_bytes(), _processes_on_this_host()
+    if sharing > 1:  # a share each: of the host's cores, unless the launcher bound this process to fewer
+        cores = cores // sharing if cores >= (os.cpu_count() or cores) else cores
+        free_shm = None if free_shm is None else free_shm // sharing
     processes = auto_worker_processes(batch_bytes, cores, free_shm)
-    shm = "no /dev/shm" if free_shm is None else f"{free_shm / 2**20:,.0f} MiB free in /dev/shm"
+    shm = "no /dev/shm" if free_shm is None else f"{free_shm / 2**20:,.0f} MiB of /dev/shm"
+    shm += f", shared by {sharing} training processes" if sharing > 1 else ""
     chosen = f"{processes} worker processes" if processes else "threads"
     if processes < auto_worker_processes(batch_bytes, cores, None):  # /dev/shm, not the cores, set the count
         log.warning(
-            "input pipeline: %s, as /dev/shm holds no more batches (%s, %d cores); in Docker, a larger "
+            "input pipeline: %s, as /dev/shm holds no more batches (%s; %d cores); in Docker, a larger "
             "--shm-size lets a process a core run",
             chosen,
             shm,
             cores,
         )
     else:
-        log.info("input pipeline: %s (worker_processes=-1, auto: %d cores, %s)", chosen, cores, shm)
+        log.info("input pipeline: %s (worker_processes=-1, auto: %d cores; %s)", chosen, cores, shm)
     return processes
 
 

@@ -153,6 +153,8 @@ def test_auto_worker_processes_follow_the_cores_and_dev_shm(cores, free_shm, exp
 
 
 def test_auto_worker_processes_from_the_config(tmp_path, monkeypatch, caplog):
+    for name in D.pipeline._LOCAL_PROCESS_VARS:
+        monkeypatch.delenv(name, raising=False)
     cfg = _cfg(tmp_path, "raise")  # 16x16 images: 768 bytes each, 3,072 a batch of 4
     cfg.data.worker_processes = -1
     monkeypatch.setattr(D.pipeline, "_usable_cores", lambda: 8)
@@ -165,6 +167,30 @@ def test_auto_worker_processes_from_the_config(tmp_path, monkeypatch, caplog):
     assert "/dev/shm" in caplog.text and "--shm-size" in caplog.text
     cfg.data.worker_processes = 0
     assert D.worker_process_count(cfg, 4) == 0
+
+
+@pytest.mark.parametrize(
+    "env, bound_cores, expected",
+    [
+        ({"SLURM_TASKS_PER_NODE": "4(x2)"}, 32, 7),  # 4 training processes share 32 unbound cores: 8 each
+        ({"OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 32, 3),
+        ({"LOCAL_WORLD_SIZE": "4"}, 8, 7),  # bound by the launcher to 8 of the 32: those are this process's
+        ({}, 32, 31),
+    ],
+)
+def test_auto_worker_processes_share_the_host_with_other_training_processes(
+    tmp_path, monkeypatch, env, bound_cores, expected
+):
+    for name in D.pipeline._LOCAL_PROCESS_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(D.pipeline, "_usable_cores", lambda: bound_cores)
+    monkeypatch.setattr(D.pipeline.os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(D.pipeline, "_free_shm_bytes", lambda: 10**9)
+    cfg = _cfg(tmp_path, "raise")
+    cfg.data.worker_processes = -1
+    assert D.worker_process_count(cfg, 4) == expected
 
 
 def _running(pid: int) -> bool:
