@@ -152,9 +152,14 @@ def test_auto_worker_processes_follow_the_cores_and_dev_shm(cores, free_shm, exp
     assert D.pipeline.auto_worker_processes(19 * MB, cores, free_shm) == expected
 
 
-def test_auto_worker_processes_from_the_config(tmp_path, monkeypatch, caplog):
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """No launcher's count of training processes on this host in the environment."""
     for name in D.pipeline._LOCAL_PROCESS_VARS:
         monkeypatch.delenv(name, raising=False)
+
+
+def test_auto_worker_processes_from_the_config(tmp_path, monkeypatch, caplog, no_launcher):
     cfg = _cfg(tmp_path, "raise")  # 16x16 images: 768 bytes each, 3,072 a batch of 4
     cfg.data.worker_processes = -1
     monkeypatch.setattr(D.pipeline, "_usable_cores", lambda: 8)
@@ -179,10 +184,8 @@ def test_auto_worker_processes_from_the_config(tmp_path, monkeypatch, caplog):
     ],
 )
 def test_auto_worker_processes_share_the_host_with_other_training_processes(
-    tmp_path, monkeypatch, env, bound_cores, expected
+    tmp_path, monkeypatch, no_launcher, env, bound_cores, expected
 ):
-    for name in D.pipeline._LOCAL_PROCESS_VARS:
-        monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(D.pipeline, "_usable_cores", lambda: bound_cores)
