@@ -120,7 +120,7 @@ class BatchNorm(nn.Module):
         return batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
 
 
-def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
+def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int, int]]:
     """Split an NHWC map into row-major windows, zero-padding right and bottom as the official code does.
 
     Args:
@@ -128,23 +128,26 @@ def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, i
       window: window side ws.
     Returns:
       tokens (B * nH * nW, ws * ws, C), windows ordered (batch, window row, window column) and tokens inside a
-      window row-major; and the padded size (Hp, Wp).
+      window row-major; and the padded layout (B, Hp, Wp) that :func:`window_reverse` takes. The sizes may be
+      symbolic (``jax.export`` shape polymorphism): the padding is applied whatever it comes to, zero included.
     """
     b, h, w, c = x.shape
     pad_b, pad_r = (-h) % window, (-w) % window
-    if pad_b or pad_r:
-        x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
+    x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
     hp, wp = h + pad_b, w + pad_r
     x = x.reshape(b, hp // window, window, wp // window, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window * window, c), (hp, wp)
+    return x.reshape(b * (hp // window) * (wp // window), window * window, c), (b, hp, wp)
 
 
-def window_reverse(tokens: jax.Array, window: int, padded: tuple[int, int], size: tuple[int, int]) -> jax.Array:
-    """Inverse of :func:`window_partition`: (B * nH * nW, ws * ws, C) -> (B, H, W, C), cropping the padding."""
-    hp, wp = padded
+def window_reverse(
+    tokens: jax.Array, window: int, layout: tuple[int, int, int], size: tuple[int, int]
+) -> jax.Array:
+    """Inverse of :func:`window_partition`: (B * nH * nW, ws * ws, C) -> (B, H, W, C) for its ``layout`` (B, Hp,
+    Wp), cropping the padding to ``size`` (H, W)."""
+    b, hp, wp = layout
     c = tokens.shape[-1]
-    x = tokens.reshape(-1, hp // window, wp // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, hp, wp, c)[:, : size[0], : size[1], :]
+    x = tokens.reshape(b, hp // window, wp // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, hp, wp, c)[:, : size[0], : size[1], :]
 
 
 def padded_channels(channels: int, multiple: int) -> int:

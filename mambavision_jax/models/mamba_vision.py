@@ -410,7 +410,7 @@ class MambaVisionLayer(nn.Module):
                 )(x, train)
         else:
             size = x.shape[1:3]
-            tokens, padded = window_partition(x, self.window_size)
+            tokens, layout = window_partition(x, self.window_size)
             attention = attention_block_indices(self.depth)
             for j in range(self.depth):
                 tokens = Block(
@@ -428,7 +428,7 @@ class MambaVisionLayer(nn.Module):
                     self.mlp_impl,
                     name=f"blocks_{j}",
                 )(tokens, train)
-            x = window_reverse(apply_pending(tokens), self.window_size, padded, size)
+            x = window_reverse(apply_pending(tokens), self.window_size, layout, size)
         if not self.downsample:
             return x, None
         return x, Downsample(self.dim, self.dtype, self.channel_multiple, name="downsample")(x)

@@ -30,12 +30,12 @@ def test_attention_blocks_are_the_second_half(depth, expected):
 
 def test_window_partition_row_major_with_right_bottom_padding():
     x = jnp.arange(1 * 3 * 5 * 1, dtype=jnp.float32).reshape(1, 3, 5, 1)
-    tokens, padded = window_partition(x, 2)
-    assert padded == (4, 6) and tokens.shape == (6, 4, 1)
+    tokens, layout = window_partition(x, 2)
+    assert layout == (1, 4, 6) and tokens.shape == (6, 4, 1)
     np.testing.assert_array_equal(tokens[0, :, 0], [0, 1, 5, 6])  # window (0,0): rows 0-1, cols 0-1
     np.testing.assert_array_equal(tokens[2, :, 0], [4, 0, 9, 0])  # window (0,2): col 4 then padding
     np.testing.assert_array_equal(tokens[3, :, 0], [10, 11, 0, 0])  # window (1,0): row 2 then padding
-    np.testing.assert_array_equal(window_reverse(tokens, 2, padded, (3, 5)), x)
+    np.testing.assert_array_equal(window_reverse(tokens, 2, layout, (3, 5)), x)
 
 
 def test_stage_shapes_and_features(small):
