@@ -129,11 +129,12 @@ def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, i
     Returns:
       tokens (B * nH * nW, ws * ws, C), windows ordered (batch, window row, window column) and tokens inside a
       window row-major; and the padded layout (B, Hp, Wp) that :func:`window_reverse` takes. The sizes may be
-      symbolic (``jax.export`` shape polymorphism): the padding is applied whatever it comes to, zero included.
+      symbolic (``jax.export`` shape polymorphism): a symbolic padding is applied whatever it comes to.
     """
     b, h, w, c = x.shape
     pad_b, pad_r = (-h) % window, (-w) % window
-    x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
+    if not all(isinstance(pad, int) and pad == 0 for pad in (pad_b, pad_r)):
+        x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
     hp, wp = h + pad_b, w + pad_r
     x = x.reshape(b, hp // window, window, wp // window, window, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b * (hp // window) * (wp // window), window * window, c), (b, hp, wp)
