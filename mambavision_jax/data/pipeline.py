@@ -131,7 +131,8 @@ def _read_options(config, local_batch: int) -> grain.ReadOptions:
 
 AUTO = -1  # worker_processes: as many as the cores and /dev/shm allow (see auto_worker_processes)
 _SHM = "/dev/shm"
-_SHM_BATCHES_PER_PROCESS = 4  # per_worker_buffer_size (2), the batch being handed over, and headroom
+_WORKER_BUFFER = 2  # batches each worker process makes ahead (grain's per_worker_buffer_size)
+_SHM_BATCHES_PER_PROCESS = _WORKER_BUFFER + 2  # and the batch being handed over, and headroom
 
 
 def _usable_cores() -> int:
@@ -181,7 +182,6 @@ def worker_process_count(config, batch_size: int) -> int:
     ``config.data.worker_processes`` = -1 (auto) resolved on this host, where several training processes started by
     one launcher (SLURM, Open MPI, torchrun-style) split the cores and /dev/shm; ValueError for a setting that is no
     count."""
-    batch_bytes = batch_size * image_size(config) ** 2 * 3  # uint8 HWC images
     processes = cfg_get(config.data, "worker_processes", 0)
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < AUTO:
         raise ValueError(
@@ -189,6 +189,7 @@ def worker_process_count(config, batch_size: int) -> int:
         )
     if processes != AUTO:
         return processes
+    batch_bytes = batch_size * image_size(config) ** 2 * 3  # uint8 HWC images
     cores, free_shm, sharing = _usable_cores(), _free_shm_bytes(), _processes_on_this_host()
     if sharing > 1:  # a share each: of the host's cores, unless the launcher bound this process to fewer
         cores = cores // sharing if cores >= (os.cpu_count() or cores) else cores
@@ -252,7 +253,7 @@ def _init_worker(worker_index: int, worker_count: int, main_pid: int) -> None:
 def _batches(example, size: int, source, first_step: int, steps: int, config, drop_remainder: bool):
     """The iterator of the batches ``first_step ..`` (``steps`` of them) made by ``example(position)``, position
     ``step * size + k`` for the k-th example of a step: in threads of this process (``config.data.num_workers``) or,
-    with ``config.data.worker_processes`` > 0, as whole batches in that many spawned processes, put back in order.
+    as whole batches in the spawned processes :func:`worker_process_count` gives for the config, put back in order.
     ``example`` must then pickle (cloudpickle), with what it holds (source, transform)."""
     processes = worker_process_count(config, size)
     if processes == 0:
@@ -262,7 +263,7 @@ def _batches(example, size: int, source, first_step: int, steps: int, config, dr
     if not flags.FLAGS.is_parsed():  # grain reads absl flags when it starts its workers; scripts may parse none
         flags.FLAGS.mark_as_parsed()
     ds = grain.MapDataset.range(first_step, first_step + steps).map(_WholeBatches(example, size, source))
-    options = grain.MultiprocessingOptions(num_workers=processes, per_worker_buffer_size=2)
+    options = grain.MultiprocessingOptions(num_workers=processes, per_worker_buffer_size=_WORKER_BUFFER)
     init = functools.partial(_init_worker, main_pid=os.getpid())
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options, worker_init_fn=init)
     return _WorkerBatches(iter(it))
