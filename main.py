@@ -62,6 +62,9 @@ def main(argv):
     config = _CONFIG.value
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
+    cache_dir = loop.compilation_cache_dir(config, workdir)
+    if cache_dir:  # a resumed or repeated run then loads its compiled steps instead of compiling them again
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

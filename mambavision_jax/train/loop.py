@@ -252,6 +252,20 @@ def _restore_latest(config, workdir, model, data, missing: str):
 # ----------------------------------------------------------------------------------------------------- train
 
 
+def compilation_cache_dir(config, workdir: str) -> str:
+    """Where ``main.py`` keeps compiled programs between runs, so that a resumed (or repeated) run loads its steps
+    instead of compiling them: ``config.compilation_cache_dir`` if set (the empty string: nowhere), else
+    ``$JAX_COMPILATION_CACHE_DIR``, else ``<workdir>/compilation_cache``. Returns an absolute path, or "" for none.
+
+    JAX keys each entry by the program, the devices and the jax/XLA versions, so a changed config or machine compiles
+    afresh; programs that compile in under ``jax_persistent_cache_min_compile_time_secs`` (1 s) are not stored."""
+    directory = config.get("compilation_cache_dir")
+    if directory is None:
+        directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, "compilation_cache")
+    return os.path.abspath(directory) if directory else ""
+
+
+
 def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) -> dict:
     """Trains (resuming from ``workdir``'s latest checkpoint if any) with periodic eval. Returns final eval metrics.
 

@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
     # into rows (train/packing.py, faster); False keeps every leaf apart, the layout of checkpoints written before
     # 2026-12-06.
     c.pack_params = True
+    # Compiled programs kept between runs (a resumed run skips compiling): None -> $JAX_COMPILATION_CACHE_DIR, else
+    # <workdir>/compilation_cache; "" -> none. See main.py.
+    c.compilation_cache_dir = placeholder(str)
     c.mode = "train"  # "train", "eval" or "export" (the latest checkpoint as converted weights)
     c.export_dir = placeholder(str)  # mode=export: where to write; default <workdir>/converted
     return c

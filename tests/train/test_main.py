@@ -75,3 +75,37 @@ def test_eval_of_converted_weights_matches_from_pretrained(run_main, tmp_path, t
     assert row["num_examples"] == n == 360
     assert row["top1"] == pytest.approx(correct / n, abs=1e-9)
     assert row["loss"] == pytest.approx(nll / n, rel=1e-4)
+
+
+def test_compilation_cache_dir_precedence(monkeypatch, tmp_path, tiny_config):
+    from mambavision_jax.train.loop import compilation_cache_dir
+
+    workdir = str(tmp_path / "run")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert compilation_cache_dir(tiny_config, workdir) == os.path.join(workdir, "compilation_cache")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env_cache"))
+    assert compilation_cache_dir(tiny_config, workdir) == str(tmp_path / "env_cache")
+    tiny_config.compilation_cache_dir = "relative_cache"
+    assert compilation_cache_dir(tiny_config, workdir) == os.path.abspath("relative_cache")
+    tiny_config.compilation_cache_dir = ""
+    assert compilation_cache_dir(tiny_config, workdir) == ""
+
+
+def test_resumed_run_loads_its_compiled_train_step(run_main, tmp_path):
+    """main.py keeps its compiled programs in config.compilation_cache_dir; a run resumed from a checkpoint finds its
+    train step there (JAX writes an entry only on a miss, so a second entry would mean it compiled again)."""
+    wd, cache = str(tmp_path / "run"), str(tmp_path / "cache")
+    args = ["--config=" + os.path.join(ROOT, "tests", "train", "tiny_config.py"), "--workdir=" + wd]
+    args.append("--config.compilation_cache_dir=" + cache)
+
+    def train_step_entries():
+        return sorted(f for f in os.listdir(cache) if f.startswith("jit_train_step"))
+
+    run_main(*args, "--config.total_steps=2")
+    first = train_step_entries()
+    assert len(first) == 1, os.listdir(cache)
+    p = run_main(*args, "--config.total_steps=4")
+    assert "Resumed from" in p.stdout and "steps 2->4" in p.stdout
+    assert train_step_entries() == first
+    rows = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
