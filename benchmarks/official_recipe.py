@@ -81,7 +81,7 @@ class OfficialRecipeStep:
         self.optimizer = create_optimizer_v2(
             self.model, opt="lamb", lr=5e-3, weight_decay=WEIGHT_DECAY.get(name, 0.05), betas=(0.9, 0.999), eps=1e-8
         )
-        self.scaler = NativeScaler(device=device)
+        self.scaler = NativeScaler() if device == "cuda" else NativeScaler(device=device)  # older timm: CUDA only
         self.ema = ModelEmaV2(self.model, decay=0.9998)
         self.loss_fn = SoftTargetCrossEntropy()
         self.erasing = RandomErasing(0.25, mode="pixel", device=device)
