@@ -146,10 +146,13 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown model(s) {unknown}; valid: {', '.join(SHORT)}")
     official = load_official(args.device)
+    import timm
     import torch
 
     torch.backends.cudnn.benchmark = True
-    results = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    results = dict(device=device_name, torch=torch.__version__, timm=timm.__version__)
+    print(f"{device_name}, torch {torch.__version__}, timm {timm.__version__} (the official code pins timm 1.0.15)")
     for short in args.models.split(","):
         name = SHORT[short]
         step = OfficialRecipeStep(getattr(official, name)(), name, args.batch, args.size, args.device)

@@ -61,6 +61,8 @@ def test_command_line_writes_a_row_a_model(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    row = json.loads(out.read_text())["recipe_mamba_vision_T_bs2"]
+    results = json.loads(out.read_text())
+    assert results["timm"] and results["torch"]
+    row = results["recipe_mamba_vision_T_bs2"]
     assert row["step_ms"] > 0 and row["img_per_s"] == pytest.approx(2 / (row["step_ms"] / 1e3))
     assert "official recipe step T batch 2" in result.stdout
