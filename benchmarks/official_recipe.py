@@ -3,7 +3,7 @@
 work. Compare it with ``python benchmarks/throughput.py --recipe-configs configs/tiny.py,...``, the step that
 ``main.py`` runs for the same recipe.
 
-    python benchmarks/official_recipe.py [--models T,B] [--batch 128] [--size 224] [--device cuda]
+    python benchmarks/official_recipe.py [--models T,B] [--batch 128] [--size 224] [--mesa] [--device cuda]
 
 An iteration, as ``train_one_epoch`` runs it with the recipe (``configs/mambavision_*.yaml``: LAMB, AMP, clip 5.0,
 EMA 0.9998, mixup/cutmix, random erasing 0.25, ``channels_last``) and timm's prefetching loader (the default):
@@ -18,8 +18,10 @@ EMA 0.9998, mixup/cutmix, random erasing 0.25, ``channels_last``) and timm's pre
   the optimizer step (``create_optimizer_v2``: timm's LAMB, lr 5e-3, betas (0.9, 0.999), eps 1e-8, the variant's
   weight decay, none on biases and norms) and the scale update;
 - ``ModelEmaV2.update`` (decay 0.9998) and ``torch.cuda.synchronize()``, which the script calls every iteration.
-Left out: the learning-rate update (a Python loop over two parameter groups), the loss's ``.item()`` of a
-single-process run (the distributed path has none) and MESA, which starts at 25 % (B: 30 %) of the epochs.
+``--mesa`` adds MESA, which the recipe runs from 25 % (B: 30 %) of the epochs on: the EMA model's forward without
+gradients and the variant's weight times ``kdloss`` against it (compare ``throughput.py --recipe-mesa``).
+Left out: the learning-rate update (a Python loop over two parameter groups) and the loss's ``.item()`` of a
+single-process run (the distributed path has none).
 On a GPU the selective scan is mamba_ssm's CUDA kernel as the anchor builds it (``.anchor/official_torch.py``,
 ``shared/anchor/README.md``); ``--device cpu`` runs the tests' pure-PyTorch scan instead (to check the harness).
 Prints a line a model; writes JSON (``--out``, or ``$OUT/official_recipe.json``).
@@ -39,8 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import SHORT  # noqa: E402
 
-# The recipe's per-variant weight decay (mambavision/configs/*.yaml, as mambavision_jax.train.recipe.VARIANTS).
-WEIGHT_DECAY = {"mamba_vision_B": 0.075, "mamba_vision_L": 0.12, "mamba_vision_L2": 0.12}
+from mambavision_jax.train.recipe import VARIANTS  # noqa: E402  (the official per-variant weight decay and MESA)
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -64,10 +66,19 @@ def load_official(device: str):
     return mamba_vision
 
 
+def kd_loss(output, teacher):
+    """``kdloss`` of the official ``train.py``: 50 x KL(softmax(teacher / 3) || softmax(output / 3)), batch mean."""
+    import torch
+
+    log_p = torch.nn.functional.log_softmax(output / 3, dim=1)
+    q = torch.nn.functional.softmax(teacher / 3, dim=1)
+    return 50.0 * torch.nn.functional.kl_div(log_p, q, reduction="batchmean")
+
+
 class OfficialRecipeStep:
     """One ``train_one_epoch`` iteration of the official recipe on ``model`` (see the module docstring)."""
 
-    def __init__(self, model, name: str, batch: int, size: int, device: str, seed: int = 0):
+    def __init__(self, model, name: str, batch: int, size: int, device: str, mesa: bool = False, seed: int = 0):
         import torch
         from timm.data.random_erasing import RandomErasing
         from timm.loss import SoftTargetCrossEntropy
@@ -79,7 +90,7 @@ class OfficialRecipeStep:
         self.torch, self.device = torch, device
         self.model = model.to(device).train().to(memory_format=torch.channels_last)
         self.optimizer = create_optimizer_v2(
-            self.model, opt="lamb", lr=5e-3, weight_decay=WEIGHT_DECAY.get(name, 0.05), betas=(0.9, 0.999), eps=1e-8
+            self.model, opt="lamb", lr=5e-3, weight_decay=VARIANTS[name]["weight_decay"], betas=(0.9, 0.999), eps=1e-8
         )
         self.scaler = NativeScaler() if device == "cuda" else NativeScaler(device=device)  # older timm: CUDA only
         self.ema = ModelEmaV2(self.model, decay=0.9998)
@@ -92,14 +103,27 @@ class OfficialRecipeStep:
         mixed = torch.softmax(4 * torch.randn(batch, 1000, device=device), -1)  # stands in for mixup's soft targets
         self.targets = 0.9 * mixed + 0.1 / 1000
         self.autocast_dtype = torch.float16 if device == "cuda" else torch.bfloat16  # CPU autocast: bf16 only
+        self.mesa = VARIANTS[name]["mesa"] if mesa else 0.0
+
+    def loss(self, x):
+        """The recipe's loss on normalised ``x`` under autocast: soft-target cross-entropy, plus with MESA its weight
+        times ``kd_loss`` against the EMA model's output (computed without gradients), as ``train_one_epoch``."""
+        torch = self.torch
+        with torch.autocast(self.device, dtype=self.autocast_dtype):
+            output = self.model(x)
+            loss = self.loss_fn(output, self.targets)
+            if self.mesa:
+                with torch.no_grad():
+                    teacher = self.ema.module(x).detach()
+                loss = loss + self.mesa * kd_loss(output, teacher)
+        return loss
 
     def __call__(self):
         """Runs the iteration; returns the loss, a 0-d tensor on the device."""
         torch = self.torch
         x = self.images.float().sub_(self.mean).div_(self.std)
         x = self.erasing(x).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device, dtype=self.autocast_dtype):
-            loss = self.loss_fn(self.model(x), self.targets)
+        loss = self.loss(x)
         self.optimizer.zero_grad()
         self.scaler(loss, self.optimizer, clip_grad=5.0, clip_mode="norm", parameters=self.parameters)
         self.ema.update(self.model)
@@ -137,6 +161,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--mesa", action="store_true", help="with MESA's EMA-teacher term (later epochs)")
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="iterations a timed window")
@@ -155,12 +180,12 @@ def main(argv=None):
     print(f"{device_name}, torch {torch.__version__}, timm {timm.__version__} (the official code pins timm 1.0.15)")
     for short in args.models.split(","):
         name = SHORT[short]
-        step = OfficialRecipeStep(getattr(official, name)(), name, args.batch, args.size, args.device)
+        step = OfficialRecipeStep(getattr(official, name)(), name, args.batch, args.size, args.device, args.mesa)
         r = time_step(step, args.warmup, args.windows, args.steps)
         r["img_per_s"] = args.batch / (r["step_ms"] / 1e3)
-        results[f"recipe_{name}_bs{args.batch}"] = r
+        results[f"recipe_{name}_bs{args.batch}{'_mesa' if args.mesa else ''}"] = r
         print(
-            f"official recipe step {short} batch {args.batch}: {r['img_per_s']:.0f} img/s ({r['step_ms']:.2f} ms), "
+            f"official recipe step {short} batch {args.batch}{' MESA on' if args.mesa else ''}: {r['img_per_s']:.0f} img/s ({r['step_ms']:.2f} ms), "
             f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, loss scale {r['loss_scale']}",
             flush=True,
         )

@@ -18,14 +18,43 @@ sys.path.insert(0, BENCHMARKS)
 import official_recipe  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def small_step():
-    """The iteration on a small official MambaVision (every stage kind) at 64²."""
-    model = official.MambaVision(
+def small_official_model():
+    """A small official MambaVision (every stage kind) for 64² inputs."""
+    return official.MambaVision(
         dim=32, in_dim=16, depths=[1, 1, 2, 1], window_size=[8, 8, 4, 2], mlp_ratio=2.0, num_heads=[1, 2, 4, 4],
         drop_path_rate=0.0, num_classes=1000,
     )  # fmt: skip
-    return official_recipe.OfficialRecipeStep(model, "mamba_vision_B", batch=4, size=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def small_step():
+    """The iteration on the small model at 64²."""
+    return official_recipe.OfficialRecipeStep(small_official_model(), "mamba_vision_B", batch=4, size=64, device="cpu")
+
+
+def test_kd_loss_is_the_official_kdloss():
+    output, teacher = torch.randn(3, 10), torch.randn(3, 10)
+    p, q = torch.softmax(output / 3, 1), torch.softmax(teacher / 3, 1)
+    expected = 50.0 * float((q * (q.log() - p.log())).sum()) / 3
+    assert float(official_recipe.kd_loss(output, teacher)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mesa_adds_the_variants_weight_times_kd_against_the_ema_model():
+    step = official_recipe.OfficialRecipeStep(
+        small_official_model(), "mamba_vision_L", batch=2, size=64, device="cpu", mesa=True
+    )
+    assert step.mesa == 6.0  # L's MESA weight in the recipe
+    with torch.no_grad():  # make the EMA teacher differ from the student
+        for p in step.ema.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        loss = step.loss(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output, teacher = step.model(x), step.ema.module(x)
+            expected = step.loss_fn(output, step.targets) + 6.0 * official_recipe.kd_loss(output, teacher)
+    assert float(official_recipe.kd_loss(output, teacher)) > 0.01
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
 
 
 def test_lamb_decays_the_weights_but_not_biases_and_norms(small_step):
