@@ -183,9 +183,11 @@ def main(argv=None):
         step = OfficialRecipeStep(getattr(official, name)(), name, args.batch, args.size, args.device, args.mesa)
         r = time_step(step, args.warmup, args.windows, args.steps)
         r["img_per_s"] = args.batch / (r["step_ms"] / 1e3)
+        mesa = " MESA on" if args.mesa else ""
         results[f"recipe_{name}_bs{args.batch}{'_mesa' if args.mesa else ''}"] = r
         print(
-            f"official recipe step {short} batch {args.batch}{' MESA on' if args.mesa else ''}: {r['img_per_s']:.0f} img/s ({r['step_ms']:.2f} ms), "
+            f"official recipe step {short} batch {args.batch}{mesa}: "
+            f"{r['img_per_s']:.0f} img/s ({r['step_ms']:.2f} ms), "
             f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, loss scale {r['loss_scale']}",
             flush=True,
         )

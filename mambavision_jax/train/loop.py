@@ -262,8 +262,7 @@ def compilation_cache_dir(config, workdir: str) -> str:
     directory = config.get("compilation_cache_dir")
     if directory is None:
         directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, "compilation_cache")
-    return os.path.abspath(directory) if directory else ""
-
+    return os.path.abspath(os.path.expanduser(directory)) if directory else ""
 
 
 def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) -> dict:

@@ -107,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     # 2026-12-06.
     c.pack_params = True
     # Compiled programs kept between runs (a resumed run skips compiling): None -> $JAX_COMPILATION_CACHE_DIR, else
-    # <workdir>/compilation_cache; "" -> none. See main.py.
+    # <workdir>/compilation_cache; "" -> none (train.loop.compilation_cache_dir).
     c.compilation_cache_dir = placeholder(str)
     c.mode = "train"  # "train", "eval" or "export" (the latest checkpoint as converted weights)
     c.export_dir = placeholder(str)  # mode=export: where to write; default <workdir>/converted
