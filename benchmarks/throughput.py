@@ -11,8 +11,9 @@ outputs + temporaries, from XLA's memory analysis) are reported separately from 
 compiled with ``mvj.compiler_options()`` (on the CPU: XLA's own dot kernels, not YNNPACK's) and any ``--xla-option``
 on top. Timings exclude warm-up and are medians of timed windows synchronised with ``block_until_ready``, each window
 at least ``--min-window-s`` long (1 s: steady state, see ``MIN_WINDOW_S``). ``--compare-official`` runs
-``.anchor/official_torch.py`` (see shared/anchor/README.md) in a subprocess after the JAX runs, so the ratio
-comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
+``.anchor/official_torch.py`` (see shared/anchor/README.md) for the inference and training models, and
+``official_recipe.py`` (the official train.py's iteration) for the recipe configs' models, in subprocesses after the
+JAX runs, so each ratio comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
 
 Variants: ``--variants "norm_impl=pallas;xla_gpu_enable_cudnn_layer_norm=true"`` times every inference and training
 config once with the base options and once per variant (``;``-separated sets of ``name=value`` laid over the base:
@@ -190,9 +191,28 @@ def recipe(config_path, batch, mesa, profile_dir=None, min_window_s=MIN_WINDOW_S
 
     seconds = median_seconds(run, [(b,) for b in batches], min_window_s, windows=5)
     result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+    result.update(model=config.model_name, mesa=bool(mesa))
     if profile_dir:
         result["profile"] = top_device_ops(run, (batches[0],), profile_dir, top=None)
     return result
+
+
+def recipe_key(model_name: str, batch: int, mesa: bool) -> str:
+    """The key of a recipe step in the official results (``official_recipe.py``'s JSON)."""
+    return f"recipe_{model_name}_bs{batch}{'_mesa' if mesa else ''}"
+
+
+def official_recipe(model_names, batch, mesa):
+    """Runs ``official_recipe.py`` (the official train.py's iteration) for ``model_names``; returns img/s by
+    :func:`recipe_key`."""
+    shorts = {name: short for short, name in SHORT.items()}
+    out = os.path.join(os.environ.get("OUT", "/tmp"), "official_recipe.json")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_recipe.py")
+    args = ["--models", ",".join(shorts[m] for m in model_names), "--batch", str(batch), "--out", out]
+    subprocess.run([sys.executable, script, *args] + (["--mesa"] if mesa else []), check=True)
+    with open(out) as f:
+        rows = json.load(f)
+    return {key: round(row["img_per_s"]) for key, row in rows.items() if key.startswith("recipe_")}
 
 
 def official(models, train_models):
@@ -312,7 +332,10 @@ def main():
         with open(args.official_json) as f:
             results["official"] = json.load(f)
     elif args.compare_official:
-        results["official"] = official(models, train_models)
+        results["official"] = official(models, train_models) if models else {}
+        recipe_models = list(dict.fromkeys(r["model"] for r in results["recipe"].values()))
+        if recipe_models:
+            results["official"].update(official_recipe(recipe_models, args.train_batch, args.recipe_mesa))
     save()
     print_table(results)
 
@@ -378,7 +401,10 @@ def print_table(results):
     for kind, prefix, key in rows:
         r = results[kind][key]
         m, bs = key.split("[")[0].split("_bs")  # a variant's tag, "[...]", is not part of the official's key
-        theirs = official_results.get(f"{prefix}_{SHORT[m]}_bs{bs}") if m in SHORT else None
+        if kind == "recipe":  # keyed by config; the official's by model
+            theirs = official_results.get(recipe_key(r["model"], int(bs), r["mesa"]))
+        else:
+            theirs = official_results.get(f"{prefix}_{SHORT[m]}_bs{bs}") if m in SHORT else None
         ratio = f"{r['img_per_s'] / theirs:.2f}" if theirs else "-"
         print(
             f"{prefix + ' ' + key:<{width}}{r['img_per_s']:>12.0f}{theirs or '-':>10}{ratio:>8}"

@@ -67,3 +67,33 @@ def test_each_config_is_timed_with_the_base_options_then_each_variant(tmp_path, 
     assert rows["T_bs256"][2:5] == ["1000", "500", "2.00"]
     assert rows["T_bs256[norm_impl=pallas]"][2:5] == ["1200", "500", "2.40"]
     assert rows["B_bs128[norm_impl=pallas]"][2:5] == ["1200", "400", "3.00"]
+
+
+def test_compare_official_times_the_official_recipe_for_the_recipe_configs_models(tmp_path, monkeypatch, capsys):
+    def fake_recipe(path, batch, mesa, profile_dir, min_window_s):
+        name = {"tiny": "mamba_vision_T", "base": "mamba_vision_B"}[os.path.splitext(os.path.basename(path))[0]]
+        return dict(img_per_s=3000.0 if name.endswith("B") else 6000.0, compile_s=1.0, model=name, mesa=mesa)
+
+    def fake_run(cmd, check):
+        assert cmd[1].endswith("official_recipe.py") and check
+        assert cmd[cmd.index("--models") + 1] == "T,B" and cmd[cmd.index("--batch") + 1] == "128"
+        assert cmd[-1] == "--mesa"
+        rows = {"device": "x", "recipe_mamba_vision_T_bs128_mesa": {"img_per_s": 1000.4}}
+        rows["recipe_mamba_vision_B_bs128_mesa"] = {"img_per_s": 750.0}
+        with open(cmd[cmd.index("--out") + 1], "w") as f:
+            json.dump(rows, f)
+
+    monkeypatch.setattr(throughput, "recipe", fake_recipe)
+    monkeypatch.setattr(throughput.subprocess, "run", fake_run)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    argv = ["throughput.py", "--models", "", "--train-models", "", "--recipe-configs", "configs/tiny.py,configs/base.py"]
+    argv += ["--recipe-mesa", "--compare-official", "--out", str(tmp_path / "results.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    throughput.main()
+
+    official = json.loads((tmp_path / "results.json").read_text())["official"]
+    assert official == {"recipe_mamba_vision_T_bs128_mesa": 1000, "recipe_mamba_vision_B_bs128_mesa": 750}
+    table = capsys.readouterr().out.split("ratio")[-1]
+    rows = {line.split()[1]: line.split() for line in table.splitlines() if line.strip()}
+    assert rows["tiny_bs128"][2:5] == ["6000", "1000", "6.00"]
+    assert rows["base_bs128"][2:5] == ["3000", "750", "4.00"]
