@@ -86,8 +86,8 @@ def test_compare_official_times_the_official_recipe_for_the_recipe_configs_model
     monkeypatch.setattr(throughput, "recipe", fake_recipe)
     monkeypatch.setattr(throughput.subprocess, "run", fake_run)
     monkeypatch.setenv("OUT", str(tmp_path))
-    argv = ["throughput.py", "--models", "", "--train-models", "", "--recipe-configs", "configs/tiny.py,configs/base.py"]
-    argv += ["--recipe-mesa", "--compare-official", "--out", str(tmp_path / "results.json")]
+    argv = ["throughput.py", "--models", "", "--train-models", ""]
+    argv += ["--recipe-configs", "configs/tiny.py,configs/base.py", "--recipe-mesa", "--compare-official", "--out", str(tmp_path / "results.json")]
     monkeypatch.setattr(sys, "argv", argv)
     throughput.main()
 
