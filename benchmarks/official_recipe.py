@@ -52,9 +52,12 @@ def load_official(device: str):
     mamba_ssm's kernel (the anchor runs up to its scan timings and leaves its stand-in for ``mamba_ssm`` installed),
     on the CPU the tests' pure-PyTorch scan (and their torchvision shim for a CPU torch)."""
     if device == "cuda":
+        anchor = os.path.join(ROOT, ".anchor", "official_torch.py")
+        if not os.path.exists(anchor):
+            raise SystemExit(f"{anchor} is missing: set up the anchor as shared/anchor/README.md says")
         os.environ["SCAN_ONLY"] = "1"
         try:
-            runpy.run_path(os.path.join(ROOT, ".anchor", "official_torch.py"), run_name="anchor")
+            runpy.run_path(anchor, run_name="anchor")
         except SystemExit:
             pass
     else:
