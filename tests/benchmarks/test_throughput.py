@@ -97,3 +97,18 @@ def test_compare_official_times_the_official_recipe_for_the_recipe_configs_model
     rows = {line.split()[1]: line.split() for line in table.splitlines() if line.strip()}
     assert rows["tiny_bs128"][2:5] == ["6000", "1000", "6.00"]
     assert rows["base_bs128"][2:5] == ["3000", "750", "4.00"]
+
+
+def test_the_anchor_trains_the_train_models_even_where_they_are_not_first(tmp_path, monkeypatch):
+    """The anchor trains the first TRAIN_MODELS of MODELS: B, asked for training only, must be among them."""
+    seen = {}
+
+    def fake_run(cmd, env, check):
+        seen.update(models=env["MODELS"], train=env["TRAIN_MODELS"])
+        with open(os.path.join(env["OUT"], "official_torch.json"), "w") as f:
+            json.dump({}, f)
+
+    monkeypatch.setattr(throughput.subprocess, "run", fake_run)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    throughput.official(["T", "S", "L"], ["B", "T"])
+    assert seen == {"models": "mamba_vision_B,mamba_vision_T,mamba_vision_S,mamba_vision_L", "train": "2"}
