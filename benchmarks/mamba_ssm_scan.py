@@ -26,6 +26,7 @@ from torch.utils.cpp_extension import load
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernel_trace  # noqa: E402
+from extension_build import build_dir, clear_stale_lock  # noqa: E402
 from scan_shapes import INNER_REPS, N_STATE, SHAPES  # noqa: E402
 
 NVCC_FLAGS = [  # mamba_ssm's setup.py
@@ -49,8 +50,9 @@ def build_extension(csrc):
         raise FileNotFoundError(f"no selective_scan.cpp under MAMBA_CSRC={csrc!r} (mamba's csrc/selective_scan)")
     major, minor = torch.cuda.get_device_capability()
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-    build_dir = os.environ.get("SS_BUILD", "/tmp/ssbuild")
-    os.makedirs(build_dir, exist_ok=True)
+    directory = build_dir()
+    os.makedirs(directory, exist_ok=True)
+    clear_stale_lock(directory)
     arch = f"arch=compute_{major}{minor},code=sm_{major}{minor}"
     return load(
         "selective_scan_cuda",
@@ -58,7 +60,7 @@ def build_extension(csrc):
         extra_cflags=["-O3", "-std=c++17"],
         extra_cuda_cflags=NVCC_FLAGS + ["-gencode", arch],
         extra_include_paths=[csrc],
-        build_directory=build_dir,
+        build_directory=directory,
         verbose=False,
     )
 

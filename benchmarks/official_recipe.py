@@ -40,6 +40,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from extension_build import clear_stale_lock  # noqa: E402
 from throughput import SHORT  # noqa: E402
 
 from mambavision_jax.train.recipe import VARIANTS  # noqa: E402  (the official per-variant weight decay and MESA)
@@ -56,6 +57,7 @@ def load_official(device: str):
         if not os.path.exists(anchor):
             raise SystemExit(f"{anchor} is missing: set up the anchor as shared/anchor/README.md says")
         os.environ["SCAN_ONLY"] = "1"
+        clear_stale_lock()
         try:
             runpy.run_path(anchor, run_name="anchor")
         except SystemExit as done:  # SCAN_ONLY: the anchor exits after its scan timings

@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mambavision_jax as mvj  # noqa: E402
 from mambavision_jax.train.packing import Packing  # noqa: E402
 from config_file import load_config  # noqa: E402
+from extension_build import clear_stale_lock  # noqa: E402
 from timing import compile_seconds, median_seconds, top_device_ops  # noqa: E402
 
 SHORT = {
@@ -229,6 +230,7 @@ def official(models, train_models):
     )
     out_dir = os.environ.get("OUT", "/tmp")
     env["OUT"] = out_dir
+    clear_stale_lock()
     subprocess.run([sys.executable, ".anchor/official_torch.py"], env=env, check=True)
     with open(os.path.join(out_dir, "official_torch.json")) as f:
         return json.load(f)

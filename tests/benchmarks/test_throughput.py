@@ -112,3 +112,23 @@ def test_the_anchor_trains_the_train_models_even_where_they_are_not_first(tmp_pa
     monkeypatch.setenv("OUT", str(tmp_path))
     throughput.official(["T", "S", "L"], ["B", "T"])
     assert seen == {"models": "mamba_vision_B,mamba_vision_T,mamba_vision_S,mamba_vision_L", "train": "2"}
+
+
+def test_the_anchor_runs_after_a_killed_builds_lock_is_removed(tmp_path, monkeypatch, capsys):
+    """A build killed midway leaves <build dir>/lock, on which torch's next build in that directory would wait for
+    ever: it is gone by the time the anchor starts."""
+    lock = tmp_path / "build" / "lock"
+    lock.parent.mkdir()
+    lock.write_text("")
+    monkeypatch.setenv("SS_BUILD", str(lock.parent))
+    monkeypatch.setenv("OUT", str(tmp_path))
+
+    def fake_run(cmd, env, check):
+        assert not lock.exists()
+        with open(os.path.join(env["OUT"], "official_torch.json"), "w") as f:
+            json.dump({}, f)
+
+    monkeypatch.setattr(throughput.subprocess, "run", fake_run)
+    throughput.official(["T"], [])
+    assert "left by a build that was killed midway" in capsys.readouterr().out
+    assert not throughput.clear_stale_lock()  # none left: nothing to remove
