@@ -172,8 +172,8 @@ def main():
         raise SystemExit(f"unknown model(s) {unknown}; choose from {sorted(SHORT)}")
     if args.official_conv_worker:
         return _official_conv_worker(models, args.batch, args.size)
-    if args.compare_official and args.batch != 128:
-        raise SystemExit("--compare-official: the anchor trains at batch 128 only")
+    if args.compare_official and (args.batch != 128 or args.size != 224):
+        raise SystemExit("--compare-official: the anchor trains at batch 128 and size 224 only")
 
     ours = {}
     for m in models:

@@ -279,6 +279,8 @@ def main():
 
     models = [m for m in args.models.split(",") if m]
     train_models = [m for m in args.train_models.split(",") if m]
+    if args.size != 224 and (args.compare_official or args.official_json) and (models or train_models):
+        parser.error("--compare-official/--official-json: the anchor times 224x224 images only (--size 224)")
     overrides = dict(
         scan_impl=args.scan_impl, attention_impl=args.attention_impl, norm_impl=args.norm_impl
     )

@@ -85,3 +85,13 @@ def test_the_command_line_times_both_cuts_and_writes_json(tmp_path, monkeypatch,
         monkeypatch.setattr(sys, "argv", ["stage_split.py", *argv])
         with pytest.raises(SystemExit, match=message):
             stage_split.main()
+
+
+def test_compare_official_refuses_a_size_the_anchor_does_not_train_at(monkeypatch):
+    """The anchor's whole step is at 224x224: ours (and the official conv part) at another --size would not pair."""
+    monkeypatch.setattr(stage_split, "step_ms", lambda *a: pytest.fail("timed a step"))
+    monkeypatch.setattr(stage_split.subprocess, "run", lambda *a, **k: pytest.fail("ran the official side"))
+    monkeypatch.setattr(stage_split, "official", lambda *a: pytest.fail("ran the anchor"))
+    monkeypatch.setattr(sys, "argv", ["stage_split.py", "--models", "T", "--compare-official", "--size", "160"])
+    with pytest.raises(SystemExit, match="224"):
+        stage_split.main()

@@ -87,7 +87,8 @@ def test_compare_official_times_the_official_recipe_for_the_recipe_configs_model
     monkeypatch.setattr(throughput.subprocess, "run", fake_run)
     monkeypatch.setenv("OUT", str(tmp_path))
     argv = ["throughput.py", "--models", "", "--train-models", ""]
-    argv += ["--recipe-configs", "configs/tiny.py,configs/base.py", "--recipe-mesa", "--compare-official", "--out", str(tmp_path / "results.json")]
+    argv += ["--recipe-configs", "configs/tiny.py,configs/base.py", "--recipe-mesa", "--compare-official"]
+    argv += ["--out", str(tmp_path / "results.json")]
     monkeypatch.setattr(sys, "argv", argv)
     throughput.main()
 
@@ -132,3 +133,17 @@ def test_the_anchor_runs_after_a_killed_builds_lock_is_removed(tmp_path, monkeyp
     throughput.official(["T"], [])
     assert "left by a build that was killed midway" in capsys.readouterr().out
     assert not throughput.clear_stale_lock()  # none left: nothing to remove
+
+
+def test_official_numbers_are_not_paired_with_another_image_size(tmp_path, monkeypatch):
+    """The anchor times 224x224 images only: ours at another --size must not be put next to its numbers."""
+    timed = []
+    monkeypatch.setattr(throughput, "inference", lambda *a: timed.append(a) or dict(img_per_s=1000.0, compile_s=1.0))
+    official = tmp_path / "official.json"
+    official.write_text(json.dumps({"infer_mamba_vision_T_bs128": 500}))
+    argv = ["throughput.py", "--models", "T", "--batches", "128", "--train-models", "", "--size", "160"]
+    argv += ["--official-json", str(official), "--out", str(tmp_path / "results.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        throughput.main()
+    assert not timed
