@@ -213,7 +213,8 @@ def make_optimizer(
         parts += [
             optax.scale_by_adam(b1=b1, b2=b2, eps=float(o.eps)),
             optax.add_decayed_weights(float(o.weight_decay), mask=mask),
-            scale_by_trust_ratio(mask, segments),
+            # timm's Lamb adapts only where the group's weight_decay != 0: with none, no leaf at all
+            scale_by_trust_ratio(mask if float(o.weight_decay) else jax.tree.map(lambda _: False, mask), segments),
             optax.scale_by_learning_rate(schedule),
         ]
     elif name == "adamw":
@@ -223,8 +224,8 @@ def make_optimizer(
     elif name in ("sgd", "momentum"):
         parts += [
             optax.add_decayed_weights(float(o.weight_decay), mask=mask),
-            optax.sgd(schedule, momentum=float(o.get("momentum", 0.9)), nesterov=True),
+            optax.sgd(schedule, momentum=float(o.get("momentum", 0.9)), nesterov=name == "sgd"),
         ]
     else:
-        raise ValueError(f"Unknown optimizer {o.name!r} (expected 'lamb', 'adamw' or 'sgd').")
+        raise ValueError(f"Unknown optimizer {o.name!r} (expected 'lamb', 'adamw', 'sgd' or 'momentum').")
     return optax.chain(*parts), schedule

@@ -204,3 +204,40 @@ def test_trust_ratio_needs_params():
     tx = optim.scale_by_trust_ratio({"w": True})
     with pytest.raises(ValueError, match="needs the current params"):
         tx.update({"w": jnp.ones((2, 2))}, tx.init(None))
+
+
+def test_lamb_without_weight_decay_adapts_no_leaf():
+    """timm builds one group with weight_decay=0 when the weight decay is 0, and Lamb takes the trust ratio only
+    where ``weight_decay != 0`` (always_adapt=False): with weight_decay=0 every leaf takes the plain clipped Adam
+    step, matrices included."""
+    rng = np.random.default_rng(5)
+    params = {
+        "kernel": (3.0 * rng.normal(size=(6, 5))).astype(np.float32),
+        "bias": rng.normal(size=(5,)).astype(np.float32),
+    }
+    c = _config(warmup_epochs=0, lr=0.02, min_lr=0.02, weight_decay=0.0)
+    tx, schedule = optim.make_optimizer(c, 10, params)
+    grad_steps = [{k: (0.1 * rng.normal(size=v.shape)).astype(np.float32) for k, v in params.items()} for _ in "ab"]
+    lrs = [float(schedule(i)) for i in range(len(grad_steps))]
+    want = _timm_lamb_reference(
+        params, grad_steps, lrs, clip=5.0, max_grad_norm=1.0, b1=0.9, b2=0.999, eps=1e-8, wd=0.0,
+        decayed={"kernel": False, "bias": False},
+    )
+    state, p = tx.init(params), {k: jnp.asarray(v) for k, v in params.items()}
+    for g, expected in zip(grad_steps, want):
+        updates, state = tx.update({k: jnp.asarray(v) for k, v in g.items()}, state, p)
+        p = optax.apply_updates(p, updates)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(p[k]), expected[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("name, nesterov", [("sgd", True), ("momentum", False)])
+def test_sgd_names_follow_timm_nesterov(name, nesterov):
+    """timm: 'sgd' is Nesterov momentum SGD, 'momentum' plain (heavy-ball) momentum SGD. One step from zero momentum
+    with gradient g moves by lr * g plainly and by lr * (1 + momentum) * g with Nesterov."""
+    c = _config(name=name, weight_decay=0.0, warmup_epochs=0, lr=0.1, min_lr=0.1, clip_grad_norm=0.0, momentum=0.9)
+    params = {"w": jnp.ones((2, 2))}
+    tx, _ = optim.make_optimizer(c, 10, params)
+    updates, _ = tx.update({"w": jnp.full((2, 2), 0.5)}, tx.init(params), params)
+    step = 0.1 * 0.5 * (1.9 if nesterov else 1.0)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -step, rtol=1e-6)
