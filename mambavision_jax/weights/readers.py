@@ -5,11 +5,13 @@ Both return a flat ``{official key: float32 numpy array}`` with wrapper prefixes
 read with ``torch.load(weights_only=True)``.
 """
 
+import argparse
 import json
 import os
 import struct
 from typing import Mapping
 
+import ml_dtypes  # registers bfloat16 with numpy, so that safetensors.numpy reads BF16 tensors
 import numpy as np
 
 from mambavision_jax.weights.params import IGNORED_SUFFIXES
@@ -59,7 +61,11 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
         tensors = load_file(path)
     except Exception as e:  # safetensors raises its own error types for truncated or malformed files
         raise CheckpointError(f"could not read {path!r} as safetensors: {e}") from e
-    return {k: v.astype(np.float32) for k, v in tensors.items() if np.issubdtype(v.dtype, np.floating)}
+    return {
+        k: v.astype(np.float32)
+        for k, v in tensors.items()
+        if np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16  # bfloat16 is no np.floating
+    }
 
 
 def _read_torch(path: str, ema: bool) -> dict[str, np.ndarray]:
@@ -71,7 +77,9 @@ def _read_torch(path: str, ema: bool) -> dict[str, np.ndarray]:
             "(or convert the Hugging Face model.safetensors, which needs no torch)"
         ) from e
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's CheckpointSaver (the official train.py) stores its argparse.Namespace under 'args'
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises pickle/zip/runtime errors for corrupt or unsafe files
         raise CheckpointError(f"could not read {path!r} as a PyTorch checkpoint: {e}") from e
     state = _select_state_dict(checkpoint, path, ema)

@@ -1,5 +1,6 @@
 """Weights: key map round trips, both file formats, EMA, the converter CLI, head replacement, and errors."""
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -84,6 +85,49 @@ def test_ema_weights(reference):
     assert_close(jax_logits(module, variables, reference["images"]), reference["ema_logits"])
     with pytest.raises(CheckpointError, match="state_dict_ema"):
         mvj.from_pretrained(NAME, str(reference["dir"] / "state_dict.pth.tar"), ema=True, **ARCH)
+
+
+def test_training_checkpoint_with_args_namespace(reference):
+    """What timm's CheckpointSaver writes for the official train.py: 'args' is an argparse.Namespace (with a
+    torch dtype in it), next to the optimizer and AMP scaler states; torch.load(weights_only=True) must accept it."""
+    model = reference["model"]
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = argparse.Namespace(model=NAME, lr=0.005, scale=[0.08, 1.0], mean=None, dtype=torch.float16)
+    path = reference["dir"] / "train_args.pth.tar"
+    torch.save(
+        {
+            "epoch": 309,
+            "arch": NAME,
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "version": 2,
+            "args": args,
+            "amp_scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 0},
+            "state_dict_ema": reference["ema_model"].state_dict(),
+            "metric": 82.3,
+        },
+        path,
+    )
+    module, variables = mvj.from_pretrained(NAME, str(path), **ARCH)
+    assert_close(jax_logits(module, variables, reference["images"]), reference["logits"])
+    module, variables = mvj.from_pretrained(NAME, str(path), ema=True, **ARCH)
+    assert_close(jax_logits(module, variables, reference["images"]), reference["ema_logits"])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_safetensors(reference, dtype):
+    import ml_dtypes
+
+    half = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    state = {k: v.astype(half) for k, v in state_dict_numpy(reference["model"]).items()}
+    path = reference["dir"] / f"model_{dtype}.safetensors"
+    save_file({f"model.{k}": v for k, v in state.items()}, str(path))
+    _, variables = mvj.from_pretrained(NAME, str(path), **ARCH)
+    back = to_torch_state_dict(variables)
+    assert back.keys() == state.keys()
+    for key, value in state.items():
+        assert back[key].dtype == np.float32
+        np.testing.assert_array_equal(back[key], value.astype(np.float32), err_msg=key)
 
 
 @pytest.mark.parametrize("prefix", ["model.", ""])
