@@ -26,7 +26,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--output", required=True, help="directory to write")
     parser.add_argument("--ema", action="store_true", help="convert state_dict_ema (training checkpoints)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier conversion at --output (other non-empty directories are refused)",
+    )
     args = parser.parse_args(argv)
 
     import mambavision_jax as mvj

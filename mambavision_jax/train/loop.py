@@ -393,7 +393,8 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
 def export(config, workdir: str, *, model=None, data_module=None) -> list[str]:
     """Writes the workdir's latest checkpoint as converted-weights directories (``mambavision_jax.weights``): the
     trained variables to ``config.export_dir`` (default ``<workdir>/converted``) and, when the run keeps an EMA, the
-    EMA copy to the same path with ``_ema`` appended; an existing export there is replaced. Returns the directories.
+    EMA copy to the same path with ``_ema`` appended; an earlier export there is replaced, any other non-empty
+    directory refused. Returns the directories.
     Load one with ``mvj.from_pretrained(config.model_name, directory)``; its manifest records the config's model
     overrides (e.g. ``num_classes``), which ``from_pretrained`` applies. One process only."""
     from mambavision_jax.weights import save_converted

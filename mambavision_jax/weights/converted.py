@@ -37,14 +37,22 @@ def save_converted(
     ema: bool = False,
     overwrite: bool = False,
 ) -> None:
-    """Write ``variables`` of ``model_name`` (created with ``overrides``) as a converted directory."""
+    """Write ``variables`` of ``model_name`` (created with ``overrides``) as a converted directory.
+
+    ``directory`` must be missing or empty; with ``overwrite`` it may also be an earlier converted directory, which
+    is replaced. Any other non-empty directory is refused, so that nothing but converted weights is ever deleted."""
     from mambavision_jax.models.registry import pretrained_cfg, resolve_name
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and os.listdir(directory):
+        if not is_converted_dir(directory):
+            raise FileExistsError(
+                f"{directory!r} exists, is not empty and holds no converted weights ({MANIFEST}): "
+                "choose a new or empty directory"
+            )
         if not overwrite:
-            raise FileExistsError(f"{directory!r} exists and is not empty; pass overwrite=True (--overwrite)")
+            raise FileExistsError(f"{directory!r} holds converted weights; pass overwrite=True (--overwrite)")
         shutil.rmtree(directory)
     os.makedirs(directory, exist_ok=True)
     tree = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(variables))

@@ -150,8 +150,22 @@ def test_converted_directory_round_trip(reference):
     assert_close(jax_logits(module2, variables2, reference["images"]), reference["logits"])
     with pytest.raises(CheckpointError, match="holds mamba_vision_T, not mamba_vision_S"):
         mvj.from_pretrained("mamba_vision_S", str(out))
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
         save_converted(str(out), NAME, variables, ARCH)
+    save_converted(str(out), NAME, variables, ARCH, overwrite=True)  # an earlier conversion is replaced
+    assert_close(jax_logits(*mvj.from_pretrained(NAME, str(out)), reference["images"]), reference["logits"])
+
+
+def test_overwrite_deletes_nothing_but_converted_weights(tmp_path):
+    """A non-empty directory that holds no converted weights (a project folder, '.') is refused even with
+    overwrite=True, and its files stay."""
+    from mambavision_jax.weights import save_converted
+
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no converted weights"):
+        save_converted(str(tmp_path), NAME, {"params": {}}, overwrite=True)
+    assert keep.read_text() == "mine"
 
 
 def test_converter_cli_tiny_with_ema(tmp_path):
