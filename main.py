@@ -65,8 +65,10 @@ def main(argv):
     cache_dir = loop.compilation_cache_dir(config, workdir)
     if cache_dir:  # a resumed or repeated run then loads its compiled steps instead of compiling them again
         jax.config.update("jax_compilation_cache_dir", cache_dir)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+    mode = config.get("mode", "train")
+    if jax.process_index() == 0:  # eval and export keep a training run's config.json in the same workdir
+        name = "config.json" if mode == "train" else f"config_{mode}.json"
+        with open(os.path.join(workdir, name), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     logging.info(
         "process %d/%d, %d local / %d global devices",
@@ -75,7 +77,6 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
-    mode = config.get("mode", "train")
     try:
         if mode == "train":
             loop.train_and_evaluate(config, workdir)

@@ -60,6 +60,9 @@ def test_eval_of_converted_weights_matches_from_pretrained(run_main, tmp_path, t
         "--config.init_from=" + conv,
     )
     (row,) = [r for r in read_jsonl(os.path.join(wd, "metrics.jsonl")) if r["split"] == "eval"]
+    # an eval writes its config beside, not over, a training run's config.json
+    assert json.load(open(os.path.join(wd, "config_eval.json")))["mode"] == "eval"
+    assert not os.path.exists(os.path.join(wd, "config.json"))
 
     module, v = mvj.from_pretrained(c.model_name, conv, num_classes=10)
     apply = jax.jit(module.apply)
