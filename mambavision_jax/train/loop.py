@@ -223,7 +223,8 @@ def _setup(config, workdir, model, data):
 
 
 def _truncate_metrics(workdir: str, step: int):
-    """On resume, drop rows written after the restored checkpoint so metrics.jsonl describes one trajectory."""
+    """Drop rows written after ``step``, where a run resumes (0: a fresh start), so metrics.jsonl describes one
+    trajectory."""
     path = os.path.join(workdir, "metrics.jsonl")
     if jax.process_index() != 0 or not os.path.exists(path):
         return
@@ -284,10 +285,11 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     say = (lambda m: print(m, flush=True)) if is_main else (lambda m: None)
 
     latest = ckpt.latest_step()
+    # rows past where this run starts are from a run that was killed later (or before its first checkpoint)
+    _truncate_metrics(workdir, latest or 0)
     if latest is not None:
         state = ckpt.restore(ckpt_lib.abstract_with_shardings(s["abstract"], shardings), latest)
         say(f"Resumed from {ckpt.directory} at step {latest}.")
-        _truncate_metrics(workdir, latest)
     elif config.get("init_from"):
         _, pre = load_pretrained(config)
         fresh = jax.jit(lambda r: model.init({"params": r}, s["dummy"]))(s["init_rng"])

@@ -2,6 +2,7 @@
 checkpoint; metrics.jsonl rows carry step/split/metrics."""
 
 import gc
+import json
 import os
 
 import numpy as np
@@ -130,3 +131,16 @@ def test_restore_into_a_different_state_structure_names_the_problem(tmp_path):
     restored = ckpt.restore(jax.eval_shape(lambda: {"params": params, "opt_state": written.init(params)}))
     np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), 1.0)
     ckpt.close()
+
+
+def test_a_fresh_start_drops_the_rows_of_a_run_killed_before_its_first_checkpoint(tiny_config, jax_cache_env, tmp_path):
+    """No checkpoint in the workdir: rows already in metrics.jsonl belong to no trajectory this run continues."""
+    c = tiny_config
+    c.total_steps = 1
+    c.async_checkpointing = False
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text(json.dumps({"step": 5, "split": "train", "loss": 9.0}) + "\n")
+    loop.train_and_evaluate(c, str(workdir))
+    rows = read_jsonl(str(workdir / "metrics.jsonl"))
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1]
