@@ -7,9 +7,9 @@ Inference: eval mode, 16-bit compute (``--dtype``, bfloat16 by default; float32 
 each batch size in ``--batches``. Training: forward + backward + AdamW step, bf16 compute, float32 master
 weights, batch ``--train-batch``, donated state, no host sync inside the step; the same work as the official
 anchor's step (cross-entropy on hard labels, AdamW). Compile time and the executable's memory (arguments +
-outputs + temporaries, from XLA's memory analysis) are reported separately from throughput. Every executable is
-compiled with ``mvj.compiler_options()`` (on the CPU: XLA's own dot kernels, not YNNPACK's) and any ``--xla-option``
-on top. Timings exclude warm-up and are medians of timed windows synchronised with ``block_until_ready``, each window
+outputs + temporaries, from XLA's memory analysis) are reported separately from throughput. The inference and
+training executables are compiled with ``mvj.compiler_options()`` (on the CPU: XLA's own dot kernels, not
+YNNPACK's) and any ``--xla-option`` on top; the recipe steps as ``main.py`` compiles them. Timings exclude warm-up and are medians of timed windows synchronised with ``block_until_ready``, each window
 at least ``--min-window-s`` long (1 s: steady state, see ``MIN_WINDOW_S``). ``--compare-official`` runs
 ``.anchor/official_torch.py`` (see shared/anchor/README.md) for the inference and training models, and
 ``official_recipe.py`` (the official train.py's iteration) for the recipe configs' models, in subprocesses after the
@@ -268,7 +268,8 @@ def main():
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="an XLA compiler option for every timed executable (repeatable), e.g. xla_gpu_enable_cublaslt=true",
+        help="an XLA compiler option for the inference and training executables, not the recipe steps "
+        "(repeatable), e.g. xla_gpu_enable_cublaslt=true",
     )
     parser.add_argument(
         "--profile",
