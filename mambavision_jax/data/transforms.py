@@ -71,7 +71,8 @@ def random_resized_crop(
     """Crop a random region (``random_resized_crop_params``) and resize it to (size, size)."""
     top, left, h, w = random_resized_crop_params(rng, img.width, img.height, scale, ratio)
     resample = pick_interpolation(interpolation, rng)
-    return img.resize((size, size), resample, box=(left, top, left + w, top + h))
+    # crop first, as torchvision F.resized_crop: resize(box=...) would let the filter read pixels outside the box
+    return img.crop((left, top, left + w, top + h)).resize((size, size), resample)
 
 
 def eval_resize_crop(

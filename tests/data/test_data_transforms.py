@@ -187,3 +187,18 @@ def test_preprocess_image_matches_timm_eval_of_the_pretrained_cfg(model_name):
     ours = preprocess_image(img, model_name)
     assert ours.shape == (cfg["input_size"][1], cfg["input_size"][2], 3) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, tf(img).numpy().transpose(1, 2, 0), atol=1e-5)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_random_resized_crop_matches_torchvision_resized_crop(interpolation):
+    """timm's RandomResizedCropAndInterpolation crops then resizes (F.resized_crop): the filter must not read
+    pixels outside the crop box (PIL ``resize(box=...)`` does, changing the border rows/columns)."""
+    F = pytest.importorskip("torchvision.transforms.functional")
+    from timm.data.transforms import str_to_interp_mode
+
+    img = Image.fromarray(np.random.default_rng(4).integers(0, 256, (75, 100, 3), dtype=np.uint8))
+    for seed in range(5):
+        top, left, h, w = random_resized_crop_params(np.random.default_rng(seed), 100, 75, (0.08, 1.0), (3 / 4, 4 / 3))
+        ours = random_resized_crop(img, np.random.default_rng(seed), 24, interpolation=interpolation)
+        ref = F.resized_crop(img, top, left, h, w, [24, 24], str_to_interp_mode(interpolation))
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
