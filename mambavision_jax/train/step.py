@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from mambavision_jax import xla_options
 from mambavision_jax.data.config_utils import preprocess_settings
-from mambavision_jax.data.device_preprocess import batch_images
+from mambavision_jax.data.device_preprocess import batch_images, erase_images
 from mambavision_jax.train import optim
 from mambavision_jax.train import sharding as sharding_lib
 from mambavision_jax.train.state import TrainState
@@ -45,6 +45,19 @@ def mesa_active(step: int, config, steps_per_epoch: int) -> bool:
         return False
     epoch = int(step) // steps_per_epoch
     return epoch / float(config.optimizer.epochs) > float(config.get("mesa_start_ratio", 0.25))
+
+
+def model_inputs(batch: dict, mix_rng, erase_rng, targets_fn: Callable, preprocess, erase_mode: str):
+    """``(images, targets)`` for a train batch in the official loader's order: mixup/cutmix first (timm's collate
+    mixes the uint8 batch), then random erasing on the mixed images (timm's prefetcher), so an erased rectangle holds
+    the fill alone. ``images`` float32 (B, H, W, 3) normalised with ``preprocess``'s mean and std; ``targets``
+    (B, classes) soft labels. Mixing after normalising equals normalising after mixing (the normalisation is affine
+    a channel)."""
+    images = batch_images({k: v for k, v in batch.items() if k != "erase"}, preprocess.mean, preprocess.std)
+    images, targets = targets_fn(mix_rng, images, batch["label"])
+    if "erase" in batch:
+        images = erase_images(images, batch["erase"], erase_rng, erase_mode)
+    return images, targets
 
 
 def _targets_fn(config, data_module) -> Callable:
@@ -121,8 +134,7 @@ def make_train_step(
     def loss_and_grads(state: TrainState, batch: dict, rng, mesa_on: bool):
         """The forward and backward on ``batch``: ``(grads, new batch_stats, {"loss", "top1", *aux})``."""
         mix_rng, drop_rng = jax.random.split(rng)
-        images = batch_images(batch, preprocess.mean, preprocess.std, erase_mode, jax.random.fold_in(rng, 1))
-        images, targets = targets_fn(mix_rng, images, batch["label"])
+        images, targets = model_inputs(batch, mix_rng, jax.random.fold_in(rng, 1), targets_fn, preprocess, erase_mode)
 
         if mesa_on:
             teacher = jax.lax.stop_gradient(model.apply(state.variables(ema=True), images).astype(jnp.float32))

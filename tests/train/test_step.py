@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections import config_dict
 
 import mambavision_jax.data as data
 from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
@@ -89,6 +90,26 @@ def test_train_step_normalises_and_erases_uint8_batches(tiny_config, jax_cache_e
     zeros = loss(image=np.zeros_like(host))
     assert loss(image=uint8, erase=whole) == pytest.approx(zeros, rel=1e-5)
     assert loss(image=uint8) != pytest.approx(zeros, rel=1e-3)
+
+
+def test_erasing_follows_mixup_as_in_the_official_loader():
+    """timm's collate mixes the batch and its prefetcher erases afterwards: an erased rectangle holds the fill alone
+    ('const': zeros), not a blend of the fill with the partner image; unerased images are the mix."""
+    c = config_dict.ConfigDict(dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    images = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (10, 200, 60, 90)])
+    boxes = np.asarray([[0, 0, 8, 8], [0, 0, 0, 0], [2, 3, 4, 5], [0, 0, 0, 0]], np.int32)
+
+    def half_mix(rng, x, labels):
+        return 0.5 * x + 0.5 * x[::-1], labels
+
+    batch = dict(image=jnp.asarray(images), erase=jnp.asarray(boxes), label=jnp.arange(4))
+    key = jax.random.PRNGKey(0)
+    got, _ = step_lib.model_inputs(batch, key, key, half_mix, c, "const")
+    mixed = np.asarray(half_mix(None, data.transforms.normalize(images, c.mean, c.std), None)[0])
+    np.testing.assert_array_equal(np.asarray(got[0]), 0.0)
+    np.testing.assert_allclose(np.asarray(got[1]), mixed[1], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got[2, 2:6, 3:8]), 0.0)
+    np.testing.assert_allclose(np.asarray(got[2, :2]), mixed[2, :2], rtol=1e-6)
 
 
 def test_mesa_kl_matches_reference():
