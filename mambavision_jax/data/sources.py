@@ -6,6 +6,8 @@ where image is a PIL RGB image or a uint8 (H, W, 3) array.
 
 from __future__ import annotations
 
+import os
+
 from .config_utils import cfg_get, image_size
 from .errors import UnknownDatasetError
 from .source_digits import DigitsSource
@@ -19,10 +21,13 @@ DATASETS = ("imagenet2012", "folder", "digits", "synthetic")
 def build_source(config, split: str):
     name = cfg_get(config.data, "name")
     size = image_size(config)
+    data_dir = cfg_get(config.data, "data_dir")
+    if data_dir:  # a '~' in --config.data.data_dir=~/... reaches us unexpanded: shells expand it at a word's start only
+        data_dir = os.path.expanduser(data_dir)
     if name == "imagenet2012":
-        src = TfdsSource(name, split, cfg_get(config.data, "data_dir"))
+        src = TfdsSource(name, split, data_dir)
     elif name == "folder":
-        src = FolderSource(cfg_get(config.data, "data_dir"), split, cfg_get(config.data, "on_corrupt", "raise"))
+        src = FolderSource(data_dir, split, cfg_get(config.data, "on_corrupt", "raise"))
     elif name == "digits":
         src = DigitsSource(split, size)
     elif name == "synthetic":

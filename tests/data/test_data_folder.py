@@ -48,6 +48,14 @@ def test_class_mapping_and_eval(tmp_path):
     assert batches[0]["image"].shape == (4, 16, 16, 3)
 
 
+def test_a_data_dir_under_home_written_with_a_tilde(tmp_path, monkeypatch):
+    """``--config.data.data_dir=~/images`` reaches the config unexpanded (the shell expands '~' at a word's start
+    only); the source expands it."""
+    _write_folder(tmp_path / "images", corrupt=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert len(D.build_source(_cfg("~/images", "raise"), "val")) == 6
+
+
 def test_corrupt_raise_names_file(tmp_path):
     bad = _write_folder(tmp_path)
     cfg = _cfg(tmp_path, "raise")
