@@ -1,12 +1,12 @@
 """MambaVision-JAX training / evaluation entry point.
 
-  python main.py --config=configs/tiny.py --workdir=/tmp/mv_t [--config.key=value ...]
+  python main.py --config=configs/tiny.py [--workdir=workdirs/tiny] [--config.key=value ...]
   python main.py --config=configs/demo.py --workdir=/tmp/demo
   python main.py --config=configs/tiny.py --config.mode=eval --config.init_from=<converted dir> --workdir=/tmp/ev
   python main.py --config=configs/tiny.py --config.mode=eval --config.init_from=hf-hub --workdir=/tmp/ev  # official
   python main.py --config=configs/tiny.py --config.mode=export --workdir=/tmp/mv_t   # -> /tmp/mv_t/converted[_ema]
 
-Running the same command again with the same --workdir resumes from the latest checkpoint.
+Running the same command again (the same --workdir, or none) resumes from the latest checkpoint.
 Multi-process (multi-host) runs call jax.distributed.initialize() when --multihost is given or the environment
 looks like a multi-process launch (JAX_COORDINATOR_ADDRESS, SLURM with >1 task, OpenMPI with >1 rank). Without
 SLURM or MPI, give every process JAX_COORDINATOR_ADDRESS=host0:port, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i.
@@ -19,11 +19,23 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard logs.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory for checkpoints, metrics.jsonl and TensorBoard logs (default: workdirs/<config file name>, e.g. "
+    "workdirs/tiny for configs/tiny.py).",
+)
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", None, "Call jax.distributed.initialize(). Default: detect from the environment."
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir(config_file: str) -> str:
+    """``workdirs/<stem>`` for a config file ``<dir>/<stem>.py`` (a ``:argument`` after it ignored), relative to the
+    current directory, so that the same command run again resumes the same run."""
+    stem = os.path.splitext(os.path.basename(config_file.split(":")[0]))[0]
+    return os.path.join("workdirs", stem)
 
 
 def _is_multiprocess_env() -> bool:
@@ -60,7 +72,10 @@ def main(argv):
     from mambavision_jax.train import loop
 
     config = _CONFIG.value
-    workdir = os.path.abspath(_WORKDIR.value)
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    workdir = os.path.abspath(_WORKDIR.value or default_workdir(config_file))
+    if _WORKDIR.value is None and jax.process_index() == 0:
+        print(f"workdir: {workdir}", flush=True)
     os.makedirs(workdir, exist_ok=True)
     cache_dir = loop.compilation_cache_dir(config, workdir)
     if cache_dir:  # a resumed or repeated run then loads its compiled steps instead of compiling them again

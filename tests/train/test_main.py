@@ -31,6 +31,21 @@ def test_demo_config_smoke(run_main, tmp_path):
     assert "steps 0->3" in p.stdout
 
 
+def test_without_workdir_the_run_goes_to_workdirs_and_the_config_name(jax_cache_env, tmp_path):
+    """``python main.py --config=configs/demo.py`` alone: the run lives in ./workdirs/demo, where running the same
+    command again resumes it."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(ROOT, "configs", "demo.py")]
+    command += ["--config.total_steps=1", "--config.progress_bar=False"]
+    p = subprocess.run(command, env=jax_cache_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-4000:]
+    workdir = tmp_path / "workdirs" / "demo"
+    assert f"workdir: {workdir}" in p.stdout
+    assert (workdir / "checkpoints" / "1").is_dir() and (workdir / "config.json").is_file()
+
+
 def test_eval_of_converted_weights_matches_from_pretrained(run_main, tmp_path, tiny_config, jax_cache_env):
     weights = pytest.importorskip("mambavision_jax.weights")
     if not hasattr(weights, "save_converted"):
