@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from mambavision_jax.pallas import triton_kernels
+from mambavision_jax.pallas import reference, triton_kernels
 from mambavision_jax.pallas.partitioning import batch_parallel
 from mambavision_jax.pallas.triton_kernels import KernelConfig
 
@@ -124,6 +124,9 @@ def selective_scan_pallas(
 ):
     """Pallas-Triton selective scan, differentiable. ``config=None`` picks :func:`default_config` for inference
     or, under differentiation, for training."""
+    if any(isinstance(size, int) and size == 0 for size in u.shape):
+        # nothing to scan, and the kernels' grids would be empty: the pure-JAX scan gives the empty y, zero gradients
+        return reference.scan_sequential(u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus)
     dim = u.shape[2]
     D = jnp.zeros((dim,), jnp.float32) if D is None else D
     delta_bias = jnp.zeros((dim,), jnp.float32) if delta_bias is None else delta_bias

@@ -341,3 +341,23 @@ def test_bad_shapes(index, bad_shape, name):
     args[index] = jnp.zeros(bad_shape, jnp.float32)
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         selective_scan(*args, impl="sequential")
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 16, 8), (2, 0, 16, 8), (0, 0, 16, 5)], ids=["batch0", "length0", "both0"])
+@pytest.mark.parametrize("impl", ["pallas", "sequential", "associative"])
+def test_empty_batch_or_length(impl, shape):
+    """Nothing to scan: an empty y and zero gradients from every impl (the Pallas kernels' empty grids used to
+    fail with a ZeroDivisionError or a gather error)."""
+    batch, length, dim, n = shape
+    args = _small_args(batch, length, dim, n)
+
+    def scan(*a):
+        if impl == "pallas":
+            return selective_scan_pallas(*a, delta_softplus=True, interpret=True)
+        return selective_scan(*a, delta_softplus=True, impl=impl)
+
+    y, vjp = jax.vjp(scan, *args)
+    assert y.shape == (batch, length, dim) and y.dtype == jnp.float32
+    for arg, grad in zip(args, vjp(jnp.zeros_like(y))):
+        assert grad.shape == arg.shape
+        np.testing.assert_array_equal(grad, 0.0)
