@@ -26,6 +26,8 @@ class DropPath(nn.Module):
         if deterministic or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
+        if keep <= 0.0:  # every sample dropped, as timm's; x / 0 below would make the gradients NaN
+            return jnp.zeros_like(x)
         mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, mask_shape)
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
@@ -36,6 +38,8 @@ class DropPath(nn.Module):
         if deterministic or self.rate == 0.0:
             return None
         keep = 1.0 - self.rate
+        if keep <= 0.0:  # every sample dropped (1 / keep below would raise)
+            return jnp.zeros((batch,), jnp.float32)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (batch,))
         return jnp.where(mask, 1.0 / keep, 0.0).astype(jnp.float32)
 

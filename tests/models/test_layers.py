@@ -110,3 +110,17 @@ def test_one_value_per_channel_is_refused_in_training():
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         BatchNorm(EPSILON).apply(variables, x, True, mutable=["batch_stats"])
     assert BatchNorm(EPSILON).apply(variables, x, False).shape == x.shape
+
+
+def test_drop_path_rate_one_drops_every_branch_with_finite_gradients():
+    """DropPath(1.0) (the last block's rate for drop_path_rate=1.0) drops every sample as timm's does: zero output,
+    zero (not NaN) gradients, and a zero factor for the fused path (was x / 0: NaN gradients; 1 / 0 raised)."""
+    from mambavision_jax.models.layers import DropPath
+
+    x = jnp.ones((4, 3, 2))
+    rngs = {"dropout": jax.random.PRNGKey(0)}
+    out = lambda v: DropPath(1.0).apply({}, v, deterministic=False, rngs=rngs)
+    np.testing.assert_array_equal(out(x), 0.0)
+    np.testing.assert_array_equal(jax.grad(lambda v: out(v).sum())(x), 0.0)
+    scale = DropPath(1.0).apply({}, 4, False, rngs=rngs, method=DropPath.sample_scale)
+    np.testing.assert_array_equal(scale, np.zeros(4, np.float32))
