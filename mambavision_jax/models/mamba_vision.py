@@ -175,6 +175,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
         b, n, _ = tokens.shape
+        if self.dim % self.num_heads:
+            raise ValueError(f"num_heads {self.num_heads} must divide the stage's {self.dim} channels")
         head_dim = self.dim // self.num_heads
         qkv = _dense(3 * self.dim, "qkv", self.dtype)(tokens).reshape(b, n, 3, self.num_heads, head_dim)
         out = jax.nn.dot_product_attention(

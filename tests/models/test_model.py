@@ -253,3 +253,10 @@ def test_mosaic_mlps_refuse_float32_compute_and_unknown_impls():
         mvj.create_model("mamba_vision_T", **SMALL, mlp_impl="mosaic").init(jax.random.PRNGKey(0), images)
     with pytest.raises(ValueError, match="mlp_impl must be one of xla, mosaic"):
         mvj.create_model("mamba_vision_T", **SMALL, mlp_impl="triton").init(jax.random.PRNGKey(0), images)
+
+
+def test_num_heads_not_dividing_the_channels_is_named():
+    """A num_heads override that does not divide a stage's channels is refused naming it (was a reshape error)."""
+    model = mvj.create_model("mamba_vision_T", **{**SMALL, "num_heads": (1, 2, 3, 4)})
+    with pytest.raises(ValueError, match="num_heads 3 .* 64 channels"):
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
