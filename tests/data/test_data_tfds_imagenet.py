@@ -40,7 +40,8 @@ def test_train_batches_shape_dtype_normalisation(mock_imagenet):
     x = np.asarray(D.batch_images(b, mean, std))  # what the jitted step feeds the model
     assert x.dtype == np.float32
     assert np.all(x >= (0 - mean) / std - 1e-5) and np.all(x <= (1 - mean) / std + 1e-5)
-    assert abs(float(x.mean())) < 1.5 and 0.2 < float(x.std()) < 2.0
+    # the values, not loose statistics (which /255 alone, mean 0.5 and std 0.27 here, passed)
+    np.testing.assert_allclose(x, (b["image"] / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
 
 
 def test_eval_padding_and_mask(mock_imagenet):

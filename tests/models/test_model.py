@@ -48,11 +48,14 @@ def test_stage_shapes_and_features(small):
 
 
 def test_headless_model_returns_pooled_features(small):
-    _, variables, images = small
+    model, variables, images = small
     headless = mvj.create_model("mamba_vision_T", **{**SMALL, "num_classes": 0})
     params = {k: v for k, v in variables["params"].items() if k != "head"}
     out = headless.apply({"params": params, "batch_stats": variables["batch_stats"]}, images)
     assert out.shape == (4, 128)
+    head = variables["params"]["head"]  # the values the full model's head classifies, not just their shape
+    logits = model.apply(variables, images)
+    np.testing.assert_allclose(out @ head["kernel"] + head["bias"], logits, rtol=1e-5, atol=1e-5)
 
 
 def test_train_mode_drop_path_and_batch_stats(small):

@@ -159,7 +159,9 @@ def test_gelu_mlp_value_and_gradients_match_float64_under_interpret_mode(monkeyp
     with jax.enable_x64():
         args64 = [jnp.asarray(np.asarray(a, np.float64)) for a in (x, w1, b1, w2, b2)]
         want_value, want_grads = jax.value_and_grad(loss64, argnums=range(5))(*args64)
-    assert abs(float(value) - float(want_value)) <= 0.02 * float(jnp.sum(jnp.abs(probe)))
+    # the outputs' bf16 roundings (under 0.03 each) add up like a random walk over the probe: 0.02·‖probe‖₂ (1.8;
+    # 0.2 measured), not 0.02·‖probe‖₁ (130, which a forward without b2, 117 off, passed)
+    assert abs(float(value) - float(want_value)) <= 0.02 * float(jnp.linalg.norm(probe))
     for name, got, want in zip(("x", "w1", "b1", "w2", "b2"), grads, want_grads):
         assert got.dtype == (jnp.float32 if name in ("b1", "b2") else jnp.bfloat16), name
         got, want = np.asarray(got, np.float64), np.asarray(want)
