@@ -6,6 +6,7 @@ prefixed with ``RESULT:``. Spec keys:
   workdir: str (train)
   exit_after_step: int (train)     hard-exits (os._exit: no cleanup, async saves cut off, like SIGKILL) right
                                    after the train row of that step is written
+                                   (train's result: {"eval": final metrics, "train_steps": the steps it logged})
   out: str (compare_steps)         .npz path for the updated params
 """
 
@@ -150,22 +151,23 @@ def per_device_step():
 def train():
     from mambavision_jax.train import loop
 
+    from mambavision_jax.train import metrics as metrics_lib
+
     c = make_config()
     exit_after = spec.get("exit_after_step")
-    if exit_after is not None:
-        # Hard exit right after step `exit_after` was logged (metrics row written), like a SIGKILL.
-        from mambavision_jax.train import metrics as metrics_lib
+    train_steps = []  # the train rows this process writes: where it started shows whether it resumed
+    orig_write = metrics_lib.MetricWriter.write
 
-        orig_write = metrics_lib.MetricWriter.write
+    def write(self, step, split, metrics):
+        orig_write(self, step, split, metrics)
+        if split == "train":
+            train_steps.append(int(step))
+            if exit_after is not None and step >= exit_after:
+                os._exit(17)  # hard exit right after step `exit_after` was logged, like a SIGKILL
 
-        def write(self, step, split, metrics):
-            orig_write(self, step, split, metrics)
-            if split == "train" and step >= exit_after:
-                os._exit(17)
-
-        metrics_lib.MetricWriter.write = write
+    metrics_lib.MetricWriter.write = write
     result = loop.train_and_evaluate(c, spec["workdir"])
-    return {"eval": result}
+    return {"eval": result, "train_steps": train_steps}
 
 
 if __name__ == "__main__":

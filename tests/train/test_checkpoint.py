@@ -48,8 +48,10 @@ def test_kill_mid_async_save_resumes_from_a_complete_checkpoint(run_runner, full
     cut = str(tmp_path / "cut")
     run_runner({**SPEC, "workdir": cut, "exit_after_step": 4}, expect_rc=17)
     ck = ckpt_lib.Checkpointer(os.path.join(cut, "checkpoints"))
-    assert ck.latest_step() in (None, 3)
-    run_runner({**SPEC, "workdir": cut})
+    restored = ck.latest_step()
+    assert restored in (None, 3)
+    resumed = run_runner({**SPEC, "workdir": cut})
+    assert resumed["train_steps"][0] == (restored or 0) + 1
     _compare(full_run, cut)
 
 
@@ -61,7 +63,8 @@ def test_kill_and_resume_matches_uninterrupted(run_runner, full_run, tmp_path):
     run_runner({**killed, "workdir": cut, "exit_after_step": 5}, expect_rc=17)
     assert ckpt_lib.Checkpointer(os.path.join(cut, "checkpoints")).latest_step() == 3
     assert max(_rows(cut, "train")) == 5
-    run_runner({**SPEC, "workdir": cut})  # the same command again: resumes from step 3
+    resumed = run_runner({**SPEC, "workdir": cut})  # the same command again: resumes from step 3
+    assert resumed["train_steps"] == [4, 5, 6, 7, 8]  # not a fresh start, which would log the same losses
     a, ea = _compare(full, cut)
 
     # metrics.jsonl schema
