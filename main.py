@@ -72,6 +72,9 @@ def main(argv):
     from mambavision_jax.train import loop
 
     config = _CONFIG.value
+    mode = config.get("mode", "train")
+    if mode not in ("train", "eval", "export"):
+        raise app.UsageError(f"config.mode must be 'train', 'eval' or 'export', got {mode!r}")
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     workdir = os.path.abspath(_WORKDIR.value or default_workdir(config_file))
     if _WORKDIR.value is None and jax.process_index() == 0:
@@ -80,7 +83,6 @@ def main(argv):
     cache_dir = loop.compilation_cache_dir(config, workdir)
     if cache_dir:  # a resumed or repeated run then loads its compiled steps instead of compiling them again
         jax.config.update("jax_compilation_cache_dir", cache_dir)
-    mode = config.get("mode", "train")
     if jax.process_index() == 0:  # eval and export keep a training run's config.json in the same workdir
         name = "config.json" if mode == "train" else f"config_{mode}.json"
         with open(os.path.join(workdir, name), "w") as f:
@@ -97,10 +99,8 @@ def main(argv):
             loop.train_and_evaluate(config, workdir)
         elif mode == "eval":
             loop.evaluate(config, workdir)
-        elif mode == "export":
-            loop.export(config, workdir)
         else:
-            raise app.UsageError(f"config.mode must be 'train', 'eval' or 'export', got {mode!r}")
+            loop.export(config, workdir)
     except loop.NonFiniteLossError as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         sys.exit(3)

@@ -52,7 +52,7 @@ def model_inputs(batch: dict, mix_rng, erase_rng, targets_fn: Callable, preproce
     mixes the uint8 batch), then random erasing on the mixed images (timm's prefetcher), so an erased rectangle holds
     the fill alone. ``images`` float32 (B, H, W, 3) normalised with ``preprocess``'s mean and std; ``targets``
     (B, classes) soft labels. Mixing after normalising equals normalising after mixing (the normalisation is affine
-    a channel)."""
+    per channel)."""
     images = batch_images({k: v for k, v in batch.items() if k != "erase"}, preprocess.mean, preprocess.std)
     images, targets = targets_fn(mix_rng, images, batch["label"])
     if "erase" in batch:

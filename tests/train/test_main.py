@@ -46,6 +46,14 @@ def test_without_workdir_the_run_goes_to_workdirs_and_the_config_name(jax_cache_
     assert (workdir / "checkpoints" / "1").is_dir() and (workdir / "config.json").is_file()
 
 
+def test_an_unknown_mode_is_named_before_anything_is_written(run_main, tmp_path):
+    wd = tmp_path / "never"
+    config = "--config=" + os.path.join(ROOT, "configs", "demo.py")
+    p = run_main(config, f"--workdir={wd}", "--config.mode=evaluate", expect_rc=1)
+    assert "config.mode must be 'train', 'eval' or 'export', got 'evaluate'" in p.stderr
+    assert not wd.exists()
+
+
 def test_eval_of_converted_weights_matches_from_pretrained(run_main, tmp_path, tiny_config, jax_cache_env):
     weights = pytest.importorskip("mambavision_jax.weights")
     if not hasattr(weights, "save_converted"):
