@@ -78,8 +78,11 @@ def parse_rand_augment(spec: str) -> RandAugmentConfig:
     kw: dict = {}
     for c in parts[1:]:
         cs = re.split(r"(\d.*)", c)
-        if len(cs) < 2:
-            continue
+        if len(cs) < 2:  # timm skips these, and reads 't...' as a weighted op set: neither is done here
+            raise ValueError(
+                f"RandAugment section {c!r} in {spec!r} is not supported; sections: m, n, p, mstd, mmax, inc "
+                "followed by a number"
+            )
         key, val = cs[:2]
         if key == "mstd":
             mstd = float(val)

@@ -78,8 +78,11 @@ def test_rand_augment_parsing():
     c = RA.parse_rand_augment("rand-n3-m7-p0.8-mstd101")
     assert (c.num_ops, c.magnitude, c.prob, c.magnitude_std, c.increasing) == (3, 7.0, 0.8, float("inf"), False)
     assert list(c.ops) == RA.RAND_TRANSFORMS
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must start with 'rand'"):
         RA.parse_rand_augment("augmix-m5")
+    for section in ("tweights", "inc"):  # a weighted op set, a key without its number: refused, not skipped
+        with pytest.raises(ValueError, match=f"section '{section}' .* is not supported"):
+            RA.parse_rand_augment(f"rand-m9-{section}")
     aa = pytest.importorskip("timm.data.auto_augment")
     assert RA.RAND_INCREASING_TRANSFORMS == aa._RAND_INCREASING_TRANSFORMS
     assert RA.RAND_TRANSFORMS == aa._RAND_TRANSFORMS
