@@ -35,12 +35,12 @@ class DigitsSource:
 
     def __init__(self, split: str, image_size: int):
         images, labels, tr, te = _digits_split()
-        if split.split("[")[0] == "train":
+        if split == "train":
             self.indices = tr
-        elif split.split("[")[0] in HELD_OUT_SPLITS:
+        elif split in HELD_OUT_SPLITS:
             self.indices = te
-        else:
-            raise ValueError(f"digits split must be 'train' or one of {HELD_OUT_SPLITS}, got {split!r}")
+        else:  # TFDS-style slices ('train[:10%]') included: they would otherwise be read as the whole split
+            raise ValueError(f"digits split must be 'train' or one of {HELD_OUT_SPLITS} (no slices), got {split!r}")
         self._images, self._labels, self.image_size = images, labels, int(image_size)
 
     def __len__(self) -> int:

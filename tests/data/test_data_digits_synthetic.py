@@ -24,6 +24,11 @@ def test_digits_split_and_shapes():
     np.testing.assert_array_equal(te, te2)
 
 
+def test_digits_refuses_a_split_slice_it_would_not_apply():
+    with pytest.raises(ValueError, match=r"no slices.*'train\[:10%\]'"):
+        D.build_source(make_config("digits", size=32, bs=16), "train[:10%]")
+
+
 def test_digits_iterators():
     cfg = make_config("digits", size=32, bs=16, eval_bs=64)
     b = take(D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1), 1)[0]
