@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from mambavision_jax.pallas import reference
 from mambavision_jax.pallas.vjp import selective_scan_pallas
@@ -36,6 +37,9 @@ def _check_shapes(u, delta, A, B, C, D, delta_bias):
 
     if u.ndim != 3:
         raise ValueError(f"selective_scan: u must be (batch, length, dim), got shape {tuple(u.shape)}")
+    for name, arr in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
+        if arr is not None and not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise TypeError(f"selective_scan: {name} must be floating point, got {arr.dtype}")
     batch, length, dim = u.shape
     if A.ndim != 2 or A.shape[0] != dim:
         fail("A", A, "(dim, d_state)")

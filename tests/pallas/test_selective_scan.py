@@ -343,6 +343,15 @@ def test_bad_shapes(index, bad_shape, name):
         selective_scan(*args, impl="sequential")
 
 
+@pytest.mark.parametrize("index,name", [(0, "u"), (1, "delta"), (3, "B")])
+def test_integer_inputs_are_refused(index, name):
+    """An integer array would otherwise be scanned with integer arithmetic and return integers."""
+    args = _small_args()
+    args[index] = args[index].astype(jnp.int32)
+    with pytest.raises(TypeError, match=rf"{name} must be floating point, got int32"):
+        selective_scan(*args, impl="sequential")
+
+
 @pytest.mark.parametrize("shape", [(0, 5, 16, 8), (2, 0, 16, 8), (0, 0, 16, 5)], ids=["batch0", "length0", "both0"])
 @pytest.mark.parametrize("impl", ["pallas", "sequential", "associative"])
 def test_empty_batch_or_length(impl, shape):
