@@ -182,6 +182,11 @@ def create_model(name: str, **overrides: Any) -> MambaVision:
         kwargs[key] = tuple(int(v) for v in kwargs[key])
     if not len(kwargs["depths"]) == len(kwargs["num_heads"]) == len(kwargs["window_size"]) == 4:
         raise ValueError("depths, num_heads and window_size must each have 4 entries (one per stage).")
+    for key in ("num_heads", "window_size"):
+        if min(kwargs[key]) < 1:
+            raise ValueError(f"{key} must be >= 1 in every stage; got {kwargs[key]}")
+    if int(kwargs.get("num_classes", 0)) < 0:
+        raise ValueError(f"num_classes must be >= 0 (0: no head, pooled features); got {kwargs['num_classes']}")
     return MambaVision(**kwargs)
 
 

@@ -57,6 +57,19 @@ def test_unknown_override_is_named():
         mvj.create_model("mamba_vision_T", num_class=10)
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (dict(num_classes=-1), "num_classes must be >= 0"),
+        (dict(window_size=[8, 8, 0, 7]), "window_size must be >= 1"),
+        (dict(num_heads=[2, 4, 0, 16]), "num_heads must be >= 1"),
+    ],
+)
+def test_out_of_range_overrides_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        mvj.create_model("mamba_vision_T", **override)
+
+
 def test_overrides_apply():
     model = mvj.create_model("mamba_vision_T", num_classes=7, window_size=[8, 8, 7, 7], drop_path_rate=0.0)
     assert (model.num_classes, model.window_size, model.drop_path_rate) == (7, (8, 8, 7, 7), 0.0)
