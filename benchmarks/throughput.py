@@ -9,8 +9,9 @@ weights, batch ``--train-batch``, donated state, no host sync inside the step; t
 anchor's step (cross-entropy on hard labels, AdamW). Compile time and the executable's memory (arguments +
 outputs + temporaries, from XLA's memory analysis) are reported separately from throughput. The inference and
 training executables are compiled with ``mvj.compiler_options()`` (on the CPU: XLA's own dot kernels, not
-YNNPACK's) and any ``--xla-option`` on top; the recipe steps as ``main.py`` compiles them. Timings exclude warm-up and are medians of timed windows synchronised with ``block_until_ready``, each window
-at least ``--min-window-s`` long (1 s: steady state, see ``MIN_WINDOW_S``). ``--compare-official`` runs
+YNNPACK's) and any ``--xla-option`` on top; the recipe steps as ``main.py`` compiles them. Timings exclude warm-up
+and are medians of timed windows synchronised with ``block_until_ready``, each window at least
+``--min-window-s`` long (1 s: steady state, see ``MIN_WINDOW_S``). ``--compare-official`` runs
 ``.anchor/official_torch.py`` (see shared/anchor/README.md) for the inference and training models, and
 ``official_recipe.py`` (the official train.py's iteration) for the recipe configs' models, in subprocesses after the
 JAX runs, so each ratio comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
