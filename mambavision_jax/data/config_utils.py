@@ -110,6 +110,8 @@ def preprocess_settings(config) -> Preprocess:
     )
     if out.crop_mode not in CROP_MODES:
         raise ValueError(f"eval crop_mode must be one of {CROP_MODES}, got {out.crop_mode!r}")
+    if out.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"eval interpolation must be one of {INTERPOLATIONS}, got {out.interpolation!r}")
     if out.crop_pct <= 0:
         raise ValueError(f"eval crop_pct must be > 0, got {out.crop_pct}")
     if len(out.mean) != 3 or len(out.std) != 3:

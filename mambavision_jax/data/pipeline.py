@@ -3,7 +3,7 @@ background prefetch).
 
 Global stream (train): step ``s`` belongs to epoch ``e = s // steps_per_epoch`` at position
 ``p = s % steps_per_epoch``. Epoch ``e`` reads the records ``perm_e[p*G:(p+1)*G]`` with
-``perm_e = default_rng([seed, e, 1]).permutation(N)`` and ``G`` the global batch; the last ``N % G`` records of
+``perm_e = default_rng([seed, e, 0, 1]).permutation(N)`` and ``G`` the global batch; the last ``N % G`` records of
 each permutation are dropped. Host ``i`` of ``n`` takes the contiguous slice ``[i*L:(i+1)*L]`` of every global
 batch (``L = G / n``). Each example's augmentation uses ``default_rng([seed, e, record, 0])``. So a batch depends
 only on (config, step, process_index, process_count): resuming = ``build_train_iterator(start_step=s)``.
@@ -292,6 +292,18 @@ def _check_process(process_index: int, process_count: int):
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
 
 
+def _permutation_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The generator of epoch ``epoch``'s permutation. Its seed list has 4 entries, as :func:`_example_rng`'s, the
+    last telling the streams apart: numpy pads a shorter list with zeros, so ``[seed, epoch, 1]`` would seed the
+    same generator as record 1's augmentation."""
+    return np.random.default_rng([seed, epoch, 0, 1])
+
+
+def _example_rng(seed: int, epoch: int, record: int) -> np.random.Generator:
+    """The generator of record ``record``'s augmentation in epoch ``epoch`` (the same on whichever host reads it)."""
+    return np.random.default_rng([seed, epoch, record, 0])
+
+
 class _EpochPermutations:
     """``epoch -> permutation of range(n)``, the last two cached; picklable (for worker processes)."""
 
@@ -310,7 +322,7 @@ class _EpochPermutations:
         with self._lock:
             perm = self._cache.get(epoch)
             if perm is None:
-                perm = np.random.default_rng([self.seed, epoch, 1]).permutation(self.n)
+                perm = _permutation_rng(self.seed, epoch).permutation(self.n)
                 self._cache = {k: v for k, v in self._cache.items() if k >= epoch - 1}
                 self._cache[epoch] = perm
             return perm
@@ -354,7 +366,7 @@ def build_train_iterator(config, *, start_step: int, process_index: int, process
         step, k = divmod(int(j), local)
         record = int(positions(step)[k])
         image, label = source.load(record)
-        image, box = transform(image, np.random.default_rng([seed, step // spe, record, 0]))
+        image, box = transform(image, _example_rng(seed, step // spe, record))
         example = {"image": image, "label": np.int32(label)}
         if transform.reprob > 0:
             example["erase"] = box

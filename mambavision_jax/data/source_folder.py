@@ -1,9 +1,10 @@
-"""Image-folder source: ``<root>/<split>/<class>/*.{jpg,jpeg,png}`` (split 'val' also found as 'validation').
+"""Image-folder source: ``<root>/<split>/<class>/**/*.{jpg,jpeg,png}`` (split 'val' also found as 'validation').
 
 Class index = position in the sorted class-directory names of ``<root>/train`` (or of the split itself when there
-is no train dir), so train and val share one mapping. Corrupt files are named: ``on_corrupt='raise'`` raises
-``CorruptImageError(path)``; ``'skip'`` substitutes the next decodable index (deterministic) and records the path in
-``skip_log`` (also logged once per file at WARNING).
+is no train dir), so train and val share one mapping. A class's files are those of its directory and its
+subdirectories (hidden ones left out), in torchvision ``ImageFolder`` order. Corrupt files are named:
+``on_corrupt='raise'`` raises ``CorruptImageError(path)``; ``'skip'`` substitutes the next decodable index
+(deterministic) and records the path in ``skip_log`` (also logged once per file at WARNING).
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ def _list_classes(path: str) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
+def _image_files(class_dir: str) -> list[str]:
+    """Paths of the image files in ``class_dir`` and its subdirectories, as torchvision's ``make_dataset`` lists
+    them: directories in sorted order, names sorted within each."""
+    walk = []
+    for dirpath, dirnames, names in os.walk(class_dir, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        walk.append((dirpath, sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))))
+    return [os.path.join(dirpath, n) for dirpath, names in sorted(walk) for n in names]
+
+
 def _split_dir(root: str, split: str) -> str:
     for cand in _SPLIT_ALIASES.get(split, (split,)):
         p = os.path.join(root, cand)
@@ -94,11 +105,12 @@ class FolderSource:
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"config.data.on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         self.root, self.split, self.on_corrupt = root, split, on_corrupt
-        split_dir = _split_dir(root, split)
+        self.split_dir = split_dir = _split_dir(root, split)
         train_dir = os.path.join(root, "train")
-        classes = _list_classes(train_dir if os.path.isdir(train_dir) else split_dir)
+        classes_dir = train_dir if os.path.isdir(train_dir) else split_dir
+        classes = _list_classes(classes_dir)
         if not classes:
-            raise DatasetNotFoundError(f"folder dataset: no class directories in {train_dir!r}")
+            raise DatasetNotFoundError(f"folder dataset: no class directories in {classes_dir!r}")
         self.classes = classes
         self.num_classes = len(classes)
         index = {c: i for i, c in enumerate(classes)}
@@ -109,12 +121,12 @@ class FolderSource:
                     f"folder dataset: class dir {os.path.join(split_dir, c)!r} is not among the train classes"
                 )
             cdir = os.path.join(split_dir, c)
-            names = sorted(n for n in os.listdir(cdir) if n.lower().endswith(IMAGE_EXTENSIONS))
-            if not names:
+            paths = _image_files(cdir)
+            if not paths:
                 raise DatasetNotFoundError(
                     f"folder dataset: class directory {cdir!r} has no {'/'.join(IMAGE_EXTENSIONS)} files"
                 )
-            files.extend((os.path.join(cdir, n), index[c]) for n in names)
+            files.extend((path, index[c]) for path in paths)
         if not files:
             raise DatasetNotFoundError(f"folder dataset: no images under {split_dir!r}")
         self.files = files
@@ -133,7 +145,4 @@ class FolderSource:
                 if self.on_corrupt == "raise":
                     raise CorruptImageError(path, e) from e
                 self.skip_log.add(path, e)
-        raise CorruptImageError(f"{self.split_dir_hint()} (every file is corrupt)")
-
-    def split_dir_hint(self) -> str:
-        return os.path.join(self.root, self.split)
+        raise CorruptImageError(f"{self.split_dir} (every file is corrupt)")

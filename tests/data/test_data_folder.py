@@ -250,3 +250,30 @@ def test_worker_processes_raise_the_corrupt_file_error_by_name(tmp_path):
     with pytest.raises(D.CorruptImageError, match="dog_bad.jpg") as error:
         _take(it, 12)  # 3 steps an epoch; the file is read in the first epochs for this seed
     assert error.value.path == bad
+
+
+def test_a_class_s_images_in_subdirectories_are_read_as_torchvision_lists_them(tmp_path):
+    """torchvision's ImageFolder walks each class directory; a flat listing dropped the nested images unseen."""
+    _write_folder(tmp_path, corrupt=False)
+    cat = tmp_path / "train" / "cat"
+    for sub in ("b", "a", ".thumbs"):
+        os.makedirs(cat / sub)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(cat / sub / "x.jpg")
+    os.makedirs(cat / "a" / "deeper")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(cat / "a" / "deeper" / "y.JPEG")
+    src = D.build_source(_cfg(tmp_path, "raise"), "train")
+    cat_files = [os.path.relpath(p, cat) for p, label in src.files if label == 0]
+    assert cat_files == ["cat0.jpg", "cat1.png", "cat2.jpg", "cat3.jpg", "a/x.jpg", "a/deeper/y.JPEG", "b/x.jpg"]
+    assert len(src) == 3 * 4 + 3
+
+
+def test_errors_name_the_directory_they_read(tmp_path):
+    """Without a train/ directory the classes come from the split's; the errors named train/ all the same."""
+    os.makedirs(tmp_path / "val")
+    with pytest.raises(D.DatasetNotFoundError, match=r"no class directories in '.*/val'"):
+        D.build_source(_cfg(tmp_path, "raise"), "val")
+    os.makedirs(tmp_path / "val" / "cat")
+    (tmp_path / "val" / "cat" / "bad.jpg").write_bytes(b"not an image")
+    src = D.build_source(_cfg(tmp_path, "skip"), "validation")
+    with pytest.raises(D.CorruptImageError, match=r"/val \(every file is corrupt\)"):
+        src.load(0)
