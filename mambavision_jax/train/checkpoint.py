@@ -17,6 +17,10 @@ import orbax.checkpoint as ocp
 
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True):
+        """``max_to_keep``: the newest checkpoints kept, >= 1, or None for all (orbax would keep none at 0, leaving
+        nothing to resume from)."""
+        if max_to_keep is not None and int(max_to_keep) < 1:
+            raise ValueError(f"config.keep_checkpoints must be >= 1 (or None: keep all), got {max_to_keep}")
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save

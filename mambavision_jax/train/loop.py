@@ -100,7 +100,8 @@ def _mean_std(config) -> tuple:
 
 
 def _prefetch(iterator: Iterator[dict], mesh, size: int) -> Iterator[dict]:
-    """Converts local batches to global sharded arrays in a background thread, ``size`` batches ahead."""
+    """Converts local batches to global sharded arrays in a background thread, ``size`` batches ahead. Closing the
+    generator (or leaving it) ends the thread and drops the batches it made ahead, which sit in device memory."""
     if size <= 0:
         for b in iterator:
             yield sharding_lib.global_batch(b, mesh)
@@ -119,7 +120,7 @@ def _prefetch(iterator: Iterator[dict], mesh, size: int) -> Iterator[dict]:
         except BaseException as e:  # surfaced in the consumer
             q.put(e)
 
-    t = threading.Thread(target=work, daemon=True)
+    t = threading.Thread(target=work, name="mvj-prefetch", daemon=True)
     t.start()
     try:
         while True:
@@ -131,6 +132,11 @@ def _prefetch(iterator: Iterator[dict], mesh, size: int) -> Iterator[dict]:
             yield item
     finally:
         stop.set()
+        while t.is_alive():  # a put blocked on a full queue returns, the thread sees `stop` and ends
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
 
 
 def _freeze_gc() -> bool:
@@ -361,8 +367,9 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
         for step in range(start, total):
             batch = next(batches)
             state, m = train_step(state, batch, s["train_rng"], step)
-            if step == start and gc_freeze:  # the step is compiled (and running): setup's objects are long-lived
-                unfreeze = _freeze_gc()
+            if step == start:  # the step is compiled (and running): setup's objects are long-lived
+                unfreeze = gc_freeze and _freeze_gc()
+                window_t0 = time.perf_counter()  # the first window times the steps, not the compile
             cur = step + 1
             pending.append((cur, m))
             last = cur == total
@@ -376,12 +383,14 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
             if do_eval:
                 final_eval = _eval_all(eval_step, state, data, config, mesh)
                 writer.write(cur, "eval", final_eval)
+            if do_ckpt or do_eval:  # the next window times train steps only
                 window_t0 = time.perf_counter()
         if start >= total:
             final_eval = _eval_all(eval_step, state, data, config, mesh)
             writer.write(start, "eval", final_eval)
     finally:
         batches.close()
+        it.close()  # its worker threads or processes
         if unfreeze:
             gc.unfreeze()
     ckpt.close()

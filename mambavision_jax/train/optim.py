@@ -4,7 +4,9 @@ Schedule (timm ``CosineLRScheduler`` stepped per iteration, ``warmup_prefix=Fals
   * t < warmup_t:            lr = warmup_lr + t * (lr - warmup_lr) / warmup_t
   * warmup_t <= t < t_cos:   lr = min_lr + 0.5 (lr - min_lr) (1 + cos(pi t / t_cos))
   * t >= t_cos (cooldown):   lr = min_lr
-with t_cos = epochs * steps_per_epoch and warmup_t = warmup_epochs * steps_per_epoch. The run lasts
+with t_cos = epochs * steps_per_epoch and warmup_t = warmup_epochs * steps_per_epoch. The official train.py calls
+``step_update(num_updates=step + 1)`` before each update, so the update that follows ``step`` updates runs at
+t = step + 1 (the first at warmup_lr + (lr - warmup_lr) / warmup_t, not at warmup_lr). The run lasts
 (epochs + cooldown_epochs) epochs unless ``config.total_steps`` caps it; ``total_steps`` never changes the
 schedule itself, so a capped run follows exactly the same trajectory as the full run (used by resume tests).
 
@@ -39,16 +41,30 @@ NORM_ROW = 2048  # elements per row in leaf_squared_norms (each leaf is zero-pad
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
-    """Number of optimizer updates the run performs."""
-    if config.get("total_steps"):
+    """Number of optimizer updates the run performs: ``config.total_steps`` if set (> 0), else the epochs'."""
+    if config.get("total_steps") is not None:
+        if int(config.total_steps) <= 0:
+            raise ValueError(f"config.total_steps must be > 0 (or None: the epochs decide), got {config.total_steps}")
         return int(config.total_steps)
     o = config.optimizer
     return int((o.epochs + o.get("cooldown_epochs", 0)) * steps_per_epoch)
 
 
+def check_schedule(o) -> None:
+    """Raises ValueError naming the first schedule field of ``config.optimizer`` (``o``) out of range: epochs must be
+    > 0 (timm asserts t_initial > 0), the other epoch counts and the learning rates >= 0."""
+    if not float(o.epochs) > 0:
+        raise ValueError(f"config.optimizer.epochs must be > 0 (the cosine's length in epochs), got {o.epochs}")
+    for key in ("warmup_epochs", "cooldown_epochs", "lr", "warmup_lr", "min_lr"):
+        if not float(o.get(key, 0.0)) >= 0:
+            raise ValueError(f"config.optimizer.{key} must be >= 0, got {o[key]}")
+
+
 def make_schedule(config, steps_per_epoch: int):
-    """Returns ``step -> lr`` (jit-able, float32)."""
+    """Returns ``step -> lr`` (jit-able, float32): the learning rate of the update that follows ``step`` updates,
+    the timm schedule at t = step + 1 (see the module docstring)."""
     o = config.optimizer
+    check_schedule(o)
     base_lr = float(o.lr)
     warmup_lr = float(o.get("warmup_lr", 0.0))
     min_lr = float(o.get("min_lr", 0.0))
@@ -56,7 +72,7 @@ def make_schedule(config, steps_per_epoch: int):
     t_cos = max(int(round(o.epochs * steps_per_epoch)), 1)
 
     def schedule(step):
-        t = jnp.asarray(step, jnp.float32)
+        t = jnp.asarray(step, jnp.float32) + 1.0
         cos = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + jnp.cos(math.pi * jnp.minimum(t, t_cos) / t_cos))
         cos = jnp.where(t >= t_cos, min_lr, cos)
         if warmup_t > 0:

@@ -128,9 +128,18 @@ def recipe(model_name: str, **overrides) -> ml_collections.ConfigDict:
     if "crop_pct" in deltas:  # the other eval fields still come from pretrained_cfg(model_name)
         c.eval_preprocess = ml_collections.ConfigDict({"crop_pct": deltas.pop("crop_pct")})
     for key, value in {**deltas, **overrides}.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+        _override(c, key, value)
     return c
+
+
+def _override(c: ml_collections.ConfigDict, key: str, value) -> None:
+    """Sets the dotted ``key`` of ``c`` to ``value``; a key naming no field of the recipe (a typo) is refused by name,
+    as ``--config.<key>`` is, rather than added as a field nothing reads. ``model.<name>`` may add a field: these
+    are create_model's keyword arguments, which it checks by name."""
+    *parents, leaf = key.split(".")
+    target = c
+    for p in parents:
+        target = target.get(p) if isinstance(target, ml_collections.ConfigDict) else None
+    if not isinstance(target, ml_collections.ConfigDict) or (leaf not in target and parents != ["model"]):
+        raise ValueError(f"recipe override {key!r} names no field of the recipe config")
+    target[leaf] = value

@@ -147,3 +147,18 @@ def test_a_fresh_start_drops_the_rows_of_a_run_killed_before_its_first_checkpoin
     loop.train_and_evaluate(c, str(workdir))
     rows = read_jsonl(str(workdir / "metrics.jsonl"))
     assert [r["step"] for r in rows if r["split"] == "train"] == [1]
+
+
+def test_keeps_the_newest_checkpoints_and_refuses_to_keep_none(tmp_path):
+    """keep_checkpoints=k keeps the newest k; 0 (orbax: keep none, nothing to resume from) is refused by name."""
+    import jax.numpy as jnp
+
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), max_to_keep=2, async_save=False)
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, {"w": jnp.full((2,), float(step))})
+    ckpt.wait()
+    assert ckpt.all_steps() == [3, 4]
+    ckpt.close()
+    for keep in (0, -1):
+        with pytest.raises(ValueError, match="config.keep_checkpoints must be >= 1"):
+            ckpt_lib.Checkpointer(str(tmp_path / f"none{keep}"), max_to_keep=keep)

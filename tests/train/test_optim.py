@@ -29,24 +29,36 @@ def _config(**opt):
     return ConfigDict(dict(optimizer=base, total_steps=None))
 
 
+def _timm_cosine_lr(t, *, lr, warmup_lr, min_lr, warmup_t, t_initial):
+    """timm ``CosineLRScheduler._get_lr(t)`` (one cycle, warmup_prefix=False), as the official scheduler computes it."""
+    if t < warmup_t:
+        return warmup_lr + t * (lr - warmup_lr) / warmup_t
+    if t // t_initial >= 1:  # past the cycle: the cooldown
+        return min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + np.cos(np.pi * t / t_initial))
+
+
 def test_schedule_official_recipe_values():
     spe = 100
     c = _config()
     sched = optim.make_schedule(c, spe)
     lr = lambda s: float(sched(s))
-    assert lr(0) == pytest.approx(1e-6)  # warmup starts at warmup_lr
-    assert lr(10 * spe) == pytest.approx(1e-6 + 0.5 * (5e-3 - 1e-6), rel=1e-5)  # linear halfway
-    # end of warmup: timm (warmup_prefix=False) joins the cosine evaluated at t = warmup_t
+    # the official train.py calls step_update(num_updates=step + 1) before update `step` (0-based)
+    official = lambda s: _timm_cosine_lr(s + 1, lr=5e-3, warmup_lr=1e-6, min_lr=5e-6, warmup_t=20 * spe,
+                                         t_initial=310 * spe)  # fmt: skip
+    for s in (0, 1, 10 * spe, 20 * spe - 2, 20 * spe - 1, 20 * spe, 100 * spe, 310 * spe - 2, 310 * spe - 1,
+              310 * spe, 320 * spe - 1):  # fmt: skip
+        assert lr(s) == pytest.approx(official(s), rel=1e-5, abs=1e-9), s
+    assert lr(0) == pytest.approx(1e-6 + (5e-3 - 1e-6) / (20 * spe))  # the first update is one warmup step in
+    # the last warmup update (t = warmup_t) joins the cosine evaluated at t = warmup_t (timm, warmup_prefix=False)
     expected = 5e-6 + 0.5 * (5e-3 - 5e-6) * (1 + np.cos(np.pi * 20 / 310))
-    assert lr(20 * spe) == pytest.approx(expected, rel=1e-5)
-    assert lr(20 * spe - 1) == pytest.approx(1e-6 + (20 * spe - 1) * (5e-3 - 1e-6) / (20 * spe), rel=1e-5)
-    assert lr(310 * spe - 1) == pytest.approx(5e-6, rel=1e-3)  # end of cosine
-    assert lr(310 * spe) == pytest.approx(5e-6)  # cooldown at min_lr
-    assert lr(320 * spe - 1) == pytest.approx(5e-6)
+    assert lr(20 * spe - 1) == pytest.approx(expected, rel=1e-5)
+    assert lr(310 * spe - 1) == pytest.approx(5e-6)  # the last cosine update is at min_lr already
+    assert lr(320 * spe - 1) == pytest.approx(5e-6)  # cooldown at min_lr
     assert optim.total_train_steps(c, spe) == 320 * spe
     c.total_steps = 7
     assert optim.total_train_steps(c, spe) == 7
-    assert float(optim.make_schedule(c, spe)(20 * spe)) == pytest.approx(expected, rel=1e-5)  # schedule unchanged
+    assert float(optim.make_schedule(c, spe)(20 * spe - 1)) == pytest.approx(expected, rel=1e-5)  # unchanged
 
 
 def test_weight_decay_mask_excludes_1d_and_biases():
@@ -241,3 +253,21 @@ def test_sgd_names_follow_timm_nesterov(name, nesterov):
     updates, _ = tx.update({"w": jnp.full((2, 2), 0.5)}, tx.init(params), params)
     step = 0.1 * 0.5 * (1.9 if nesterov else 1.0)
     np.testing.assert_allclose(np.asarray(updates["w"]), -step, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("epochs", 0), ("epochs", -3), ("warmup_epochs", -1), ("cooldown_epochs", -1), ("lr", -1e-3),
+     ("warmup_lr", -1e-6), ("min_lr", -5e-6), ("epochs", float("nan"))],
+)  # fmt: skip
+def test_bad_schedule_values_are_named(key, value):
+    with pytest.raises(ValueError, match=f"config.optimizer.{key} must be"):
+        optim.make_schedule(_config(**{key: value}), 100)
+
+
+@pytest.mark.parametrize("total", [0, -5])
+def test_a_total_steps_not_above_zero_is_named(total):
+    c = _config()
+    c.total_steps = total
+    with pytest.raises(ValueError, match="config.total_steps must be > 0"):
+        optim.total_train_steps(c, 100)

@@ -54,3 +54,11 @@ def _load_config(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def test_overrides_set_fields_and_name_a_key_the_recipe_lacks():
+    config = recipe("mamba_vision_T", **{"optimizer.lr": 1e-3, "mesa": 0.0, "model.depths": (1, 1, 1, 1)})
+    assert (config.optimizer.lr, config.mesa, config.model.depths) == (1e-3, 0.0, (1, 1, 1, 1))
+    for key in ("optimizer.lrr", "optimiser.lr", "eval_preprocess.crop_pct.x"):
+        with pytest.raises(ValueError, match=f"recipe override '{key}' names no field"):
+            recipe("mamba_vision_T", **{key: 1.0})
