@@ -165,12 +165,14 @@ class MambaVisionMixer(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention on (B, N, C) tokens: qkv with bias, no positional terms, scale hd^-0.5."""
+    """Multi-head self-attention on (B, N, C) tokens: qkv with bias, no positional terms, scale hd^-0.5, and dropout
+    ``drop`` after ``proj`` in training (the official ``proj_drop``, which the model's ``drop_rate`` sets)."""
 
     dim: int
     num_heads: int
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
+    drop: float = 0.0
 
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
@@ -182,7 +184,8 @@ class Attention(nn.Module):
         out = jax.nn.dot_product_attention(
             qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self._implementation(head_dim, n, train)
         )  # (B,N,h,hd)
-        return _dense(self.dim, "proj", self.dtype)(out.reshape(b, n, self.dim))
+        out = _dense(self.dim, "proj", self.dtype)(out.reshape(b, n, self.dim))
+        return nn.Dropout(self.drop)(out, deterministic=not train)
 
     def _implementation(self, head_dim: int, length: int, train: bool) -> Optional[str]:
         """``jax.nn.dot_product_attention`` implementation: "xla", "cudnn", or for "auto" cuDNN's fused kernel
@@ -317,7 +320,7 @@ class Block(nn.Module):
             raise ValueError(f"norm_impl must be one of {', '.join(NORM_IMPLS)}; got {self.norm_impl!r}")
         drop_path = DropPath(self.drop_path)
         if self.use_attention:
-            mixer = Attention(self.dim, self.num_heads, self.attention_impl, self.dtype, name="mixer")
+            mixer = Attention(self.dim, self.num_heads, self.attention_impl, self.dtype, self.drop, name="mixer")
         else:
             mixer = MambaVisionMixer(self.dim, self.scan_impl, self.dtype, name="mixer")
         mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.mlp_impl, name="mlp")

@@ -6,6 +6,7 @@ Variant hyper-parameters and preprocessing come from the official ``mambavision/
 
 import dataclasses
 import difflib
+import fnmatch
 from typing import Any, Optional
 
 from mambavision_jax.models.mamba_vision import MambaVision
@@ -148,10 +149,15 @@ ALIASES.update({f"nvidia/{v.hf_repo.lower()}": k for k, v in VARIANTS.items()})
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(MambaVision) if f.name not in ("parent", "name")}
 
 
-def list_models(include_aliases: bool = False) -> list[str]:
-    """The registered official names (and the aliases, if asked)."""
+def list_models(filter: str = "", *, include_aliases: bool = False) -> list[str]:
+    """The registered official names (and the aliases, if asked), as timm's ``list_models``: only those matching
+    the shell-style pattern ``filter`` (e.g. ``"mamba_vision_L*"``) if one is given."""
+    if not isinstance(filter, str):
+        raise TypeError(f"filter must be a name pattern such as 'mamba_vision_L*'; got {filter!r}")
     names = list(VARIANTS)
-    return names + sorted(a for a in ALIASES if "/" not in a and "-" not in a) if include_aliases else names
+    if include_aliases:
+        names += sorted(a for a in ALIASES if "/" not in a and "-" not in a)
+    return [n for n in names if fnmatch.fnmatchcase(n, filter)] if filter else names
 
 
 def resolve_name(name: str) -> str:
@@ -167,6 +173,13 @@ def resolve_name(name: str) -> str:
     raise ValueError(f"Unknown MambaVision model {name!r}.{hint} Valid names: {', '.join(valid)}.")
 
 
+def check_override_names(overrides: dict[str, Any]) -> None:
+    """ValueError naming every key of ``overrides`` that is not a :class:`MambaVision` field."""
+    unknown = sorted(set(overrides) - _MODEL_FIELDS)
+    if unknown:
+        raise ValueError(f"Unknown override(s) {unknown} for create_model; valid: {sorted(_MODEL_FIELDS)}.")
+
+
 def create_model(name: str, **overrides: Any) -> MambaVision:
     """An uninitialised :class:`MambaVision` linen module for ``name`` with keyword overrides.
 
@@ -174,9 +187,7 @@ def create_model(name: str, **overrides: Any) -> MambaVision:
     ``depths``, ``dim``, ``dtype``, ``scan_impl``, ... Unknown keywords raise a ValueError naming them.
     """
     variant = VARIANTS[resolve_name(name)]
-    unknown = sorted(set(overrides) - _MODEL_FIELDS)
-    if unknown:
-        raise ValueError(f"Unknown override(s) {unknown} for create_model; valid: {sorted(_MODEL_FIELDS)}.")
+    check_override_names(overrides)
     kwargs = dict(variant.architecture(), **overrides)
     for key in ("depths", "num_heads", "window_size"):
         kwargs[key] = tuple(int(v) for v in kwargs[key])

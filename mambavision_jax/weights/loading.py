@@ -15,7 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from mambavision_jax.models.mamba_vision import MambaVision
-from mambavision_jax.models.registry import create_model, resolve_name
+from mambavision_jax.models.registry import check_override_names, create_model, resolve_name
 from mambavision_jax.weights.converted import is_converted_dir, load_converted
 from mambavision_jax.weights.hub import HUB_SOURCE, download_official
 from mambavision_jax.weights.params import (
@@ -88,8 +88,12 @@ def from_pretrained(
       ema: take ``state_dict_ema`` from a training checkpoint.
       seed: initialisation seed of a replaced head.
       **overrides: :func:`create_model` overrides. A ``num_classes`` other than the checkpoint's keeps every
-        weight but the head, which is freshly initialised (and logged).
+        weight but the head, which is freshly initialised (and logged). An unknown model name or override is
+        refused before any download or read.
     """
+    if name is not None:
+        resolve_name(name)
+    check_override_names(overrides)
     if source in (None, HUB_SOURCE):
         if name is None:
             raise ValueError("name is required to download the official weights from the Hugging Face Hub")
@@ -111,11 +115,11 @@ def from_pretrained(
     replace_head = "num_classes" in overrides and overrides["num_classes"] != checkpoint_classes
     if replace_head:
         log.warning(
-            "%s: the checkpoint's head has %d classes and the model %d: keeping every other weight and "
-            "initialising a new head.",
+            "%s: the checkpoint's head has %d classes and the model %d: keeping every other weight and %s.",
             source,
             checkpoint_classes,
             module.num_classes,
+            "initialising a new head" if module.num_classes else "dropping the head (the model returns features)",
         )
     return module, load_state_dict(state, module, source=source, replace_head=replace_head, seed=seed)
 

@@ -263,3 +263,27 @@ def test_num_heads_not_dividing_the_channels_is_named():
     model = mvj.create_model("mamba_vision_T", **{**SMALL, "num_heads": (1, 2, 3, 4)})
     with pytest.raises(ValueError, match="num_heads 3 .* 64 channels"):
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_drop_rate_drops_the_attention_projection_in_training():
+    """drop_rate is also the official Attention's proj_drop: in training about that share of each attention mixer's
+    outputs is zero, in eval none; the Mamba mixers (blocks_0 of stages 3-4 here) have no dropout."""
+    model = mvj.create_model("mamba_vision_T", **SMALL, drop_rate=0.5, drop_path_rate=0.0)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))  # whole windows: no padded (zero) tokens
+    variables = model.init(jax.random.PRNGKey(0), images)
+
+    def zero_share(train, level, block):
+        _, state = model.apply(
+            variables,
+            images,
+            train=train,
+            rngs={"dropout": jax.random.PRNGKey(2)},
+            mutable=["batch_stats", "intermediates"],
+            capture_intermediates=lambda module, _: module.name == "mixer",
+        )
+        out = state["intermediates"][level][block]["mixer"]["__call__"][0]
+        return float(np.mean(np.asarray(out) == 0))
+
+    for level in ("levels_2", "levels_3"):
+        assert 0.4 < zero_share(True, level, "blocks_1") < 0.6, level
+        assert zero_share(False, level, "blocks_1") == 0 and zero_share(True, level, "blocks_0") == 0, level

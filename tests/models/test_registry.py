@@ -90,3 +90,13 @@ def test_pretrained_cfg(name, size, crop_pct, crop_mode):
     assert cfg["input_size"] == (3, size, size)
     assert (cfg["crop_pct"], cfg["crop_mode"], cfg["interpolation"]) == (crop_pct, crop_mode, "bicubic")
     assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+
+
+def test_list_models_filters_like_timm():
+    """A positional pattern filters, as timm.list_models('mamba_vision_L*'); it used to be taken as
+    include_aliases=True and return every name and alias."""
+    assert mvj.list_models("mamba_vision_L3*") == ["mamba_vision_L3_256_21k", "mamba_vision_L3_512_21k"]
+    assert mvj.list_models("*tiny*", include_aliases=True) == ["mambavision_tiny", "mambavision_tiny2"]
+    assert len(mvj.list_models(include_aliases=True)) == 22
+    with pytest.raises(TypeError, match="filter must be a name pattern"):
+        mvj.list_models(True)

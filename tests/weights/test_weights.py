@@ -380,3 +380,29 @@ def test_converter_cli_downloads_without_input(reference, hub_safetensors, tmp_p
     assert json.loads((out / "mambavision.json").read_text())["source"] == os.path.basename(hub_safetensors)
     module, variables = mvj.from_pretrained(None, str(out))
     assert_close(jax_logits(module, variables, reference["images"]), reference["logits"])
+
+
+def test_headless_load_says_the_head_is_dropped(reference, caplog):
+    """num_classes=0 drops the checkpoint's head and the log says so (it used to say a new head was initialised)."""
+    path = str(reference["dir"] / "state_dict.pth.tar")
+    with caplog.at_level(logging.WARNING):
+        module, variables = mvj.from_pretrained(NAME, path, num_classes=0, **ARCH)
+    assert "dropping the head" in caplog.text and "new head" not in caplog.text
+    assert "head" not in variables["params"]
+    assert module.apply(variables, reference["images"]).shape == (2, 128)
+
+
+def test_unknown_override_or_name_is_refused_before_reading(monkeypatch, tmp_path):
+    """A misspelt keyword (num_class for num_classes) or model name is named before the checkpoint is fetched or
+    read, not after a download or torch.load of up to 3 GB."""
+    import huggingface_hub
+
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    with pytest.raises(ValueError, match=r"Unknown override\(s\) \['num_class'\]"):
+        mvj.from_pretrained("mamba_vision_L3_512_21k", num_class=10)
+    assert hub.calls == []
+    unreadable = tmp_path / "mambavision_L3_21k_740m_512.pth.tar"
+    unreadable.write_bytes(b"not read")
+    with pytest.raises(ValueError, match="Unknown MambaVision model 'mamba_vision_L3'"):
+        mvj.from_pretrained("mamba_vision_L3", str(unreadable))
