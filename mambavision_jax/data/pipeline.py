@@ -9,7 +9,9 @@ batch (``L = G / n``). Each example's augmentation uses ``default_rng([seed, e, 
 only on (config, step, process_index, process_count): resuming = ``build_train_iterator(start_step=s)``.
 
 Eval: one ordered pass, ``ceil(N / G_eval)`` batches on every host (same count on all hosts), host slices as above,
-positions past ``N`` padded with zeros and ``mask`` 0.
+positions past ``N`` padded with zeros and ``mask`` 0; so is a corrupt file's position under ``on_corrupt='skip'``
+(no substitute, which would be counted twice while the corrupt file's label went missing): the file is named once and
+the pass's end logs how many were left out (``DataIterator.num_skipped``).
 
 Parallelism (``config.data``): ``num_workers`` threads of this process decode and augment examples, or, with
 ``worker_processes`` > 0, that many spawned processes each make whole batches (grain ``mp_prefetch``; the batches
@@ -82,19 +84,25 @@ def steps_per_epoch(config) -> int:
 class DataIterator:
     """Iterator of batch dicts. ``step`` is the global step of the next batch (train) or batch index (eval);
     ``skipped_files`` lists corrupt files skipped so far (folder source, on_corrupt='skip'; also those skipped in
-    worker processes, which report them with their batch); ``close()`` stops the background threads and processes."""
+    worker processes, which report them with their batch), ``num_skipped`` counts the skips; the end of a pass
+    (eval: train never ends) logs that count. ``close()`` stops the background threads and processes."""
 
     def __init__(self, it, source, start_step: int, prefetch: int):
         self._workers = it if isinstance(it, _WorkerBatches) else None
         self._pf = Prefetcher(it, prefetch)
         self.source = source
         self.step = int(start_step)
+        self._ended = False
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = next(self._pf)
+        try:
+            batch = next(self._pf)
+        except StopIteration:
+            self._report_end()
+            raise
         skipped = batch.pop(_SKIPPED, None)
         if skipped:
             self.source.skip_log.merge(skipped)
@@ -110,6 +118,16 @@ class DataIterator:
     def num_skipped(self) -> int:
         log = getattr(self.source, "skip_log", None)
         return log.count if log is not None else 0
+
+    def _report_end(self):
+        """Logs, once, how many corrupt files the pass that just ended left out of its examples (mask 0)."""
+        if self.num_skipped and not self._ended:
+            log.warning(
+                "input pipeline: %d corrupt image file(s) of split %r left out of this pass (mask 0, named above)",
+                self.num_skipped,
+                self.source.split,
+            )
+        self._ended = True
 
     def close(self):
         self._pf.close()
@@ -378,8 +396,9 @@ def build_train_iterator(config, *, start_step: int, process_index: int, process
 
 def build_eval_iterator(config, *, process_index: int, process_count: int) -> DataIterator:
     """One ordered pass: {"image": uint8 (L, S, S, 3), "label": int32 (L,), "mask": float32 (L,)}, ``L =
-    eval_batch_size_per_device * jax.local_device_count()``; the last batches are padded (zeros, mask 0). The
-    jitted eval step normalises the images on the device."""
+    eval_batch_size_per_device * jax.local_device_count()``; the last batches are padded (zeros, mask 0), as are the
+    corrupt files a folder source skips (``on_corrupt='skip'``): each is read once, none substituted. The jitted eval
+    step normalises the images on the device."""
     _check_process(process_index, process_count)
     source = build_source(config, _eval_split(config))
     local = local_batch_size(config, eval=True)
@@ -388,13 +407,15 @@ def build_eval_iterator(config, *, process_index: int, process_count: int) -> Da
     num_steps = math.ceil(n / glob)
     size = image_size(config)
     transform = None if source.skip_augmentation else EvalTransform(config)
+    read = getattr(source, "load_or_none", source.load)  # a folder source's corrupt file: None, no substitute
+    padding = {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(0), "mask": np.float32(0)}
 
     def load(j: int) -> dict:
         step, k = divmod(int(j), local)
         g = step * glob + process_index * local + k
-        if g >= n:
-            return {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(0), "mask": np.float32(0)}
-        image, label = source.load(g)
+        image, label = read(g) if g < n else (None, 0)
+        if image is None:
+            return padding
         if transform is not None:
             image = transform(image)
         return {"image": image, "label": np.int32(label), "mask": np.float32(1)}

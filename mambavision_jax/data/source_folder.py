@@ -3,8 +3,9 @@
 Class index = position in the sorted class-directory names of ``<root>/train`` (or of the split itself when there
 is no train dir), so train and val share one mapping. A class's files are those of its directory and its
 subdirectories (hidden ones left out), in torchvision ``ImageFolder`` order. Corrupt files are named:
-``on_corrupt='raise'`` raises ``CorruptImageError(path)``; ``'skip'`` substitutes the next decodable index
-(deterministic) and records the path in ``skip_log`` (also logged once per file at WARNING).
+``on_corrupt='raise'`` raises ``CorruptImageError(path)``; ``'skip'`` records the path in ``skip_log`` (also logged
+once per file at WARNING) and ``load`` substitutes the next decodable index (deterministic), while ``load_or_none``
+(the eval pass) gives None for the image.
 """
 
 from __future__ import annotations
@@ -135,14 +136,29 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
+    def _decode(self, path: str):
+        """The RGB image in ``path``; for a corrupt file, ``CorruptImageError`` (``on_corrupt='raise'``) or None with
+        the path recorded in ``skip_log`` (``'skip'``)."""
+        try:
+            return load_image_file(path)
+        except Exception as e:  # PIL raises OSError/SyntaxError/ValueError/... on corrupt data
+            if self.on_corrupt == "raise":
+                raise CorruptImageError(path, e) from e
+            self.skip_log.add(path, e)
+            return None
+
     def load(self, index: int):
+        """(image, label) of record ``index``, a corrupt file's replaced by the next decodable one (training)."""
         n = len(self.files)
         for k in range(n):
             path, label = self.files[(int(index) + k) % n]
-            try:
-                return load_image_file(path), label
-            except Exception as e:  # PIL raises OSError/SyntaxError/ValueError/... on corrupt data
-                if self.on_corrupt == "raise":
-                    raise CorruptImageError(path, e) from e
-                self.skip_log.add(path, e)
+            image = self._decode(path)
+            if image is not None:
+                return image, label
         raise CorruptImageError(f"{self.split_dir} (every file is corrupt)")
+
+    def load_or_none(self, index: int):
+        """(image, label) of record ``index`` itself, image None where its file is corrupt and skipped: the eval pass
+        leaves the example out rather than count a substitute twice and lose the corrupt file's label."""
+        path, label = self.files[int(index)]
+        return self._decode(path), label

@@ -1,7 +1,8 @@
 """``build_source(config, split)``: the one place that maps ``config.data.name`` to a source object.
 
 Every source has ``__len__``, ``num_classes``, ``skip_augmentation`` and ``load(index) -> (image, int label)``
-where image is a PIL RGB image or a uint8 (H, W, 3) array.
+where image is a PIL RGB image or a uint8 (H, W, 3) array. The folder source, whose files may be corrupt, also has
+``load_or_none(index)``, which the eval pass reads: image None for a corrupt file skipped, no substitute.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from mvj_data_helpers import make_config
 CLASSES = ["cat", "dog", "eel"]
 
 
-def _write_folder(root, per_class=4, corrupt=True):
+def _write_folder(root, per_class=4, corrupt=True, corrupt_split="train"):
     rng = np.random.default_rng(0)
     for split, n in (("train", per_class), ("val", 2)):
         for c in CLASSES:
@@ -24,7 +24,7 @@ def _write_folder(root, per_class=4, corrupt=True):
                 arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
                 ext = "png" if i == 1 else "jpg"
                 Image.fromarray(arr).save(root / split / c / f"{c}{i}.{ext}")
-    bad = root / "train" / "dog" / "dog_bad.jpg"
+    bad = root / corrupt_split / "dog" / "dog_bad.jpg"
     if corrupt:
         bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     return str(bad)
@@ -87,6 +87,42 @@ def test_corrupt_skip_counts_file(tmp_path):
     assert bad in D.skipped_files()
     assert all(np.isfinite(b["image"]).all() and b["image"].shape == (4, 16, 16, 3) for b in batches)
     it.close()
+
+
+def _eval_pass(root, on_corrupt, worker_processes):
+    """The batches of one eval pass over ``root``'s val split in batches of 4, and its iterator."""
+    cfg = _cfg(root, on_corrupt)
+    cfg.data.worker_processes = worker_processes
+    it = D.build_eval_iterator(cfg, process_index=0, process_count=1)
+    try:
+        return list(it), it
+    finally:
+        it.close()
+
+
+def _masked(batches, key):
+    """``key``'s values of the examples with mask 1, in order."""
+    return np.concatenate([b[key][b["mask"] == 1] for b in batches])
+
+
+@pytest.mark.parametrize("worker_processes", [0, 2])
+def test_eval_leaves_a_corrupt_file_out_and_counts_it(tmp_path, caplog, worker_processes):
+    """Substituting the next file (as training does) counted that image twice and lost the corrupt file's label."""
+    _write_folder(tmp_path / "clean", corrupt=False)
+    bad = _write_folder(tmp_path / "bad", corrupt_split="val")
+    clean, _ = _eval_pass(tmp_path / "clean", "skip", worker_processes)
+    with caplog.at_level("WARNING"):
+        batches, it = _eval_pass(tmp_path / "bad", "skip", worker_processes)
+    assert len(batches) == 2 and all(b["image"].shape == (4, 16, 16, 3) for b in batches)  # 7 files: 1 padded
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks.tolist() == [1, 1, 1, 1, 0, 1, 1, 0]  # dog_bad.jpg is the 5th file
+    for key in ("image", "label"):  # the decodable files' examples, each once: those of the clean split
+        np.testing.assert_array_equal(_masked(batches, key), _masked(clean, key), err_msg=key)
+    assert it.skipped_files == [bad] and it.num_skipped == 1
+    assert sum("dog_bad.jpg" in r.getMessage() for r in caplog.records) == 1
+    assert any("1 corrupt image file(s) of split 'val' left out" in r.getMessage() for r in caplog.records)
+    with pytest.raises(D.CorruptImageError, match="dog_bad.jpg"):
+        _eval_pass(tmp_path / "bad", "raise", worker_processes)
 
 
 def test_folder_errors(tmp_path):
