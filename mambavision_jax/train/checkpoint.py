@@ -5,11 +5,16 @@ the step itself: the data API is deterministic in (seed, step), so restoring ste
 iterator with ``start_step=s`` continues exactly. Orbax writes each step into a temporary directory and renames
 it when complete, so a kill mid-save leaves only complete checkpoints visible to ``latest_step()``.
 Callers must only save states whose losses were checked finite (see ``loop.py``).
+
+``BestWeights`` keeps the weights of a run's best eval apart from these, as a converted-weights directory.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -63,3 +68,73 @@ class Checkpointer:
 
 def abstract_with_shardings(abstract_state, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+
+
+class BestWeights:
+    """The weights of a run's best eval so far as a converted-weights directory, as timm's CheckpointSaver keeps
+    ``model_best``; its ``best.json`` records the step, the metric tracked and its top-1, and a resumed run goes on
+    comparing against it.
+
+    An eval is judged by ``ema_top1`` when its metrics have it (the run keeps an EMA and evaluates it: the official
+    train.py replaces its eval metrics with the EMA's), and then the EMA weights are kept; else by ``top1``, keeping
+    the model's. A new best is written to ``<directory>.tmp``, the previous one renamed to ``<directory>.old``, the
+    new one renamed into place and the old one removed: a kill at any point leaves the old or the new best complete,
+    never a half-written one under ``directory`` (the next ``BestWeights`` puts back an old best set aside and
+    removes a half-written one)."""
+
+    RECORD = "best.json"
+
+    def __init__(self, directory: str, write, log=print):
+        """``write(directory, variables, step, ema)`` writes a converted-weights directory; ``log`` gets a line for
+        each new best. An existing ``directory`` that holds no converted weights is refused, not replaced."""
+        self.directory = os.path.abspath(directory)
+        self._tmp, self._old = self.directory + ".tmp", self.directory + ".old"
+        self._write, self._log = write, log
+        self._recover()
+        self.record = self._read_record()
+
+    def _recover(self):
+        """Removes a half-written new best; puts back an old one set aside when no best is in place (a kill between
+        the renames), else removes it; refuses a ``directory`` that is not converted weights."""
+        from mambavision_jax.weights.converted import is_converted_dir
+
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        if os.path.isdir(self._old):
+            if os.path.exists(self.directory):
+                shutil.rmtree(self._old)
+            else:
+                os.rename(self._old, self.directory)
+        if os.path.exists(self.directory) and not is_converted_dir(self.directory):
+            raise FileExistsError(
+                f"{self.directory!r} holds no converted weights: move it, or turn best-model tracking off "
+                "(--config.save_best=False)"
+            )
+
+    def _read_record(self) -> dict | None:
+        path = os.path.join(self.directory, self.RECORD)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def update(self, step: int, metrics: dict, state) -> bool:
+        """Keeps the weights of ``state`` (a ``TrainState``: ``variables(ema=...)``) when the tracked top-1 in
+        ``metrics`` beats the best so far (strictly, as timm); returns whether it did."""
+        metric = "ema_top1" if "ema_top1" in metrics else "top1"
+        value = metrics.get(metric)
+        best = -math.inf if self.record is None else self.record["top1"]
+        if value is None or not value > best:  # also skips NaN
+            return False
+        ema = metric == "ema_top1"
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._write(self._tmp, state.variables(ema=ema), step, ema)
+        record = {"step": int(step), "metric": metric, "top1": float(value)}
+        with open(os.path.join(self._tmp, self.RECORD), "w") as f:
+            json.dump(record, f)
+        if os.path.exists(self.directory):  # a directory cannot be renamed onto a non-empty one
+            os.rename(self.directory, self._old)
+        os.rename(self._tmp, self.directory)
+        shutil.rmtree(self._old, ignore_errors=True)
+        self.record = record
+        self._log(f"New best {metric}={value:.4f} at step {step}: {'EMA ' if ema else ''}weights in {self.directory}")
+        return True

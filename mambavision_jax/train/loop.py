@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -156,11 +157,16 @@ def _freeze_gc() -> bool:
 
 
 def run_eval(eval_step, variables, data, config, mesh) -> dict:
+    """One pass over the eval split: loss, top-1 and top-5 over its examples (mask 1), and their count. The eval
+    iterator is closed however the pass ends (its worker threads or processes stop)."""
     it = data.build_eval_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
     totals = None
-    for batch in _prefetch(it, mesh, int(config.data.get("prefetch", 2))):
-        out = eval_step(variables, batch)
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    try:
+        for batch in _prefetch(it, mesh, int(config.data.get("prefetch", 2))):
+            out = eval_step(variables, batch)
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    finally:
+        it.close()
     if totals is None:
         return {}
     t = jax.device_get(totals)
@@ -256,6 +262,52 @@ def _restore_latest(config, workdir, model, data, missing: str):
     return s, state, latest
 
 
+def _write_converted(config, workdir: str, directory: str, variables, step: int, ema: bool):
+    """Writes ``variables`` of the run in ``workdir`` at ``step`` as a converted-weights directory, replacing an
+    earlier one there; ``mvj.from_pretrained(config.model_name, directory)`` loads it with the config's model
+    overrides (e.g. ``num_classes``), which its manifest records."""
+    from mambavision_jax.weights import save_converted
+
+    save_converted(
+        directory,
+        config.model_name,
+        jax.device_get(variables),
+        _model_overrides(config),
+        source=f"{os.path.basename(workdir.rstrip(os.sep))}_step{step}",
+        ema=ema,
+        overwrite=True,
+    )
+
+
+def _best_weights(config, workdir: str, log) -> ckpt_lib.BestWeights | None:
+    """The run's best-model tracker, writing ``<workdir>/best``; None with ``config.save_best=False`` or in a
+    multi-process run (one process cannot write the variables alone; ``mode=export`` is one process too)."""
+    if not config.get("save_best", True):
+        return None
+    if jax.process_count() > 1:
+        log("The best model is not kept: a multi-process run writes no <workdir>/best.")
+        return None
+    write = functools.partial(_write_converted, config, workdir)
+    return ckpt_lib.BestWeights(os.path.join(workdir, "best"), write, log)
+
+
+def _recorded_eval(workdir: str, step: int) -> dict | None:
+    """The metrics of the eval row metrics.jsonl holds for ``step``, or None. Process 0 reads the file (only it
+    writes one); in a multi-process run the others get ``{}`` when it has the row, so every process takes the same
+    branch."""
+    row = None
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() == 0 and os.path.exists(path):
+        rows = [r for r in metrics_lib.read_jsonl(path) if r.get("split") == "eval" and r.get("step") == step]
+        row = {k: v for k, v in rows[-1].items() if k not in ("step", "split", "time")} if rows else None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if bool(multihost_utils.broadcast_one_to_all(np.int32(row is not None))):
+            row = row if row is not None else {}
+    return row
+
+
 # ----------------------------------------------------------------------------------------------------- train
 
 
@@ -279,6 +331,11 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     ``gc.freeze()`` the objects built so far, so the cyclic garbage collector's full collections no longer walk
     them (each one pauses every Python thread: input pipeline and step dispatch); undone on return if nothing was
     frozen before.
+
+    Each eval that beats the best top-1 so far (the EMA's when the run keeps and evaluates one) writes its weights to
+    ``<workdir>/best`` (``ckpt_lib.BestWeights``; ``config.save_best=False``: not kept). A run resumed at an eval
+    step whose eval row is missing (killed between the checkpoint and the row) evaluates it first; rerunning a
+    finished run evaluates only when its final row is missing and otherwise returns that row's metrics.
 
     ``model`` / ``data_module`` are injection points for tests; by default the model comes from
     ``mambavision_jax.create_model(config.model_name, **config.model)`` and data from ``mambavision_jax.data``.
@@ -325,6 +382,20 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     log_every = max(int(config.get("log_every_steps", 50) or 50), 1)
     ckpt_every = int(config.get("checkpoint_every_steps", 0) or 0)
     eval_every = int(config.get("eval_every_steps", 0) or 0)
+    best = _best_weights(config, workdir, writer.log)
+
+    def is_eval_step(cur: int) -> bool:
+        """Whether the loop evaluates after step ``cur``: every ``eval_every`` steps and at the end."""
+        return bool(eval_every and cur % eval_every == 0) or cur >= total
+
+    def eval_and_record(cur: int, state) -> dict:
+        """Evaluates ``state`` (of step ``cur``), keeps it as the best model if it is, then writes the eval row: a
+        run killed in between evaluates the step again when it resumes, and finds the same best."""
+        metrics = _eval_all(eval_step, state, data, config, mesh)
+        if best is not None:
+            best.update(cur, metrics, state)
+        writer.write(cur, "eval", metrics)
+        return metrics
 
     pending: list[tuple[int, dict]] = []
     window_t0 = time.perf_counter()
@@ -358,6 +429,11 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
         window_t0 = time.perf_counter()
 
     final_eval: dict = {}
+    if start and is_eval_step(start):  # the eval of the restored step, unless its row was written
+        final_eval = _recorded_eval(workdir, start)
+        if final_eval is None:
+            say(f"Evaluating step {start} first: the run stopped before writing its eval row.")
+            final_eval = eval_and_record(start, state)
     it = data.build_train_iterator(
         config, start_step=start, process_index=jax.process_index(), process_count=jax.process_count()
     )
@@ -374,20 +450,16 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
             pending.append((cur, m))
             last = cur == total
             do_ckpt = (ckpt_every and cur % ckpt_every == 0) or last
-            do_eval = (eval_every and cur % eval_every == 0) or last
+            do_eval = is_eval_step(cur)
             if cur % log_every == 0 or do_ckpt or do_eval:
                 flush()
                 writer.advance(cur)
             if do_ckpt:
                 ckpt.save(cur, state)  # only after flush() checked every step up to `cur` finite
             if do_eval:
-                final_eval = _eval_all(eval_step, state, data, config, mesh)
-                writer.write(cur, "eval", final_eval)
+                final_eval = eval_and_record(cur, state)
             if do_ckpt or do_eval:  # the next window times train steps only
                 window_t0 = time.perf_counter()
-        if start >= total:
-            final_eval = _eval_all(eval_step, state, data, config, mesh)
-            writer.write(start, "eval", final_eval)
     finally:
         batches.close()
         it.close()  # its worker threads or processes
@@ -408,23 +480,13 @@ def export(config, workdir: str, *, model=None, data_module=None) -> list[str]:
     directory refused. Returns the directories.
     Load one with ``mvj.from_pretrained(config.model_name, directory)``; its manifest records the config's model
     overrides (e.g. ``num_classes``), which ``from_pretrained`` applies. One process only."""
-    from mambavision_jax.weights import save_converted
-
     if jax.process_count() > 1:
         raise RuntimeError("mode=export runs in one process: start it without --multihost on one host.")
     _, state, latest = _restore_latest(config, workdir, model, _data_module(data_module), "mode=export: no")
     base = os.path.abspath(config.get("export_dir") or os.path.join(workdir, "converted"))
     copies = [(base, False)] + ([(base + "_ema", True)] if state.ema_params is not None else [])
     for directory, ema in copies:
-        save_converted(
-            directory,
-            config.model_name,
-            jax.device_get(state.variables(ema=ema)),
-            _model_overrides(config),
-            source=f"{os.path.basename(workdir.rstrip(os.sep))}_step{latest}",
-            ema=ema,
-            overwrite=True,
-        )
+        _write_converted(config, workdir, directory, state.variables(ema=ema), latest, ema)
         print(f"wrote {'EMA ' if ema else ''}weights of step {latest} to {directory}", flush=True)
     return [d for d, _ in copies]
 
