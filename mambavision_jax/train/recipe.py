@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.05
     c.optimizer.clip_grad_norm = 5.0
     c.optimizer.lamb_max_grad_norm = 1.0  # timm.optim.Lamb's built-in global-norm clip (default 1.0)
+    c.optimizer.momentum = 0.9  # name="sgd" (Nesterov) or "momentum" only (timm's default)
     c.optimizer.epochs = 310
     c.optimizer.warmup_epochs = 20
     c.optimizer.cooldown_epochs = 10
@@ -102,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 2500
     c.checkpoint_every_steps = 2500
     c.keep_checkpoints = 3
+    c.save_best = True  # each eval beating the best top-1 writes its weights to <workdir>/best (train.loop)
     c.async_checkpointing = True
     c.progress_bar = True
     c.gc_freeze = True  # gc.freeze() once the step is compiled (see train.loop.train_and_evaluate)
