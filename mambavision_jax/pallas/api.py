@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from mambavision_jax.pallas import reference
 from mambavision_jax.pallas.vjp import selective_scan_pallas
@@ -28,32 +27,6 @@ def resolve_impl(impl: str) -> str:
     return "pallas" if impl == "pallas_triton" else impl
 
 
-def _check_shapes(u, delta, A, B, C, D, delta_bias):
-    def fail(name, arr, expected):
-        raise ValueError(
-            f"selective_scan: {name} must have shape {expected}, got {tuple(arr.shape)} "
-            f"(u: {tuple(u.shape)}, A: {tuple(A.shape)})"
-        )
-
-    if u.ndim != 3:
-        raise ValueError(f"selective_scan: u must be (batch, length, dim), got shape {tuple(u.shape)}")
-    for name, arr in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
-        if arr is not None and not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise TypeError(f"selective_scan: {name} must be floating point, got {arr.dtype}")
-    batch, length, dim = u.shape
-    if A.ndim != 2 or A.shape[0] != dim:
-        fail("A", A, "(dim, d_state)")
-    n = A.shape[1]
-    if delta.shape != u.shape:
-        fail("delta", delta, (batch, length, dim))
-    for name, arr in (("B", B), ("C", C)):
-        if arr.shape != (batch, length, n):
-            fail(name, arr, (batch, length, n))
-    for name, arr in (("D", D), ("delta_bias", delta_bias)):
-        if arr is not None and arr.shape != (dim,):
-            fail(name, arr, (dim,))
-
-
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus=False, impl="auto", interpret=False):
     """Selective scan with mamba_ssm semantics (``z=None``), differentiable in every array argument.
 
@@ -72,7 +45,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus
       ``h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t`` (h_{-1} = 0, float32) and ``y_t = C_t·h_t + D·u_t``.
     """
     impl = resolve_impl(impl)
-    _check_shapes(u, delta, A, B, C, D, delta_bias)
+    reference.check_arguments(u, delta, A, B, C, D, delta_bias)
     if impl == "pallas":
         return selective_scan_pallas(
             u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus, interpret=interpret

@@ -6,6 +6,11 @@ times the work, plus the gathers). The scan is independent per batch row, so :fu
 with ``custom_partitioning``: each device runs the kernels on its own rows (the batch axis keeps the operands'
 sharding, every other axis is gathered), and results that are sums over the batch are ``psum``-ed over the batch's
 mesh axes. Programs on one device are unaffected (``custom_partitioning`` inlines the call there).
+
+``custom_partitioning`` has no batching or differentiation rules, so the wrapped call also brings its own: under
+``jax.vmap`` the mapped axis is folded into the batch axis (see :func:`_vmappable`), and differentiating it (the
+Pallas ops' custom_vjp backward is itself never differentiated in first-order use) raises an error that says what
+to use instead.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import re
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -68,7 +75,63 @@ def batch_parallel(fn: Callable, rule: str, num_static: int, summed_results: Seq
         return mesh, lower, tuple(sharding(a) for a in results), tuple(sharding(a) for a in operands)
 
     wrapped.def_partition(partition, sharding_rule=rule, need_replication_factors=tuple(factors))
-    return wrapped
+    return _vmappable(wrapped, operands, results)
+
+
+def _vmappable(wrapped: Callable, operands: list[list[str]], results: list[list[str]]) -> Callable:
+    """``wrapped(*arrays, *static)`` with a ``jax.vmap`` rule and a differentiation error.
+
+    Under vmap (arrays batched along a new leading axis of size V) the call runs once on V·batch rows: each operand
+    with the batch factor is folded (V, batch, ...) -> (V·batch, ...), unbatched ones broadcast first, and each result
+    unfolded. Where that would be wrong (a batched operand without the batch factor, e.g. a per-example weight, or a
+    result without it, e.g. a sum over the batch rows) it runs once per mapped index instead (``lax.map``)."""
+    has_batch = [axes[0] == BATCH_FACTOR for axes in operands]
+    results_have_batch = all(axes[0] == BATCH_FACTOR for axes in results)
+
+    def call(*args):
+        arrays, static = args[: len(operands)], args[len(operands) :]
+
+        @jax.custom_jvp
+        def local(*arrays):
+            return mapped(*arrays)
+
+        @local.defjvp
+        def _(primals, tangents):
+            raise NotImplementedError(
+                "mambavision_jax.pallas: a Pallas kernel call was differentiated. The Pallas ops have one reverse-mode "
+                "derivative (jax.grad / jax.vjp); for forward-mode or higher-order derivatives use their pure-JAX "
+                'impl (selective_scan: "sequential" or "associative"; add_layer_norm: "xla")'
+            )
+
+        @custom_vmap
+        def mapped(*arrays):
+            return wrapped(*arrays, *static)
+
+        @mapped.def_vmap
+        def _(size, batched, *arrays):
+            if results_have_batch and all(b or not m for b, m in zip(has_batch, batched)):
+                folded = (_fold(a, size, m) if b else a for a, b, m in zip(arrays, has_batch, batched))
+                outs = mapped(*folded)
+                return tuple(o.reshape(size, o.shape[0] // size, *o.shape[1:]) for o in outs), (True,) * len(outs)
+
+            def one(xs):
+                row = iter(xs)
+                return mapped(*(next(row) if m else a for a, m in zip(arrays, batched)))
+
+            outs = jax.lax.map(one, [a for a, m in zip(arrays, batched) if m])
+            return outs, (True,) * len(outs)
+
+        return local(*arrays)
+
+    return call
+
+
+def _fold(array, size: int, batched: bool):
+    """(size, batch, ...) -> (size·batch, ...); an unbatched (batch, ...) array is broadcast to (size, batch, ...)
+    first."""
+    if not batched:
+        array = jnp.broadcast_to(array, (size, *array.shape))
+    return array.reshape(size * array.shape[1], *array.shape[2:])
 
 
 def _batch_axes(sharding, batch: int):

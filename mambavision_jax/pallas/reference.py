@@ -12,9 +12,38 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["delta_transform", "softplus", "scan_sequential", "scan_associative"]
+__all__ = ["check_arguments", "delta_transform", "softplus", "scan_sequential", "scan_associative"]
 
 SOFTPLUS_THRESHOLD = 20.0
+
+
+def check_arguments(u, delta, A, B, C, D, delta_bias):
+    """Raises a ValueError naming the argument and its shape unless the shapes are as in this module's layout, or a
+    TypeError for a non-floating-point array (which would be scanned in integer arithmetic)."""
+
+    def fail(name, arr, expected):
+        raise ValueError(
+            f"selective_scan: {name} must have shape {expected}, got {tuple(arr.shape)} "
+            f"(u: {tuple(u.shape)}, A: {tuple(A.shape)})"
+        )
+
+    if u.ndim != 3:
+        raise ValueError(f"selective_scan: u must be (batch, length, dim), got shape {tuple(u.shape)}")
+    for name, arr in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
+        if arr is not None and not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise TypeError(f"selective_scan: {name} must be floating point, got {arr.dtype}")
+    batch, length, dim = u.shape
+    if A.ndim != 2 or A.shape[0] != dim:
+        fail("A", A, "(dim, d_state)")
+    n = A.shape[1]
+    if delta.shape != u.shape:
+        fail("delta", delta, (batch, length, dim))
+    for name, arr in (("B", B), ("C", C)):
+        if arr.shape != (batch, length, n):
+            fail(name, arr, (batch, length, n))
+    for name, arr in (("D", D), ("delta_bias", delta_bias)):
+        if arr is not None and arr.shape != (dim,):
+            fail(name, arr, (dim,))
 
 
 def softplus(x: jax.Array) -> jax.Array:

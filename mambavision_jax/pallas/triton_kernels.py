@@ -28,7 +28,8 @@ warps hide it. Row indices outside the sequence are clamped into it; the matchin
 
 Forward, per step: Δ = softplus(delta + bias) (optional), a = exp2(Δ·A·log2e), h = a·h + (Δ·u)·B,
 y = Σ_n C·h + D·u (exp2 and reciprocals as PTX approximations with ``fast_math``, see ``_Math``). When training
-it also stores the state entering every chunk, ``states`` (batch, n_chunks, d_state, dim) float32 (≈ d_state/K floats per (b, l, d) element).
+it also stores the state entering every chunk, ``states`` (batch, n_chunks, d_state, dim) float32 (≈ d_state/K
+floats per (b, l, d) element).
 
 Backward (mamba_ssm / axlearn style, recompute instead of store): chunks in reverse; per chunk, the K states
 are recomputed from the saved chunk-entry state (K separate values, Python-unrolled), then the K steps are
@@ -44,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import struct
 
 import jax
@@ -85,6 +87,12 @@ class KernelConfig:
     state_groups: int | None = None
 
     def __post_init__(self):
+        for name in ("block_d", "chunk", "num_warps", "num_stages", "splits", "bwd_block_d", "state_groups"):
+            value = getattr(self, name)
+            if value is None and name in ("bwd_block_d", "state_groups"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"KernelConfig.{name} must be an integer, got {value!r}")
         for name in ("block_d", "chunk", "num_warps", "bwd_block_d", "state_groups"):
             value = getattr(self, name)
             if value is not None and (value < 1 or value & (value - 1)):
@@ -829,8 +837,9 @@ def _grouped_forward(args, delta_softplus, config, interpret):
 def scan_backward(
     u, delta, A, B, C, D, delta_bias, states, dy, *, delta_softplus: bool, config: KernelConfig, interpret: bool = False
 ):
-    """Backward kernel(s), run with ``config.backward()``; ``states`` are the forward's chunk-entry states. Returns du, ddelta (inputs' dtypes), and float32 gradients dA (dim, d_state), dB, dC
-    (batch, length, d_state), dD, d(delta_bias) (dim,), with the partial sums already reduced.
+    """Backward kernel(s), run with ``config.backward()``; ``states`` are the forward's chunk-entry states.
+    Returns du, ddelta (inputs' dtypes), and float32 gradients dA (dim, d_state), dB, dC (batch, length, d_state),
+    dD, d(delta_bias) (dim,), with the partial sums already reduced.
 
     With ``splits`` > 1 the segments run in parallel: a summary pass gives each segment's adjoint from zero
     and its Δ sum; the main pass chains each segment's incoming adjoint from the last segment back

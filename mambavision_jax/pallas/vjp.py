@@ -124,6 +124,7 @@ def selective_scan_pallas(
 ):
     """Pallas-Triton selective scan, differentiable. ``config=None`` picks :func:`default_config` for inference
     or, under differentiation, for training."""
+    reference.check_arguments(u, delta, A, B, C, D, delta_bias)
     if any(isinstance(size, int) and size == 0 for size in u.shape):
         # nothing to scan, and the kernels' grids would be empty: the pure-JAX scan gives the empty y, zero gradients
         return reference.scan_sequential(u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus)

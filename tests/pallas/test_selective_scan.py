@@ -336,11 +336,16 @@ def test_impl_names():
         (6, (16, 1), "delta_bias"),
     ],
 )
-def test_bad_shapes(index, bad_shape, name):
+@pytest.mark.parametrize("entry", ["selective_scan", "selective_scan_pallas"])
+def test_bad_shapes(index, bad_shape, name, entry):
+    """Through either public entry point (selective_scan_pallas used to scan a wrong delta, A or D silently)."""
     args = _small_args()
     args[index] = jnp.zeros(bad_shape, jnp.float32)
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
-        selective_scan(*args, impl="sequential")
+        if entry == "selective_scan":
+            selective_scan(*args, impl="sequential")
+        else:
+            selective_scan_pallas(*args, interpret=True)
 
 
 @pytest.mark.parametrize("index,name", [(0, "u"), (1, "delta"), (3, "B")])

@@ -1,0 +1,131 @@
+"""The Pallas ops under JAX transformations: jax.vmap (the mapped axis folded into the kernels' batch, or one call
+per mapped index), jax.checkpoint and higher-order differentiation (a clear error), against the pure-JAX impls.
+
+Small shapes: the Pallas kernels run in interpret mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mambavision_jax.pallas import KernelConfig, selective_scan, selective_scan_pallas
+from mambavision_jax.pallas.layer_norm import add_layer_norm
+from mambavision_jax.pallas.testing import make_inputs, rel_err
+
+MAPPED = 2  # the vmapped axis' size
+
+
+def _scan(impl):
+    return lambda *a: selective_scan(*a, delta_softplus=True, impl=impl, interpret=True)
+
+
+def _loss(fn):
+    return lambda *a: jnp.sum(jnp.sin(fn(*a).astype(jnp.float32)))
+
+
+def _assert_close(got, want, where, tol=1e-5):
+    """Same shapes and dtypes, and relative errors within ``tol`` or, for a 16-bit leaf, one rounding of it."""
+    for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
+        assert g.shape == w.shape and g.dtype == w.dtype, (where, i, g.shape, w.shape, g.dtype, w.dtype)
+        err = rel_err(g, np.asarray(jnp.asarray(w, jnp.float32), np.float64))
+        allowed = max(tol, float(jnp.finfo(g.dtype).eps))
+        assert err <= allowed, f"{where}: leaf {i} ({g.dtype}) rel err {err:.2e} > {allowed:.1e}"
+
+
+def _stacked_inputs(seed):
+    """selective_scan's arguments with a leading mapped axis: (MAPPED, batch 2, length 5, dim 16), d_state 8."""
+    per_index = [make_inputs(np.random.default_rng([seed, i]), 2, 5, 16) for i in range(MAPPED)]
+    return [jnp.stack(arrays) for arrays in zip(*per_index)]
+
+
+@pytest.mark.parametrize(
+    "in_axes",
+    [(0, 0, None, 0, 0, None, None), 0],
+    ids=["weights_shared_folded", "weights_mapped_per_index"],
+)
+def test_vmap_of_scan_and_per_example_gradients_match_sequential(in_axes):
+    """vmap used to fail with "Batching rule for 'custom_partitioning' not implemented"."""
+    args = _stacked_inputs(0)
+    if in_axes != 0:
+        args = [a[0] if axis is None else a for a, axis in zip(args, in_axes)]
+    for fn in (lambda impl: _scan(impl), lambda impl: jax.value_and_grad(_loss(_scan(impl)), argnums=tuple(range(7)))):
+        got, want = (jax.jit(jax.vmap(fn(impl), in_axes=in_axes))(*args) for impl in ("pallas", "sequential"))
+        _assert_close(got, want, f"in_axes={in_axes}")
+
+
+def test_nested_vmap_with_a_grouped_inference_config():
+    args = [jnp.stack([a, 0.9 * a]) for a in _stacked_inputs(1)]
+    config = KernelConfig(chunk=16, state_groups=2)
+    pallas = lambda *a: selective_scan_pallas(*a, delta_softplus=True, interpret=True, config=config)
+    got = jax.jit(jax.vmap(jax.vmap(pallas)))(*args)
+    _assert_close(got, jax.jit(jax.vmap(jax.vmap(_scan("sequential"))))(*args), "nested vmap")
+
+
+def test_vmap_of_add_layer_norm_matches_xla():
+    """Forward and every gradient under vmap, with per-index row scales (drop path) and a per-index LayerNorm scale
+    (an operand without the row axis: one kernel call per mapped index)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x, branch = (jax.random.normal(k, (MAPPED, 4, 6, 40)) for k in keys[:2])
+    row_scale = jnp.where(jax.random.uniform(keys[2], (MAPPED, 24)) < 0.3, 0.0, 1.5)
+    scale = 1.0 + 0.1 * jnp.arange(MAPPED * 40, dtype=jnp.float32).reshape(MAPPED, 40) / 40
+    bias, gamma = jnp.full((40,), 0.1), jnp.full((40,), 0.5)
+
+    def norm(impl):
+        f = lambda x, b, r, s, bi, g: add_layer_norm(x, b, scale=s, bias=bi, gamma=g, row_scale=r, impl=impl)
+        return f
+
+    for scale_axis in (None, 0):
+        in_axes = (0, 0, 0, scale_axis, None, None)
+        s = scale[0] if scale_axis is None else scale
+        for wrap in (lambda f: f, lambda f: jax.grad(lambda *a: sum(map(jnp.sum, map(jnp.sin, f(*a)))), range(6))):
+            got, want = (
+                jax.jit(jax.vmap(wrap(norm(impl)), in_axes=in_axes))(x, branch, row_scale, s, bias, gamma)
+                for impl in ("pallas", "xla")
+            )
+            _assert_close(got, want, f"scale_axis={scale_axis}")
+
+
+def test_checkpointed_gradients_with_mixed_dtypes_agree_across_impls():
+    """bfloat16 u, float32 delta, float16 B: every impl gives the same y and gradients (in the inputs' dtypes) under
+    jax.checkpoint."""
+    args = list(make_inputs(np.random.default_rng(2), 2, 7, 24))
+    args[0], args[3] = args[0].astype(jnp.bfloat16), args[3].astype(jnp.float16)
+    results = {
+        impl: jax.jit(jax.value_and_grad(_loss(jax.checkpoint(_scan(impl))), argnums=tuple(range(7))))(*args)
+        for impl in ("pallas", "sequential", "associative")
+    }
+    for impl in ("pallas", "associative"):
+        _assert_close(results[impl], results["sequential"], impl, 1e-4)
+
+
+def _scan_delta_bias_loss():
+    return _loss(_scan("pallas")), make_inputs(np.random.default_rng(3), 1, 3, 16), 6
+
+
+def _norm_scale_loss():
+    x = jnp.ones((4, 16)) * jnp.arange(16.0)
+    loss = lambda x, b, s, bi: jnp.sum(jnp.sin(add_layer_norm(x, b, scale=s, bias=bi, impl="pallas")[1]))
+    return loss, (x, x, jnp.ones(16), jnp.zeros(16)), 2
+
+
+@pytest.mark.parametrize("setup", [_scan_delta_bias_loss, _norm_scale_loss], ids=["scan", "add_layer_norm"])
+@pytest.mark.parametrize("order", ["hessian", "grad_of_grad"])
+def test_higher_order_derivatives_name_the_alternative(setup, order):
+    """Used to fail with "Differentiation rule for 'custom_partitioning' not implemented"."""
+    loss, args, argnum = setup()
+    if order == "hessian":
+        second = jax.hessian(loss, argnums=argnum)
+    else:
+        second = jax.grad(lambda *a: jnp.sum(jax.grad(loss, argnums=argnum)(*a)), argnums=argnum)
+    with pytest.raises(NotImplementedError, match="one reverse-mode derivative.*pure-JAX impl"):
+        second(*args)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("block_d", 32.0), ("splits", 2.5), ("num_stages", 1.5), ("chunk", True), ("state_groups", "2")]
+)
+def test_kernel_config_refuses_non_integers(field, value):
+    """A float splits used to fail deep inside the kernel's tracing (a TracerBoolConversionError); a float
+    num_stages was accepted."""
+    with pytest.raises(TypeError, match=rf"KernelConfig\.{field} must be an integer"):
+        KernelConfig(**{field: value})
