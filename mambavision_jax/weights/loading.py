@@ -87,8 +87,9 @@ def from_pretrained(
         first download).
       ema: take ``state_dict_ema`` from a training checkpoint.
       seed: initialisation seed of a replaced head.
-      **overrides: :func:`create_model` overrides. A ``num_classes`` other than the checkpoint's keeps every
-        weight but the head, which is freshly initialised (and logged). An unknown model name or override is
+      **overrides: :func:`create_model` overrides. Without ``num_classes`` the model takes the checkpoint head's
+        class count; a ``num_classes`` other than the checkpoint's keeps every weight but the head, which is freshly
+        initialised (and logged). An unknown model name or override is
         refused before any download or read.
     """
     if name is not None:
@@ -110,8 +111,10 @@ def from_pretrained(
         raise ValueError("name is required unless source is a converted directory")
     else:
         state = read_checkpoint(source, ema=ema)
-    module = create_model(name, **overrides)
     checkpoint_classes = state[HEAD_PREFIX + "bias"].shape[0] if HEAD_PREFIX + "bias" in state else 0
+    if checkpoint_classes and "num_classes" not in overrides:  # e.g. a model fine-tuned on 10 classes: its own head
+        overrides = {**overrides, "num_classes": checkpoint_classes}
+    module = create_model(name, **overrides)
     replace_head = "num_classes" in overrides and overrides["num_classes"] != checkpoint_classes
     if replace_head:
         log.warning(

@@ -406,3 +406,15 @@ def test_unknown_override_or_name_is_refused_before_reading(monkeypatch, tmp_pat
     unreadable.write_bytes(b"not read")
     with pytest.raises(ValueError, match="Unknown MambaVision model 'mamba_vision_L3'"):
         mvj.from_pretrained("mamba_vision_L3", str(unreadable))
+
+
+def test_a_fine_tuned_checkpoint_loads_with_its_own_class_count(tmp_path):
+    """A checkpoint whose head has 10 classes (a model fine-tuned with the official train.py) loads without
+    num_classes: the model takes the head's class count and gives the official logits."""
+    model = official_model(NAME, seed=6, num_classes=10, **ARCH)
+    path = str(tmp_path / "fine_tuned.pth.tar")
+    torch.save({"state_dict": model.state_dict()}, path)
+    module, variables = mvj.from_pretrained(NAME, path, **ARCH)
+    assert module.num_classes == 10
+    images = np.random.default_rng(7).standard_normal((2, 64, 64, 3), dtype=np.float32)
+    assert_close(jax_logits(module, variables, images), torch_logits(model, images))
