@@ -1,7 +1,7 @@
 """Selective scan (Mamba S6) for MambaVision: pure-JAX scans and Pallas-Triton GPU kernels.
 
 ``selective_scan(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus=False, impl="auto",
-interpret=False)``; ``IMPLS`` lists the valid ``impl`` names.
+interpret=None)`` (None: interpret the Pallas kernels off a GPU); ``IMPLS`` lists the valid ``impl`` names.
 """
 
 from mambavision_jax.pallas.api import IMPLS, resolve_impl, selective_scan

@@ -27,7 +27,9 @@ def resolve_impl(impl: str) -> str:
     return "pallas" if impl == "pallas_triton" else impl
 
 
-def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus=False, impl="auto", interpret=False):
+def selective_scan(
+    u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus=False, impl="auto", interpret: bool | None = None
+):
     """Selective scan with mamba_ssm semantics (``z=None``), differentiable in every array argument.
 
     Args:
@@ -38,7 +40,8 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus
       delta_softplus: apply softplus (``x > 20 → x``) to ``delta + delta_bias``.
       impl: "auto" (Pallas on GPU, else the faster pure-JAX scan on CPU), "sequential" (``lax.scan``),
         "associative" (``lax.associative_scan``), "pallas" / "pallas_triton" (Pallas Triton kernels).
-      interpret: run the Pallas kernels in interpret mode (CPU testing).
+      interpret: run the Pallas kernels in interpret mode; None: only off a GPU (as ``add_layer_norm``), so
+        ``impl="pallas"`` also runs, slowly, on the CPU.
 
     Returns:
       y: (batch, length, dim) in u's dtype, with
@@ -47,6 +50,8 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus
     impl = resolve_impl(impl)
     reference.check_arguments(u, delta, A, B, C, D, delta_bias)
     if impl == "pallas":
+        if interpret is None:
+            interpret = jax.default_backend() != "gpu"
         return selective_scan_pallas(
             u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus, interpret=interpret
         )

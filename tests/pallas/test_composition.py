@@ -129,3 +129,12 @@ def test_kernel_config_refuses_non_integers(field, value):
     num_stages was accepted."""
     with pytest.raises(TypeError, match=rf"KernelConfig\.{field} must be an integer"):
         KernelConfig(**{field: value})
+
+
+def test_the_pallas_impl_runs_off_a_gpu_without_asking_for_interpret_mode():
+    """interpret=None (the default) interprets the kernels off a GPU, as add_layer_norm does."""
+    assert jax.default_backend() != "gpu"
+    u, delta, A, B, C, D, delta_bias = make_inputs(np.random.default_rng(11), 2, 7, 16)
+    got = selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True, impl="pallas")
+    want = selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True, impl="sequential")
+    _assert_close(got, want, "forward")
