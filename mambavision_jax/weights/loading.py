@@ -89,8 +89,7 @@ def from_pretrained(
       seed: initialisation seed of a replaced head.
       **overrides: :func:`create_model` overrides. Without ``num_classes`` the model takes the checkpoint head's
         class count; a ``num_classes`` other than the checkpoint's keeps every weight but the head, which is freshly
-        initialised (and logged). An unknown model name or override is
-        refused before any download or read.
+        initialised (and logged). An unknown model name or override is refused before any download or read.
     """
     if name is not None:
         resolve_name(name)
