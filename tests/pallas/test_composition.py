@@ -1,7 +1,8 @@
 """The Pallas ops under JAX transformations: jax.vmap (the mapped axis folded into the kernels' batch, or one call
 per mapped index), jax.checkpoint and higher-order differentiation (a clear error), against the pure-JAX impls.
 
-Small shapes: the Pallas kernels run in interpret mode."""
+Small shapes. The Pallas kernels run in interpret mode; on a GPU the vmap cases run once more with the compiled
+Triton kernels (the trace-time vmap rule must hand the GPU the same folded batch)."""
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +14,14 @@ from mambavision_jax.pallas.layer_norm import add_layer_norm
 from mambavision_jax.pallas.testing import make_inputs, rel_err
 
 MAPPED = 2  # the vmapped axis' size
+# (interpret, tolerance): interpret mode everywhere; the compiled kernels too where there is a GPU to run them
+MODES = {"interpret": (True, 1e-5)}
+if jax.default_backend() == "gpu":
+    MODES["compiled"] = (False, 1e-4)
 
 
-def _scan(impl):
-    return lambda *a: selective_scan(*a, delta_softplus=True, impl=impl, interpret=True)
+def _scan(impl, interpret=True):
+    return lambda *a: selective_scan(*a, delta_softplus=True, impl=impl, interpret=interpret)
 
 
 def _loss(fn):
@@ -43,27 +48,36 @@ def _stacked_inputs(seed):
     [(0, 0, None, 0, 0, None, None), 0],
     ids=["weights_shared_folded", "weights_mapped_per_index"],
 )
-def test_vmap_of_scan_and_per_example_gradients_match_sequential(in_axes):
+@pytest.mark.parametrize("mode", MODES)
+def test_vmap_of_scan_and_per_example_gradients_match_sequential(in_axes, mode):
     """vmap used to fail with "Batching rule for 'custom_partitioning' not implemented"."""
+    interpret, tol = MODES[mode]
     args = _stacked_inputs(0)
     if in_axes != 0:
         args = [a[0] if axis is None else a for a, axis in zip(args, in_axes)]
-    for fn in (lambda impl: _scan(impl), lambda impl: jax.value_and_grad(_loss(_scan(impl)), argnums=tuple(range(7)))):
+    for fn in (
+        lambda impl: _scan(impl, interpret),
+        lambda impl: jax.value_and_grad(_loss(_scan(impl, interpret)), argnums=tuple(range(7))),
+    ):
         got, want = (jax.jit(jax.vmap(fn(impl), in_axes=in_axes))(*args) for impl in ("pallas", "sequential"))
-        _assert_close(got, want, f"in_axes={in_axes}")
+        _assert_close(got, want, f"in_axes={in_axes}, {mode}", tol)
 
 
-def test_nested_vmap_with_a_grouped_inference_config():
+@pytest.mark.parametrize("mode", MODES)
+def test_nested_vmap_with_a_grouped_inference_config(mode):
+    interpret, tol = MODES[mode]
     args = [jnp.stack([a, 0.9 * a]) for a in _stacked_inputs(1)]
     config = KernelConfig(chunk=16, state_groups=2)
-    pallas = lambda *a: selective_scan_pallas(*a, delta_softplus=True, interpret=True, config=config)
+    pallas = lambda *a: selective_scan_pallas(*a, delta_softplus=True, interpret=interpret, config=config)
     got = jax.jit(jax.vmap(jax.vmap(pallas)))(*args)
-    _assert_close(got, jax.jit(jax.vmap(jax.vmap(_scan("sequential"))))(*args), "nested vmap")
+    _assert_close(got, jax.jit(jax.vmap(jax.vmap(_scan("sequential"))))(*args), f"nested vmap, {mode}", tol)
 
 
-def test_vmap_of_add_layer_norm_matches_xla():
+@pytest.mark.parametrize("mode", MODES)
+def test_vmap_of_add_layer_norm_matches_xla(mode):
     """Forward and every gradient under vmap, with per-index row scales (drop path) and a per-index LayerNorm scale
     (an operand without the row axis: one kernel call per mapped index)."""
+    interpret, tol = MODES[mode]
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     x, branch = (jax.random.normal(k, (MAPPED, 4, 6, 40)) for k in keys[:2])
     row_scale = jnp.where(jax.random.uniform(keys[2], (MAPPED, 24)) < 0.3, 0.0, 1.5)
@@ -71,7 +85,9 @@ def test_vmap_of_add_layer_norm_matches_xla():
     bias, gamma = jnp.full((40,), 0.1), jnp.full((40,), 0.5)
 
     def norm(impl):
-        f = lambda x, b, r, s, bi, g: add_layer_norm(x, b, scale=s, bias=bi, gamma=g, row_scale=r, impl=impl)
+        def f(x, b, r, s, bi, g):
+            return add_layer_norm(x, b, scale=s, bias=bi, gamma=g, row_scale=r, impl=impl, interpret=interpret)
+
         return f
 
     for scale_axis in (None, 0):
@@ -82,7 +98,7 @@ def test_vmap_of_add_layer_norm_matches_xla():
                 jax.jit(jax.vmap(wrap(norm(impl)), in_axes=in_axes))(x, branch, row_scale, s, bias, gamma)
                 for impl in ("pallas", "xla")
             )
-            _assert_close(got, want, f"scale_axis={scale_axis}")
+            _assert_close(got, want, f"scale_axis={scale_axis}, {mode}", tol)
 
 
 def test_checkpointed_gradients_with_mixed_dtypes_agree_across_impls():
