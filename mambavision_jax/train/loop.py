@@ -195,10 +195,13 @@ def _eval_all(eval_step, state, data, config, mesh) -> dict:
 # ----------------------------------------------------------------------------------------------------- setup
 
 
-def _setup(config, workdir, model, data):
+def _setup(config, workdir, model, data, training: bool = True):
+    """Everything a run needs around its train state: mesh, model, optimizer, the state's abstract value and
+    shardings, the checkpointer. ``training=False`` (restoring a checkpoint to evaluate or export it) reads no train
+    split: the learning-rate schedule then spans one step an epoch, which changes no leaf of the state's structure."""
     mesh = sharding_lib.make_mesh()
     model = model if model is not None else build_model(config)
-    spe = int(data.steps_per_epoch(config))
+    spe = int(data.steps_per_epoch(config)) if training else 1
     image_size = int(config.data.image_size)
     rng = jax.random.PRNGKey(int(config.seed))
     init_rng, train_rng = jax.random.split(rng)
@@ -252,7 +255,7 @@ def _truncate_metrics(workdir: str, step: int):
 def _restore_latest(config, workdir, model, data, missing: str):
     """``(setup, state, step)`` of the workdir's latest checkpoint (the checkpointer closed); FileNotFoundError
     starting with ``missing`` when there is none."""
-    s = _setup(config, workdir, model, data)
+    s = _setup(config, workdir, model, data, training=False)
     latest = s["ckpt"].latest_step()
     if latest is None:
         s["ckpt"].close()

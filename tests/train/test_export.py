@@ -21,11 +21,15 @@ def test_export_reproduces_the_runs_final_eval(tiny_config, jax_cache_env, tmp_p
     final = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "eval"][-1]
     assert final["step"] == 2 and "ema_top1" in final
 
-    from_checkpoint = loop.evaluate(c, workdir)  # mode=eval without init_from: the latest checkpoint, EMA too
+    # mode=eval without init_from: the latest checkpoint, EMA too; restoring reads no train split (an eval-only
+    # machine may hold the validation set alone)
+    eval_only = c.copy_and_resolve_references()
+    eval_only.data.train_split = "not_on_this_machine"
+    from_checkpoint = loop.evaluate(eval_only, workdir)
     for key in ("loss", "top1", "ema_loss", "ema_top1"):
         assert from_checkpoint[key] == pytest.approx(final[key], rel=1e-5, abs=1e-6), key
 
-    written = loop.export(c, workdir)
+    written = loop.export(eval_only, workdir)
     assert written == [os.path.join(workdir, "converted"), os.path.join(workdir, "converted_ema")]
     manifests = [json.load(open(os.path.join(d, "mambavision.json"))) for d in written]
     assert [m["ema"] for m in manifests] == [False, True]
