@@ -17,6 +17,7 @@ import os
 import shutil
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -70,6 +71,25 @@ def abstract_with_shardings(abstract_state, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
 
 
+def process_zeros(value: bool) -> bool:
+    """Process 0's ``value`` on every process (a collective in a multi-process run; ``value`` itself in one)."""
+    if jax.process_count() == 1:
+        return bool(value)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
+
+
+def host_copy(tree):
+    """``tree``'s arrays as numpy arrays on this host, each whole: gathered from every process in a multi-process run
+    (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 class BestWeights:
     """The weights of a run's best eval so far as a converted-weights directory, as timm's CheckpointSaver keeps
     ``model_best``; its ``best.json`` records the step, the metric tracked and its top-1, and a resumed run goes on
@@ -80,18 +100,30 @@ class BestWeights:
     the model's. A new best is written to ``<directory>.tmp``, the previous one renamed to ``<directory>.old``, the
     new one renamed into place and the old one removed: a kill at any point leaves the old or the new best complete,
     never a half-written one under ``directory`` (the next ``BestWeights`` puts back an old best set aside and
-    removes a half-written one)."""
+    removes a half-written one).
+
+    In a multi-process run every process makes one and calls ``update`` after each eval: process 0 alone reads and
+    writes the directory and decides, every process takes its decision and gathers the weights with it."""
 
     RECORD = "best.json"
 
     def __init__(self, directory: str, write, log=print):
-        """``write(directory, variables, step, ema)`` writes a converted-weights directory; ``log`` gets a line for
-        each new best. An existing ``directory`` that holds no converted weights is refused, not replaced."""
+        """``write(directory, variables, step, ema)`` writes a converted-weights directory (called on process 0 with
+        host arrays); ``log`` gets a line for each new best. An existing ``directory`` that holds no converted
+        weights is refused, not replaced."""
         self.directory = os.path.abspath(directory)
         self._tmp, self._old = self.directory + ".tmp", self.directory + ".old"
         self._write, self._log = write, log
-        self._recover()
-        self.record = self._read_record()
+        self._writer = jax.process_index() == 0
+        self.record, refused = None, None
+        if self._writer:
+            try:
+                self._recover()
+                self.record = self._read_record()
+            except FileExistsError as e:
+                refused = e
+        if not process_zeros(refused is None):
+            raise refused or FileExistsError(f"process 0 refused {self.directory!r} as the best model's directory")
 
     def _recover(self):
         """Removes a half-written new best; puts back an old one set aside when no best is in place (a kill between
@@ -123,18 +155,25 @@ class BestWeights:
         metric = "ema_top1" if "ema_top1" in metrics else "top1"
         value = metrics.get(metric)
         best = -math.inf if self.record is None else self.record["top1"]
-        if value is None or not value > best:  # also skips NaN
+        if not process_zeros(value is not None and value > best):  # also skips NaN
             return False
         ema = metric == "ema_top1"
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        self._write(self._tmp, state.variables(ema=ema), step, ema)
+        variables = host_copy(state.variables(ema=ema))
         record = {"step": int(step), "metric": metric, "top1": float(value)}
+        if self._writer:
+            self._replace(variables, step, ema, record)
+            self._log(f"New best {metric}={value:.4f} at step {step}: {'EMA ' if ema else ''}weights in "
+                      f"{self.directory}")
+        self.record = record
+        return True
+
+    def _replace(self, variables, step: int, ema: bool, record: dict):
+        """Writes the new best beside the old one and renames it into place (see the class docstring)."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._write(self._tmp, variables, step, ema)
         with open(os.path.join(self._tmp, self.RECORD), "w") as f:
             json.dump(record, f)
         if os.path.exists(self.directory):  # a directory cannot be renamed onto a non-empty one
             os.rename(self.directory, self._old)
         os.rename(self._tmp, self.directory)
         shutil.rmtree(self._old, ignore_errors=True)
-        self.record = record
-        self._log(f"New best {metric}={value:.4f} at step {step}: {'EMA ' if ema else ''}weights in {self.directory}")
-        return True

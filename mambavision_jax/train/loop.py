@@ -283,12 +283,9 @@ def _write_converted(config, workdir: str, directory: str, variables, step: int,
 
 
 def _best_weights(config, workdir: str, log) -> ckpt_lib.BestWeights | None:
-    """The run's best-model tracker, writing ``<workdir>/best``; None with ``config.save_best=False`` or in a
-    multi-process run (one process cannot write the variables alone; ``mode=export`` is one process too)."""
+    """The run's best-model tracker, writing ``<workdir>/best`` (process 0 writes it); None with
+    ``config.save_best=False``."""
     if not config.get("save_best", True):
-        return None
-    if jax.process_count() > 1:
-        log("The best model is not kept: a multi-process run writes no <workdir>/best.")
         return None
     write = functools.partial(_write_converted, config, workdir)
     return ckpt_lib.BestWeights(os.path.join(workdir, "best"), write, log)
@@ -303,11 +300,8 @@ def _recorded_eval(workdir: str, step: int) -> dict | None:
     if jax.process_index() == 0 and os.path.exists(path):
         rows = [r for r in metrics_lib.read_jsonl(path) if r.get("split") == "eval" and r.get("step") == step]
         row = {k: v for k, v in rows[-1].items() if k not in ("step", "split", "time")} if rows else None
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        if bool(multihost_utils.broadcast_one_to_all(np.int32(row is not None))):
-            row = row if row is not None else {}
+    if jax.process_count() > 1 and ckpt_lib.process_zeros(row is not None):
+        row = row if row is not None else {}
     return row
 
 

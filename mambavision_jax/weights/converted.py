@@ -37,7 +37,8 @@ def save_converted(
     ema: bool = False,
     overwrite: bool = False,
 ) -> None:
-    """Write ``variables`` of ``model_name`` (created with ``overrides``) as a converted directory.
+    """Write ``variables`` of ``model_name`` (created with ``overrides``) as a converted directory, from the calling
+    process alone.
 
     ``directory`` must be missing or empty; with ``overwrite`` it may also be an earlier converted directory, which
     is replaced. Any other non-empty directory is refused, so that nothing but converted weights is ever deleted."""
@@ -56,7 +57,12 @@ def save_converted(
         shutil.rmtree(directory)
     os.makedirs(directory, exist_ok=True)
     tree = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(variables))
-    checkpointer = ocp.StandardCheckpointer()
+    # the calling process alone writes (in a multi-process run, process 0 writes the best model while the others
+    # train on): Orbax's barriers then wait for no other process
+    me = jax.process_index()
+    checkpointer = ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    )
     checkpointer.save(os.path.join(directory, VARIABLES), tree)
     checkpointer.wait_until_finished()
     name = resolve_name(model_name)

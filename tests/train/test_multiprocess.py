@@ -1,6 +1,7 @@
-"""Multi-process training through jax.distributed: 2 processes x 2 CPU devices give the same per-step losses as
-1 process x 4 devices (same global batch, each process feeding its own slice), launched exactly as on a cluster
-without SLURM/MPI: the same main.py command with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
+"""Multi-process training through jax.distributed: 2 processes x 2 CPU devices give the same per-step losses and the
+same best-model weights as 1 process x 4 devices (same global batch, each process feeding its own slice), launched
+exactly as on a cluster without SLURM/MPI: the same main.py command with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES
+/ JAX_PROCESS_ID."""
 
 import json
 import os
@@ -8,8 +9,11 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 
+from mambavision_jax.train import loop
+from mambavision_jax.weights import load_converted
 from tests.train.conftest import ROOT
 
 ARGS = [
@@ -43,7 +47,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(jax_cache_env, tmp_path):
+def test_two_processes_match_one(jax_cache_env, tiny_config, tmp_path):
     single = _launch(dict(jax_cache_env, XLA_FLAGS="--xla_force_host_platform_device_count=4"), tmp_path / "one")
     out, _ = single.communicate(timeout=600)
     assert single.returncode == 0, out[-4000:]
@@ -71,3 +75,16 @@ def test_two_processes_match_one(jax_cache_env, tmp_path):
     one, two = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5)
+
+    # the final eval (step 4) is the best: process 0 writes the weights gathered from both processes, which are the
+    # run's own step-4 weights (exported here from its checkpoint, in this one process)
+    records = [json.load(open(os.path.join(tmp_path / run, "best", "best.json"))) for run in ("one", "two")]
+    assert records[0]["step"] == records[1]["step"] == 4 and records[0]["top1"] == records[1]["top1"], records
+    for key, value in (("total_steps", 4), ("checkpoint_every_steps", 2), ("eval_every_steps", 0)):
+        setattr(tiny_config, key, value)
+    plain, *ema = loop.export(tiny_config, str(tmp_path / "two"))
+    exported = ema[0] if records[1]["metric"] == "ema_top1" else plain
+    (_, best), (_, want) = (load_converted(str(d)) for d in (tmp_path / "two" / "best", exported))
+    assert jax.tree.structure(best) == jax.tree.structure(want)
+    for got, expected in zip(jax.tree.leaves(best), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(got, expected)
