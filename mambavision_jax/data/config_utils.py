@@ -41,15 +41,25 @@ def image_size(config) -> int:
     return int(size)
 
 
+def grad_accum_steps(config) -> int:
+    """``config.grad_accum_steps`` (default 1): the micro-batches of ``batch_size_per_device`` rows that each device
+    runs, one after another, for one update."""
+    steps = cfg_get(config, "grad_accum_steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"config.grad_accum_steps must be a positive int, got {steps!r}")
+    return steps
+
+
 def local_batch_size(config, *, eval: bool = False) -> int:
-    """Examples per host per step: ``<per_device> * jax.local_device_count()``."""
+    """Examples per host per step: ``<per_device> * jax.local_device_count()``, times ``grad_accum_steps`` for a
+    train step (an update)."""
     key = "eval_batch_size_per_device" if eval else "batch_size_per_device"
     per_device = cfg_get(config, key)
     if per_device is None and eval:
         per_device = cfg_get(config, "batch_size_per_device")
     if per_device is None or int(per_device) <= 0:
         raise ValueError(f"config.{key} must be a positive int, got {per_device!r}")
-    return int(per_device) * jax.local_device_count()
+    return int(per_device) * jax.local_device_count() * (1 if eval else grad_accum_steps(config))
 
 
 def global_batch_size(config, *, eval: bool = False, process_count: int | None = None) -> int:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mambavision_jax.data.config_utils import preprocess_settings
+from mambavision_jax.data.config_utils import global_batch_size, grad_accum_steps, preprocess_settings
 from mambavision_jax.train import checkpoint as ckpt_lib
 from mambavision_jax.train import metrics as metrics_lib
 from mambavision_jax.train import optim
@@ -366,7 +366,8 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
         f"{config.model_name}: {num_params:,} params; {jax.device_count()} devices ({jax.default_backend()}), "
         f"sharding={config.get('sharding', 'data')}, "
         f"BatchNorm statistics {'global' if config.get('sync_batch_norm', False) else 'per device'}, "
-        f"compute dtype={jnp.dtype(compute_dtype(config)).name}; "
+        f"compute dtype={jnp.dtype(compute_dtype(config)).name}; global batch {global_batch_size(config)}"
+        f"{f' ({grad_accum_steps(config)} micro-batches an update)' if grad_accum_steps(config) > 1 else ''}, "
         f"{s['spe']} steps/epoch, steps {start}->{total}."
     )
 
@@ -375,7 +376,7 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     writer = metrics_lib.MetricWriter(
         workdir, total_steps=total, initial_step=start, progress=bool(config.get("progress_bar", True))
     )
-    global_bs = int(config.batch_size_per_device) * jax.device_count()
+    global_bs = global_batch_size(config)
     log_every = max(int(config.get("log_every_steps", 50) or 50), 1)
     ckpt_every = int(config.get("checkpoint_every_steps", 0) or 0)
     eval_every = int(config.get("eval_every_steps", 0) or 0)

@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     # False: BatchNorm statistics per device, as the official DDP training (timm without --sync-bn, --dist-bn
     # reduce); True: over the global batch (SyncBN). See train.step.make_train_step.
     c.sync_batch_norm = False
+    # micro-batches of batch_size_per_device rows a device runs for one update (the global batch is multiplied by
+    # it): with per-device statistics N GPUs with M // N give the update of M GPUs (see train.step.make_train_step)
+    c.grad_accum_steps = 1
     c.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated under fsdp
     c.total_steps = placeholder(int)  # caps the run; the schedule still follows the epochs
     c.log_every_steps = 100

@@ -15,7 +15,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from mambavision_jax import xla_options
-from mambavision_jax.data.config_utils import preprocess_settings
+from mambavision_jax.data.config_utils import grad_accum_steps, preprocess_settings
 from mambavision_jax.data.device_preprocess import batch_images, erase_images
 from mambavision_jax.train import optim
 from mambavision_jax.train import sharding as sharding_lib
@@ -121,7 +121,14 @@ def make_train_step(
       since their update is linear. The result depends on the device count, as the official training's does.
     * True: BatchNorm statistics (and mixup partners) over the global batch, partitioned by XLA: any device count
       gives the numbers of one device with the global batch. XLA then sums the bfloat16 weight gradients of the
-      16-bit compute copies across devices in bfloat16 before their cast to float32."""
+      16-bit compute copies across devices in bfloat16 before their cast to float32.
+
+    ``config.grad_accum_steps = A`` (> 1) makes each device run its rows as A micro-batches of
+    ``batch_size_per_device`` rows, one after another, and average their float32 gradients, BatchNorm running
+    statistics (each micro-batch's from the state's) and metrics into one update. With per-device statistics the
+    micro-batches act as extra devices: D devices with A micro-batches give the numbers of D·A devices (the random
+    draws too), so one GPU with ``grad_accum_steps=8`` runs the update of 8 GPUs. With global
+    statistics micro-batch j holds the j-th block of every device's rows."""
     targets_fn = _targets_fn(config, data_module)
     preprocess = preprocess_settings(config)
     erase_mode = str(config.aug.get("remode", "pixel"))
@@ -130,6 +137,7 @@ def make_train_step(
     if mesa > 0 and not ema_decay:
         raise ValueError("config.mesa > 0 needs an EMA teacher: set config.ema_decay.")
     sync_batch_norm = bool(config.get("sync_batch_norm", False))
+    accum = grad_accum_steps(config)
 
     def loss_and_grads(state: TrainState, batch: dict, rng, mesa_on: bool):
         """The forward and backward on ``batch``: ``(grads, new batch_stats, {"loss", "top1", *aux})``."""
@@ -161,13 +169,37 @@ def make_train_step(
         top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32)
         return grads, new_bs, {"loss": loss, "top1": top1, **aux}
 
+    def accumulated(state: TrainState, batch: dict, rng, first: jax.Array | int, blocks: int, mesa_on: bool):
+        """:func:`loss_and_grads` averaged over ``accum`` micro-batches of ``batch``, whose rows are ``blocks`` equal
+        parts (the devices' rows), each ``accum`` blocks: micro-batch j takes block j of every part and draws from
+        ``fold_in(rng, first + j)``."""
+        if accum == 1:
+            return loss_and_grads(state, batch, jax.random.fold_in(rng, first), mesa_on)
+
+        def split(x):  # (blocks * accum * rows, ...) -> (accum, blocks * rows, ...)
+            x = x.reshape(blocks, accum, x.shape[0] // (blocks * accum), *x.shape[1:])
+            return jnp.swapaxes(x, 0, 1).reshape(accum, -1, *x.shape[3:])
+
+        micro = jax.tree.map(split, batch)
+
+        def add(total, inputs):
+            j, micro_batch = inputs
+            out = loss_and_grads(state, micro_batch, jax.random.fold_in(rng, first + j), mesa_on)
+            return jax.tree.map(jnp.add, total, out), None
+
+        shapes = jax.eval_shape(lambda: loss_and_grads(state, jax.tree.map(lambda x: x[0], micro), rng, mesa_on))
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        total, _ = jax.lax.scan(add, zeros, (jnp.arange(accum), micro))
+        return jax.tree.map(lambda t: t / accum, total)
+
     def per_device_loss_and_grads(state: TrainState, batch: dict, rng, mesa_on: bool):
         """:func:`loss_and_grads` on each device's rows of ``batch`` (BatchNorm statistics of those rows alone, the
-        random draws of each device its own), then everything averaged over the devices, in float32."""
+        random draws of each device its own; micro-batch j of device d draws as device ``d * accum + j`` of
+        ``D * accum`` would), then everything averaged over the devices, in float32."""
 
         def local(state, batch, rng):
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(sharding_lib.DATA_AXIS))
-            return jax.lax.pmean(loss_and_grads(state, batch, rng, mesa_on), sharding_lib.DATA_AXIS)
+            first = jax.lax.axis_index(sharding_lib.DATA_AXIS) * accum
+            return jax.lax.pmean(accumulated(state, batch, rng, first, 1, mesa_on), sharding_lib.DATA_AXIS)
 
         # Only what the forward and backward read goes in: an FSDP-sharded optimizer state would be gathered.
         needed = state.replace(opt_state=None)
@@ -183,8 +215,10 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict, base_rng, mesa_on: bool):
         rng = jax.random.fold_in(base_rng, state.step)
-        if sync_batch_norm or mesh.size == 1:
+        if (sync_batch_norm or mesh.size == 1) and accum == 1:
             grads, new_bs, values = loss_and_grads(state, batch, rng, mesa_on)
+        elif sync_batch_norm or mesh.size == 1:
+            grads, new_bs, values = accumulated(state, batch, rng, 0, mesh.size, mesa_on)
         else:
             grads, new_bs, values = per_device_loss_and_grads(state, batch, rng, mesa_on)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

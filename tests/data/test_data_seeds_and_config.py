@@ -28,3 +28,22 @@ def test_a_misspelt_eval_interpolation_is_refused_when_the_settings_are_read():
         D.preprocess_settings(cfg)
     cfg.eval_preprocess.interpolation = "bilinear"
     assert D.preprocess_settings(cfg).interpolation == "bilinear"
+
+
+def test_gradient_accumulation_multiplies_the_train_batch_not_the_eval_batch():
+    from mambavision_jax.data.config_utils import global_batch_size, local_batch_size
+
+    cfg = make_config(bs=8, eval_bs=16)
+    cfg.grad_accum_steps = 3
+    assert local_batch_size(cfg) == global_batch_size(cfg) == 24
+    assert local_batch_size(cfg, eval=True) == 16
+    assert pipeline.steps_per_epoch(cfg) == pipeline.num_examples(cfg, "train") // 24
+    it = D.build_train_iterator(cfg, start_step=0, process_index=0, process_count=1)
+    batch = next(it)
+    it.close()
+    assert batch["image"].shape[0] == batch["label"].shape[0] == 24
+    for bad in (0, -2, 1.5, True, "2"):
+        cfg = make_config()
+        cfg.grad_accum_steps = bad
+        with pytest.raises(ValueError, match="config.grad_accum_steps must be a positive int"):
+            local_batch_size(cfg)

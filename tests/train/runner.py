@@ -1,13 +1,14 @@
 """Subprocess helper for the training tests. Usage: ``python runner.py '<json spec>'``; prints one JSON line
 prefixed with ``RESULT:``. Spec keys:
   devices: int           fake CPU devices (XLA_FLAGS is set before jax is imported)
-  task: "compare_steps" | "per_device_step" | "train"
+  task: "compare_steps" | "per_device_step" | "accumulated_steps" | "train"
   overrides: {dotted.key: value}   applied to tests/train/tiny_config.get_config()
   workdir: str (train)
   exit_after_step: int (train)     hard-exits (os._exit: no cleanup, async saves cut off, like SIGKILL) right
                                    after the train row of that step is written
                                    (train's result: {"eval": final metrics, "train_steps": the steps it logged})
-  out: str (compare_steps)         .npz path for the updated params
+  out: str (compare_steps, accumulated_steps)   .npz path for the updated params (and BatchNorm statistics)
+  grad_accum_steps: int, rows: [int] (accumulated_steps)   micro-batches an update; the order of the 8 rows
 """
 
 import json
@@ -82,6 +83,40 @@ def compare_steps():
     np.savez(spec["out"], **arrays)
     out["device_count"] = jax.device_count()
     return out
+
+
+def accumulated_steps():
+    """Two updates with ``grad_accum_steps`` over all devices, on a fixed 8-image global batch whose rows are taken in
+    the spec's order, random draws on (mixup, cutmix, erasing, drop path); saves the variables, returns the
+    losses."""
+    import mambavision_jax.data as data
+    from flax import traverse_util
+    from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
+
+    rs = np.random.RandomState(0)
+    rows = np.asarray(spec.get("rows", range(8)))
+    images = rs.randint(0, 256, size=(8, 32, 32, 3)).astype(np.uint8)[rows]
+    labels = rs.randint(0, 10, size=(8,)).astype(np.int32)[rows]
+    erase = np.stack([rs.randint(0, 8, 8), rs.randint(0, 8, 8), rs.randint(0, 9, 8), rs.randint(1, 9, 8)], 1)
+    c = make_config()
+    c.grad_accum_steps = int(spec["grad_accum_steps"])
+    c.batch_size_per_device = 8 // jax.device_count() // c.grad_accum_steps
+    model = loop.build_model(c)
+    variables = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, jax.numpy.zeros((1, 32, 32, 3)))
+    mesh = sharding.make_mesh()
+    tx, schedule = optim.make_optimizer(c, 10, variables["params"])
+    state_fn = state_lib.make_state_fn(tx, use_ema=bool(c.get("ema_decay")))
+    shardings = sharding.state_shardings(jax.eval_shape(state_fn, variables), mesh)
+    st = state_lib.state_from_variables(state_fn, variables, shardings)
+    train_step = step_lib.make_train_step(model, tx, schedule, c, 10, data, mesh, shardings)
+    batch = sharding.global_batch({"image": images, "label": labels, "erase": erase[rows].astype(np.int32)}, mesh)
+    losses = []
+    for i in range(2):
+        st, m = train_step(st, batch, jax.random.PRNGKey(1), i)
+        losses.append(float(m["loss"]))
+    flat = traverse_util.flatten_dict(jax.device_get(st.variables()), sep="/")
+    np.savez(spec["out"], **{k: np.asarray(v) for k, v in flat.items()})
+    return {"losses": losses, "devices": jax.device_count()}
 
 
 def per_device_step():
@@ -172,5 +207,11 @@ def train():
 
 if __name__ == "__main__":
     task = spec["task"]
-    result = {"compare_steps": compare_steps, "per_device_step": per_device_step, "train": train}[task]()
+    tasks = {
+        "compare_steps": compare_steps,
+        "per_device_step": per_device_step,
+        "accumulated_steps": accumulated_steps,
+        "train": train,
+    }
+    result = tasks[task]()
     print("RESULT:" + json.dumps(result), flush=True)

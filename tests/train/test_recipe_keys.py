@@ -21,6 +21,9 @@ READS = {
     r"\bconfig\.data\.get\(\"(\w+)\"": "data",
     r"\b(?:config\.aug|aug)\.get\(\"(\w+)\"": "aug",
     r"\b(?:config\.optimizer|o)\.get\(\"(\w+)\"": "optimizer",
+    r"\bcfg_get\(config, \"(\w+)\"": None,
+    r"\bcfg_get\(config\.data, \"(\w+)\"": "data",
+    r"\bcfg_get\(config\.aug, \"(\w+)\"": "aug",
 }
 
 
@@ -36,7 +39,8 @@ def _keys_read() -> set[tuple[str | None, str]]:
 
 
 def test_the_code_reads_config_keys_with_defaults():
-    assert {(None, "save_best"), ("optimizer", "momentum"), ("data", "prefetch")} <= _keys_read()
+    expected = {(None, "save_best"), ("optimizer", "momentum"), ("data", "prefetch"), (None, "grad_accum_steps")}
+    assert expected <= _keys_read()
 
 
 @pytest.mark.parametrize("name", ["mamba_vision_T", "mamba_vision_B"])

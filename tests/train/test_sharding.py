@@ -74,3 +74,53 @@ def test_per_device_batch_norm_averages_one_device_steps(run_runner):
     assert abs(r["loss"] - r["sync_loss"]) > 1e-3, r
     # Gradients and statistics are averaged as float32 (the bfloat16 compute copies' gradients cast first).
     assert r["all_reduce_dtypes"] == ["f32"], r
+
+
+def _accumulated(run_runner, tmp_path, devices, accum, overrides, rows=tuple(range(8))):
+    name = f"d{devices}a{accum}_{''.join(map(str, rows))}_{int(bool(overrides.get('sync_batch_norm')))}"
+    out = str(tmp_path / f"{name}.npz")
+    spec = {"task": "accumulated_steps", "devices": devices, "grad_accum_steps": accum, "rows": list(rows)}
+    r = run_runner({**spec, "out": out, "overrides": overrides})
+    assert r["devices"] == devices
+    return r["losses"], np.load(out)
+
+
+def _assert_same_run(a, b):
+    (losses_a, vars_a), (losses_b, vars_b) = a, b
+    np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5, atol=1e-6)
+    assert sorted(vars_a.files) == sorted(vars_b.files) and len(vars_a.files) > 20
+    for k in vars_a.files:
+        np.testing.assert_allclose(vars_b[k], vars_a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+# LAMB with eps 1e-3 (see above), EMA, and every random draw on: mixup/cutmix, erasing (the batch's rectangles, with
+# per-pixel noise), drop path
+ACCUMULATION = {
+    "optimizer.name": "lamb",
+    "optimizer.eps": 1e-3,
+    "ema_decay": 0.99,
+    "aug.mixup": 0.8,
+    "aug.cutmix": 1.0,
+    "aug.reprob": 0.25,
+}
+
+
+def test_gradient_accumulation_acts_as_more_devices(run_runner, tmp_path):
+    """Per-device statistics: D devices with A micro-batches an update give the two updates of D·A devices, random
+    draws included."""
+    two_devices = _accumulated(run_runner, tmp_path, 2, 1, ACCUMULATION)
+    _assert_same_run(two_devices, _accumulated(run_runner, tmp_path, 1, 2, ACCUMULATION))
+    four_virtual = _accumulated(run_runner, tmp_path, 2, 2, ACCUMULATION)
+    _assert_same_run(four_virtual, _accumulated(run_runner, tmp_path, 1, 4, ACCUMULATION))
+    # micro-batches of 2 rows normalise differently from those of 4: the comparisons above are not vacuous
+    assert abs(four_virtual[0][0] - two_devices[0][0]) > 1e-3
+
+
+def test_gradient_accumulation_with_global_statistics(run_runner, tmp_path):
+    """Global statistics: micro-batch j holds the j-th block of every device's rows, so 2 devices with 2 micro-batches
+    give one device's updates on the same rows in that order."""
+    overrides = {**ACCUMULATION, "sync_batch_norm": True}
+    two_devices = _accumulated(run_runner, tmp_path, 2, 2, overrides)
+    _assert_same_run(two_devices, _accumulated(run_runner, tmp_path, 1, 2, overrides, rows=(0, 1, 4, 5, 2, 3, 6, 7)))
+    per_device = _accumulated(run_runner, tmp_path, 2, 2, ACCUMULATION)
+    assert abs(per_device[0][0] - two_devices[0][0]) > 1e-3
