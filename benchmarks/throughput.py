@@ -24,7 +24,8 @@ process, so an A/B comes from one machine and one warm-up; a variant's results a
 
 Recipe: ``--recipe-configs configs/tiny.py,...`` times the step ``main.py`` runs for each config (its optimizer,
 gradient clipping, EMA, mixup/cutmix, random erasing, soft-target loss, uint8 images normalised on the device) on
-device-resident synthetic batches of ``--train-batch``, so the host input pipeline is left out; with
+device-resident synthetic batches of ``--train-batch`` rows a micro-batch (an update of a config with
+``grad_accum_steps = A`` takes A of them, and img/s counts them all), so the host input pipeline is left out; with
 ``--recipe-mesa`` the step is timed in the second half of the schedule, where MESA's EMA-teacher forward runs.
 """
 
@@ -82,7 +83,7 @@ def inference(name, batch, dtype, size, overrides, profile_dir=None, compiler_op
     jitted = jax.jit(model.apply, compiler_options=compiler_options)
     compiled, compile_s, memory = compile_seconds(jitted, variables, images[0])
     seconds = median_seconds(compiled, [(variables, x) for x in images], min_window_s)
-    result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+    result = dict(img_per_s=update / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
     if profile_dir:
         result["profile"] = top_device_ops(compiled, (variables, images[0]), profile_dir, top=None)
     return result
@@ -138,7 +139,7 @@ def build_training_of(model, batch, size, compiler_options=None):
 def training(name, batch, dtype, size, overrides, profile_dir=None, compiler_options=None, min_window_s=MIN_WINDOW_S):
     run, input_sets, compile_s, memory = build_training(name, batch, dtype, size, overrides, compiler_options)
     seconds = median_seconds(run, input_sets, min_window_s, windows=5)
-    result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+    result = dict(img_per_s=update / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
     if profile_dir:
         result["profile"] = top_device_ops(run, input_sets[0], profile_dir, top=None)
     return result
@@ -165,12 +166,14 @@ def recipe_batches(batch, size, count, random_erasing, seed=0):
 def recipe(config_path, batch, mesa, profile_dir=None, min_window_s=MIN_WINDOW_S):
     """img/s of ``main.py``'s train step for ``config_path`` (see the module docstring)."""
     from mambavision_jax import data
+    from mambavision_jax.data.config_utils import global_batch_size
     from mambavision_jax.train import loop, step as step_lib
 
     config = load_config(config_path)
     config.batch_size_per_device = batch // jax.device_count()
+    update = global_batch_size(config)  # the rows of one update: ``batch`` times the config's grad_accum_steps
     config.data.name = "synthetic"
-    config.data.synthetic_examples = 10 * batch
+    config.data.synthetic_examples = 10 * update
     # main.py's setup; its checkpointer wants a workdir, kept until exit (orbax cleans it up in a background thread).
     workdir = tempfile.mkdtemp(prefix="mvj_recipe_")
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
@@ -183,7 +186,7 @@ def recipe(config_path, batch, mesa, profile_dir=None, min_window_s=MIN_WINDOW_S
         s["model"], s["tx"], s["schedule"], config, s["spe"], data, s["mesh"], s["shardings"]
     )
     size, rng = s["image_size"], s["train_rng"]
-    batches = recipe_batches(batch, size, 3, float(config.aug.get("reprob", 0.0)) > 0)
+    batches = recipe_batches(update, size, 3, float(config.aug.get("reprob", 0.0)) > 0)
     compiled, compile_s, memory = compile_seconds(train_step, state, batches[0], rng, step)
     holder = [state]
 
@@ -192,7 +195,7 @@ def recipe(config_path, batch, mesa, profile_dir=None, min_window_s=MIN_WINDOW_S
         return metrics["loss"]
 
     seconds = median_seconds(run, [(b,) for b in batches], min_window_s, windows=5)
-    result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+    result = dict(img_per_s=update / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
     result.update(model=config.model_name, mesa=bool(mesa))
     if profile_dir:
         result["profile"] = top_device_ops(run, (batches[0],), profile_dir, top=None)

@@ -69,7 +69,7 @@ def _steps_per_epoch(n: int, global_batch: int, name: str) -> int:
     if spe <= 0:
         raise ValueError(
             f"dataset {name!r} train split has {n} examples, fewer than one global batch "
-            f"({global_batch}); lower batch_size_per_device"
+            f"({global_batch}); lower batch_size_per_device or grad_accum_steps"
         )
     return spe
 

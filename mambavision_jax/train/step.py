@@ -175,6 +175,12 @@ def make_train_step(
         ``fold_in(rng, first + j)``."""
         if accum == 1:
             return loss_and_grads(state, batch, jax.random.fold_in(rng, first), mesa_on)
+        rows = jax.tree.leaves(batch)[0].shape[0] // blocks
+        if rows % accum:
+            raise ValueError(
+                f"config.grad_accum_steps={accum} splits each device's rows into {accum} micro-batches, but a device "
+                f"holds {rows} rows of this batch: feed batch_size_per_device * grad_accum_steps rows a device"
+            )
 
         def split(x):  # (blocks * accum * rows, ...) -> (accum, blocks * rows, ...)
             x = x.reshape(blocks, accum, x.shape[0] // (blocks * accum), *x.shape[1:])

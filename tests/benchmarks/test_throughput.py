@@ -147,3 +147,24 @@ def test_official_numbers_are_not_paired_with_another_image_size(tmp_path, monke
     with pytest.raises(SystemExit):
         throughput.main()
     assert not timed
+
+
+def test_the_recipe_step_runs_micro_batches_of_the_train_batch_and_counts_them_all(tmp_path, monkeypatch):
+    """``--train-batch`` rows a micro-batch: an accumulating config's update takes grad_accum_steps of them."""
+    from mambavision_jax.train import step as step_lib
+
+    config_file = tmp_path / "accumulating.py"
+    config_file.write_text(
+        "from tests.train import tiny_config\n\n\ndef get_config():\n"
+        "    c = tiny_config.get_config()\n    c.grad_accum_steps = 2\n    return c\n"
+    )
+    rows, model_inputs = [], step_lib.model_inputs
+
+    def recording_inputs(batch, *args, **kwargs):
+        rows.append(int(batch["image"].shape[0]))
+        return model_inputs(batch, *args, **kwargs)
+
+    monkeypatch.setattr(step_lib, "model_inputs", recording_inputs)
+    result = throughput.recipe(str(config_file), 8, False, None, 0.01)
+    assert rows and set(rows) == {8}, rows
+    assert result["img_per_s"] * result["step_ms"] / 1e3 == pytest.approx(16)

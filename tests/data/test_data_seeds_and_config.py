@@ -47,3 +47,10 @@ def test_gradient_accumulation_multiplies_the_train_batch_not_the_eval_batch():
         cfg.grad_accum_steps = bad
         with pytest.raises(ValueError, match="config.grad_accum_steps must be a positive int"):
             local_batch_size(cfg)
+
+
+def test_too_few_examples_for_an_accumulated_batch_names_grad_accum_steps():
+    cfg = make_config(bs=8)
+    cfg.grad_accum_steps = 1000
+    with pytest.raises(ValueError, match="fewer than one global batch .*grad_accum_steps"):
+        pipeline.steps_per_epoch(cfg)

@@ -8,7 +8,8 @@ prefixed with ``RESULT:``. Spec keys:
                                    after the train row of that step is written
                                    (train's result: {"eval": final metrics, "train_steps": the steps it logged})
   out: str (compare_steps, accumulated_steps)   .npz path for the updated params (and BatchNorm statistics)
-  grad_accum_steps: int, rows: [int] (accumulated_steps)   micro-batches an update; the order of the 8 rows
+  grad_accum_steps: int, rows: [int], first_step: int (accumulated_steps)   micro-batches an update; the order of
+                         the 8 rows; the step count of the first update
 """
 
 import json
@@ -87,11 +88,13 @@ def compare_steps():
 
 def accumulated_steps():
     """Two updates with ``grad_accum_steps`` over all devices, on a fixed 8-image global batch whose rows are taken in
-    the spec's order, random draws on (mixup, cutmix, erasing, drop path); saves the variables, returns the
-    losses."""
+    the spec's order, random draws on (mixup, cutmix, erasing, drop path), the config's sharding (packed params), from
+    step ``first_step`` of 10-step epochs (MESA's teacher runs past its start ratio); saves the variables, returns
+    the losses and MESA terms."""
     import mambavision_jax.data as data
     from flax import traverse_util
     from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
+    from mambavision_jax.train.packing import Packing
 
     rs = np.random.RandomState(0)
     rows = np.asarray(spec.get("rows", range(8)))
@@ -104,19 +107,23 @@ def accumulated_steps():
     model = loop.build_model(c)
     variables = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, jax.numpy.zeros((1, 32, 32, 3)))
     mesh = sharding.make_mesh()
-    tx, schedule = optim.make_optimizer(c, 10, variables["params"])
-    state_fn = state_lib.make_state_fn(tx, use_ema=bool(c.get("ema_decay")))
-    shardings = sharding.state_shardings(jax.eval_shape(state_fn, variables), mesh)
+    packing = Packing.of(variables["params"])
+    tx, schedule = optim.make_optimizer(c, 10, variables["params"], packing)
+    state_fn = state_lib.make_state_fn(tx, use_ema=bool(c.get("ema_decay")), packing=packing)
+    abstract = jax.eval_shape(state_fn, variables)
+    shardings = sharding.state_shardings(abstract, mesh, c.get("sharding", "data"), c.get("fsdp_min_size", 256))
     st = state_lib.state_from_variables(state_fn, variables, shardings)
     train_step = step_lib.make_train_step(model, tx, schedule, c, 10, data, mesh, shardings)
     batch = sharding.global_batch({"image": images, "label": labels, "erase": erase[rows].astype(np.int32)}, mesh)
-    losses = []
-    for i in range(2):
+    losses, mesa = [], []
+    for i in range(int(spec.get("first_step", 0)), int(spec.get("first_step", 0)) + 2):
         st, m = train_step(st, batch, jax.random.PRNGKey(1), i)
         losses.append(float(m["loss"]))
+        mesa.append(float(m.get("mesa_loss", 0.0)))
     flat = traverse_util.flatten_dict(jax.device_get(st.variables()), sep="/")
     np.savez(spec["out"], **{k: np.asarray(v) for k, v in flat.items()})
-    return {"losses": losses, "devices": jax.device_count()}
+    n_sharded = sum(1 for s in jax.tree.leaves(shardings) if any(a is not None for a in s.spec))
+    return {"losses": losses, "mesa": mesa, "devices": jax.device_count(), "n_sharded_leaves": n_sharded}
 
 
 def per_device_step():

@@ -75,6 +75,23 @@ def test_kill_and_resume_matches_uninterrupted(run_runner, full_run, tmp_path):
     assert os.path.isdir(os.path.join(full, "tensorboard"))
 
 
+def test_an_accumulating_run_killed_and_resumed_on_more_devices_continues(run_runner, tmp_path):
+    """1 device with 2 micro-batches an update, killed after step 5 and resumed on 2 devices without accumulation
+    (the same global batch and data; per-device statistics: the same numbers), continues the uninterrupted run."""
+    accumulating = {**SPEC, "overrides": {**SPEC["overrides"], "grad_accum_steps": 2, "batch_size_per_device": 8}}
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    run_runner({**accumulating, "workdir": full})
+    killed = {**accumulating, "overrides": {**accumulating["overrides"], "async_checkpointing": False}}
+    run_runner({**killed, "workdir": cut, "exit_after_step": 5}, expect_rc=17)
+    moved = {**SPEC, "devices": 2, "overrides": {**SPEC["overrides"], "batch_size_per_device": 8}}
+    assert run_runner({**moved, "workdir": cut})["train_steps"] == [4, 5, 6, 7, 8]
+    a, b = _rows(full, "train"), _rows(cut, "train")
+    assert sorted(a) == sorted(b) == list(range(1, TOTAL + 1))
+    for s in a:
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5), s
+    assert _rows(cut, "eval")[TOTAL]["loss"] == pytest.approx(_rows(full, "eval")[TOTAL]["loss"], rel=1e-5)
+
+
 class _NaNAfter:
     """mambavision_jax.data with NaN images from the batch of global step `bad` (0-based) on."""
 

@@ -2,7 +2,11 @@
 
 With global BatchNorm statistics (``sync_batch_norm``) the same global batch on 1 and on 4 devices gives the same
 losses and updated params, for both data parallelism and FSDP. With per-device statistics (the default, the official
-recipe) a step on 2 devices gives the average of one-device steps on each device's rows."""
+recipe) a step on 2 devices gives the average of one-device steps on each device's rows. Gradient accumulation's
+micro-batches act as more devices."""
+
+import json
+import zlib
 
 import numpy as np
 
@@ -76,18 +80,19 @@ def test_per_device_batch_norm_averages_one_device_steps(run_runner):
     assert r["all_reduce_dtypes"] == ["f32"], r
 
 
-def _accumulated(run_runner, tmp_path, devices, accum, overrides, rows=tuple(range(8))):
-    name = f"d{devices}a{accum}_{''.join(map(str, rows))}_{int(bool(overrides.get('sync_batch_norm')))}"
-    out = str(tmp_path / f"{name}.npz")
+def _accumulated(run_runner, tmp_path, devices, accum, overrides, rows=tuple(range(8)), first_step=0):
     spec = {"task": "accumulated_steps", "devices": devices, "grad_accum_steps": accum, "rows": list(rows)}
-    r = run_runner({**spec, "out": out, "overrides": overrides})
+    spec.update(first_step=first_step, overrides=overrides)
+    out = str(tmp_path / f"{zlib.crc32(json.dumps(spec, sort_keys=True).encode())}.npz")
+    r = run_runner({**spec, "out": out})
     assert r["devices"] == devices
-    return r["losses"], np.load(out)
+    return r, np.load(out)
 
 
 def _assert_same_run(a, b):
-    (losses_a, vars_a), (losses_b, vars_b) = a, b
-    np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5, atol=1e-6)
+    (result_a, vars_a), (result_b, vars_b) = a, b
+    np.testing.assert_allclose(result_b["losses"], result_a["losses"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result_b["mesa"], result_a["mesa"], rtol=1e-4, atol=1e-6)
     assert sorted(vars_a.files) == sorted(vars_b.files) and len(vars_a.files) > 20
     for k in vars_a.files:
         np.testing.assert_allclose(vars_b[k], vars_a[k], rtol=1e-4, atol=1e-5, err_msg=k)
@@ -103,24 +108,28 @@ ACCUMULATION = {
     "aug.cutmix": 1.0,
     "aug.reprob": 0.25,
 }
+# the same with MESA's EMA teacher on (the updates start at step 20, past its start) and FSDP's sharded state
+MESA_FSDP = {**ACCUMULATION, "mesa": 0.5, "mesa_start_ratio": 0.0, "sharding": "fsdp", "fsdp_min_size": 256}
 
 
 def test_gradient_accumulation_acts_as_more_devices(run_runner, tmp_path):
     """Per-device statistics: D devices with A micro-batches an update give the two updates of D·A devices, random
-    draws included."""
+    draws and MESA's teacher included."""
     two_devices = _accumulated(run_runner, tmp_path, 2, 1, ACCUMULATION)
     _assert_same_run(two_devices, _accumulated(run_runner, tmp_path, 1, 2, ACCUMULATION))
-    four_virtual = _accumulated(run_runner, tmp_path, 2, 2, ACCUMULATION)
-    _assert_same_run(four_virtual, _accumulated(run_runner, tmp_path, 1, 4, ACCUMULATION))
-    # micro-batches of 2 rows normalise differently from those of 4: the comparisons above are not vacuous
-    assert abs(four_virtual[0][0] - two_devices[0][0]) > 1e-3
+    four_virtual = _accumulated(run_runner, tmp_path, 2, 2, MESA_FSDP, first_step=20)
+    assert four_virtual[0]["n_sharded_leaves"] > 0 and min(four_virtual[0]["mesa"]) > 1e-3
+    _assert_same_run(four_virtual, _accumulated(run_runner, tmp_path, 1, 4, MESA_FSDP, first_step=20))
+    # the layouts give different numbers: the comparisons above are not vacuous
+    assert abs(four_virtual[0]["losses"][0] - two_devices[0]["losses"][0]) > 1e-3
 
 
 def test_gradient_accumulation_with_global_statistics(run_runner, tmp_path):
     """Global statistics: micro-batch j holds the j-th block of every device's rows, so 2 devices with 2 micro-batches
-    give one device's updates on the same rows in that order."""
-    overrides = {**ACCUMULATION, "sync_batch_norm": True}
-    two_devices = _accumulated(run_runner, tmp_path, 2, 2, overrides)
-    _assert_same_run(two_devices, _accumulated(run_runner, tmp_path, 1, 2, overrides, rows=(0, 1, 4, 5, 2, 3, 6, 7)))
-    per_device = _accumulated(run_runner, tmp_path, 2, 2, ACCUMULATION)
-    assert abs(per_device[0][0] - two_devices[0][0]) > 1e-3
+    give one device's updates on the same rows in that order (FSDP and MESA's teacher on)."""
+    overrides = {**MESA_FSDP, "sync_batch_norm": True}
+    two_devices = _accumulated(run_runner, tmp_path, 2, 2, overrides, first_step=20)
+    one_device = _accumulated(run_runner, tmp_path, 1, 2, overrides, rows=(0, 1, 4, 5, 2, 3, 6, 7), first_step=20)
+    _assert_same_run(two_devices, one_device)
+    in_order = _accumulated(run_runner, tmp_path, 1, 2, overrides, first_step=20)
+    assert abs(in_order[0]["losses"][0] - two_devices[0]["losses"][0]) > 1e-3

@@ -148,3 +148,19 @@ def test_eval_step_counts_with_mask():
     assert float(out["count"]) == 3 and float(out["correct1"]) == 1 and float(out["correct5"]) == 2
     nll = -jax.nn.log_softmax(jnp.asarray(logits), -1)[jnp.arange(3), jnp.array([0, 2, 5])]
     assert float(out["loss_sum"]) == pytest.approx(float(nll.sum()), rel=1e-5)
+
+
+def test_a_batch_the_micro_batches_cannot_split_is_refused_by_name(tiny_config):
+    c = tiny_config
+    c.grad_accum_steps = 4
+    c.batch_size_per_device = 2
+    model = loop.build_model(c)
+    variables = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 32, 32, 3))))
+    mesh = sharding.make_mesh()
+    tx, schedule = optim.make_optimizer(c, 10, variables["params"])
+    abstract = jax.eval_shape(state_lib.make_state_fn(tx, use_ema=False), variables)
+    shardings = sharding.state_shardings(abstract, mesh)
+    train_step = step_lib.make_train_step(model, tx, schedule, c, 10, data, mesh, shardings)
+    batch = {"image": jax.ShapeDtypeStruct((6, 32, 32, 3), np.uint8), "label": jax.ShapeDtypeStruct((6,), np.int32)}
+    with pytest.raises(ValueError, match="grad_accum_steps=4 splits each device's rows into 4 .* holds 6 rows"):
+        train_step.lower(abstract, batch, jax.ShapeDtypeStruct((2,), np.uint32), 0)
