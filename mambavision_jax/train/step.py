@@ -170,9 +170,9 @@ def make_train_step(
         return grads, new_bs, {"loss": loss, "top1": top1, **aux}
 
     def accumulated(state: TrainState, batch: dict, rng, first: jax.Array | int, blocks: int, mesa_on: bool):
-        """:func:`loss_and_grads` averaged over ``accum`` micro-batches of ``batch``, whose rows are ``blocks`` equal
-        parts (the devices' rows), each ``accum`` blocks: micro-batch j takes block j of every part and draws from
-        ``fold_in(rng, first + j)``."""
+        """:func:`loss_and_grads` averaged over ``accum`` micro-batches of ``batch``. Its rows fall into ``blocks``
+        equal parts (one a device), each of ``accum`` row blocks: micro-batch j takes block j of every part and draws
+        from ``fold_in(rng, first + j)``."""
         if accum == 1:
             return loss_and_grads(state, batch, jax.random.fold_in(rng, first), mesa_on)
         rows = jax.tree.leaves(batch)[0].shape[0] // blocks
