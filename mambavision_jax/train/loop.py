@@ -237,6 +237,35 @@ def _setup(config, workdir, model, data, training: bool = True):
     )
 
 
+RUN_RECORD = "run.json"
+
+
+def _check_global_batch(workdir: str, global_batch: int, resuming: bool):
+    """A run's global batch stays what it started with: the step count, the data position (step × global batch)
+    and the learning-rate schedule (steps an epoch) only continue the same run with it. A fresh start records it in
+    ``<workdir>/run.json`` (process 0); a resumed run with another global batch is refused, naming both and the way
+    to keep it on another device count (grad_accum_steps). A run from before the record is not checked."""
+    path = os.path.join(workdir, RUN_RECORD)
+    if not resuming:
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump({"global_batch": int(global_batch)}, f)
+        return
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        recorded = int(json.load(f)["global_batch"])
+    if recorded != global_batch:
+        raise ValueError(
+            f"{workdir!r} holds a run with a global batch of {recorded} examples, and this config gives "
+            f"{global_batch} (batch_size_per_device × {jax.device_count()} devices × grad_accum_steps): resuming would "
+            "change its data position and learning-rate schedule. Set batch_size_per_device and grad_accum_steps so "
+            f"that they give {recorded} on these devices, or start a new --workdir (fine-tune from an export with "
+            "config.init_from)."
+        )
+
+
 def _truncate_metrics(workdir: str, step: int):
     """Drop rows written after ``step``, where a run resumes (0: a fresh start), so metrics.jsonl describes one
     trajectory."""
@@ -345,6 +374,7 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     say = (lambda m: print(m, flush=True)) if is_main else (lambda m: None)
 
     latest = ckpt.latest_step()
+    _check_global_batch(workdir, global_batch_size(config), resuming=latest is not None)
     # rows past where this run starts are from a run that was killed later (or before its first checkpoint)
     _truncate_metrics(workdir, latest or 0)
     if latest is not None:

@@ -166,6 +166,24 @@ def test_a_fresh_start_drops_the_rows_of_a_run_killed_before_its_first_checkpoin
     assert [r["step"] for r in rows if r["split"] == "train"] == [1]
 
 
+def test_a_resumed_run_keeps_its_global_batch(tiny_config, jax_cache_env, tmp_path):
+    """Resuming with another global batch would move the data position and the schedule: refused, naming both
+    batches and grad_accum_steps; the same global batch from other micro-batches resumes."""
+    c = tiny_config
+    c.total_steps, c.checkpoint_every_steps, c.async_checkpointing = 1, 1, False
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(c, workdir)
+    resumed = c.copy_and_resolve_references()
+    resumed.total_steps = 2
+    resumed.batch_size_per_device = c.batch_size_per_device // 2
+    with pytest.raises(ValueError, match=r"global batch of 16 examples, and this config gives 8 .*grad_accum_steps"):
+        loop.train_and_evaluate(resumed, workdir)
+    assert max(_rows(workdir, "train")) == 1  # refused before anything was written
+    resumed.grad_accum_steps = 2
+    loop.train_and_evaluate(resumed, workdir)
+    assert max(_rows(workdir, "train")) == 2
+
+
 def test_keeps_the_newest_checkpoints_and_refuses_to_keep_none(tmp_path):
     """keep_checkpoints=k keeps the newest k; 0 (orbax: keep none, nothing to resume from) is refused by name."""
     import jax.numpy as jnp
