@@ -83,7 +83,7 @@ def inference(name, batch, dtype, size, overrides, profile_dir=None, compiler_op
     jitted = jax.jit(model.apply, compiler_options=compiler_options)
     compiled, compile_s, memory = compile_seconds(jitted, variables, images[0])
     seconds = median_seconds(compiled, [(variables, x) for x in images], min_window_s)
-    result = dict(img_per_s=update / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+    result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
     if profile_dir:
         result["profile"] = top_device_ops(compiled, (variables, images[0]), profile_dir, top=None)
     return result
@@ -139,7 +139,7 @@ def build_training_of(model, batch, size, compiler_options=None):
 def training(name, batch, dtype, size, overrides, profile_dir=None, compiler_options=None, min_window_s=MIN_WINDOW_S):
     run, input_sets, compile_s, memory = build_training(name, batch, dtype, size, overrides, compiler_options)
     seconds = median_seconds(run, input_sets, min_window_s, windows=5)
-    result = dict(img_per_s=update / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
+    result = dict(img_per_s=batch / seconds, step_ms=1e3 * seconds, compile_s=compile_s, **memory)
     if profile_dir:
         result["profile"] = top_device_ops(run, input_sets[0], profile_dir, top=None)
     return result

@@ -168,3 +168,14 @@ def test_the_recipe_step_runs_micro_batches_of_the_train_batch_and_counts_them_a
     result = throughput.recipe(str(config_file), 8, False, None, 0.01)
     assert rows and set(rows) == {8}, rows
     assert result["img_per_s"] * result["step_ms"] / 1e3 == pytest.approx(16)
+
+
+@pytest.mark.parametrize("kind", ["inference", "training"])
+def test_the_bare_steps_count_their_batch(kind):
+    """The timed functions themselves, on a tiny model on the CPU: img/s is the batch over the step's time."""
+    import jax.numpy as jnp
+
+    from tests.train.tiny_config import TINY_MODEL
+
+    result = getattr(throughput, kind)("mamba_vision_T", 4, jnp.float32, 32, TINY_MODEL, min_window_s=0.01)
+    assert result["img_per_s"] * result["step_ms"] / 1e3 == pytest.approx(4)
