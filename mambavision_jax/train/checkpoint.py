@@ -162,8 +162,8 @@ class BestWeights:
         record = {"step": int(step), "metric": metric, "top1": float(value)}
         if self._writer:
             self._replace(variables, step, ema, record)
-            self._log(f"New best {metric}={value:.4f} at step {step}: {'EMA ' if ema else ''}weights in "
-                      f"{self.directory}")
+            weights = "EMA weights" if ema else "weights"
+            self._log(f"New best {metric}={value:.4f} at step {step}: {weights} in {self.directory}")
         self.record = record
         return True
 

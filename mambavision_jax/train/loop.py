@@ -373,8 +373,9 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     is_main = jax.process_index() == 0
     say = (lambda m: print(m, flush=True)) if is_main else (lambda m: None)
 
+    global_bs, accum = global_batch_size(config), grad_accum_steps(config)
     latest = ckpt.latest_step()
-    _check_global_batch(workdir, global_batch_size(config), resuming=latest is not None)
+    _check_global_batch(workdir, global_bs, resuming=latest is not None)
     # rows past where this run starts are from a run that was killed later (or before its first checkpoint)
     _truncate_metrics(workdir, latest or 0)
     if latest is not None:
@@ -396,8 +397,8 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
         f"{config.model_name}: {num_params:,} params; {jax.device_count()} devices ({jax.default_backend()}), "
         f"sharding={config.get('sharding', 'data')}, "
         f"BatchNorm statistics {'global' if config.get('sync_batch_norm', False) else 'per device'}, "
-        f"compute dtype={jnp.dtype(compute_dtype(config)).name}; global batch {global_batch_size(config)}"
-        f"{f' ({grad_accum_steps(config)} micro-batches an update)' if grad_accum_steps(config) > 1 else ''}, "
+        f"compute dtype={jnp.dtype(compute_dtype(config)).name}; global batch {global_bs}"
+        f"{f' ({accum} micro-batches an update)' if accum > 1 else ''}, "
         f"{s['spe']} steps/epoch, steps {start}->{total}."
     )
 
@@ -406,7 +407,6 @@ def train_and_evaluate(config, workdir: str, *, model=None, data_module=None) ->
     writer = metrics_lib.MetricWriter(
         workdir, total_steps=total, initial_step=start, progress=bool(config.get("progress_bar", True))
     )
-    global_bs = global_batch_size(config)
     log_every = max(int(config.get("log_every_steps", 50) or 50), 1)
     ckpt_every = int(config.get("checkpoint_every_steps", 0) or 0)
     eval_every = int(config.get("eval_every_steps", 0) or 0)
