@@ -103,13 +103,23 @@ def test_vmap_of_add_layer_norm_matches_xla(mode):
 
 def test_checkpointed_gradients_with_mixed_dtypes_agree_across_impls():
     """bfloat16 u, float32 delta, float16 B: every impl gives the same y and gradients (in the inputs' dtypes) under
-    jax.checkpoint."""
+    jax.checkpoint.
+
+    The gradients are pulled back from one fixed cotangent: a loss of the bfloat16 y would carry y's roundings into
+    every float32 gradient, and where two impls sum in another order (as XLA's GPU fusions do) a flipped rounding
+    is an error of 2^-8."""
     args = list(make_inputs(np.random.default_rng(2), 2, 7, 24))
     args[0], args[3] = args[0].astype(jnp.bfloat16), args[3].astype(jnp.float16)
-    results = {
-        impl: jax.jit(jax.value_and_grad(_loss(jax.checkpoint(_scan(impl))), argnums=tuple(range(7))))(*args)
-        for impl in ("pallas", "sequential", "associative")
-    }
+    y_bar = jax.random.normal(jax.random.PRNGKey(2), args[0].shape, jnp.bfloat16)
+
+    def y_and_gradients(impl):
+        def run(*a):
+            y, pullback = jax.vjp(jax.checkpoint(_scan(impl)), *a)
+            return y, pullback(y_bar)
+
+        return jax.jit(run)(*args)
+
+    results = {impl: y_and_gradients(impl) for impl in ("pallas", "sequential", "associative")}
     for impl in ("pallas", "associative"):
         _assert_close(results[impl], results["sequential"], impl, 1e-4)
 
@@ -147,9 +157,9 @@ def test_kernel_config_refuses_non_integers(field, value):
         KernelConfig(**{field: value})
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU the default compiles the kernels")
 def test_the_pallas_impl_runs_off_a_gpu_without_asking_for_interpret_mode():
     """interpret=None (the default) interprets the kernels off a GPU, as add_layer_norm does."""
-    assert jax.default_backend() != "gpu"
     u, delta, A, B, C, D, delta_bias = make_inputs(np.random.default_rng(11), 2, 7, 16)
     got = selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True, impl="pallas")
     want = selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True, impl="sequential")
