@@ -50,8 +50,6 @@ def selective_scan(
     impl = resolve_impl(impl)
     reference.check_arguments(u, delta, A, B, C, D, delta_bias)
     if impl == "pallas":
-        if interpret is None:
-            interpret = jax.default_backend() != "gpu"
         return selective_scan_pallas(
             u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus, interpret=interpret
         )

@@ -119,12 +119,15 @@ def selective_scan_pallas(
     delta_bias=None,
     *,
     delta_softplus=False,
-    interpret=False,
+    interpret=None,
     config: KernelConfig | None = None,
 ):
     """Pallas-Triton selective scan, differentiable. ``config=None`` picks :func:`default_config` for inference
-    or, under differentiation, for training."""
+    or, under differentiation, for training. ``interpret=None`` runs the kernels in Pallas' interpreter off a GPU
+    only (slow; for tests); pass False to lower them for CUDA from another backend."""
     reference.check_arguments(u, delta, A, B, C, D, delta_bias)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
     if any(isinstance(size, int) and size == 0 for size in u.shape):
         # nothing to scan, and the kernels' grids would be empty: the pure-JAX scan gives the empty y, zero gradients
         return reference.scan_sequential(u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus)

@@ -159,8 +159,10 @@ def test_kernel_config_refuses_non_integers(field, value):
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU the default compiles the kernels")
 def test_the_pallas_impl_runs_off_a_gpu_without_asking_for_interpret_mode():
-    """interpret=None (the default) interprets the kernels off a GPU, as add_layer_norm does."""
-    u, delta, A, B, C, D, delta_bias = make_inputs(np.random.default_rng(11), 2, 7, 16)
-    got = selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True, impl="pallas")
-    want = selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True, impl="sequential")
-    _assert_close(got, want, "forward")
+    """interpret=None (the default of selective_scan and selective_scan_pallas) interprets the kernels off a GPU, as
+    add_layer_norm does."""
+    args = make_inputs(np.random.default_rng(11), 2, 7, 16)
+    want = selective_scan(*args, delta_softplus=True, impl="sequential")
+    _assert_close(selective_scan(*args, delta_softplus=True, impl="pallas"), want, "selective_scan")
+    config = KernelConfig(chunk=16, state_groups=2)
+    _assert_close(selective_scan_pallas(*args, delta_softplus=True, config=config), want, "selective_scan_pallas")

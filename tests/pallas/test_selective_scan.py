@@ -234,7 +234,7 @@ def test_grouped_forward_lowers_for_cuda_and_training_keeps_one_lane_kernels(gro
     args = (spec((2, 196, 160)), spec((2, 196, 160)), spec((160, 8)), spec((2, 196, 8)), spec((2, 196, 8)))
     args += (spec((160,)), spec((160,)))
     config = KernelConfig(chunk=16, state_groups=groups)
-    fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
+    fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config, interpret=False)
     text = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "selective_scan_fwd_grouped" in text and "shfl.sync.idx.b32 $0, $1, $2" in text
     grad = jax.grad(lambda *a: fwd(*a).sum(), argnums=(0, 3))
@@ -263,7 +263,7 @@ def test_lowers_for_cuda(batch, length, dim, dtype, splits, verified_triton_modu
         spec((dim,), jnp.float32),
     )
     config = KernelConfig(block_d=32, chunk=4, splits=splits)
-    fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
+    fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config, interpret=False)
     grad = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=tuple(range(7)))
     # one kernel each for forward and backward; a split adds a summary kernel to each
     extra = int(splits > 1)
@@ -289,7 +289,7 @@ def test_fast_math_lowers_to_ptx_approximations(fast_math):
         spec((40,)),
     )
     config = KernelConfig(fast_math=fast_math)
-    fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config)
+    fwd = lambda *a: selective_scan_pallas(*a, delta_softplus=True, config=config, interpret=False)
     text = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     for op in ("ex2.approx.ftz.f32", "rcp.approx.ftz.f32"):
         assert (op in text) == fast_math, op
