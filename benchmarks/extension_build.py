@@ -1,4 +1,5 @@
-"""Where mamba_ssm's CUDA extension (``selective_scan_cuda``) is built, and the lock a killed build leaves there.
+"""The official side's timing script (the anchor), where mamba_ssm's CUDA extension (``selective_scan_cuda``) is
+built, and the lock a killed build leaves there.
 
 ``torch.utils.cpp_extension.load`` holds ``<build dir>/lock`` while it builds and, finding one, waits until it is
 gone. A build killed midway (a device command's timeout, say) leaves its lock behind, and every later build in
@@ -9,6 +10,20 @@ exists before they start is such a leftover.
 import os
 
 DEFAULT_BUILD_DIR = "/tmp/ssbuild"
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def anchor_script() -> str:
+    """The path of ``.anchor/official_torch.py``, the script that builds mamba_ssm's kernel and times the official
+    model; it is kept outside this repository. Exits with what is missing where it is not there."""
+    path = os.path.normpath(os.path.join(ROOT, ".anchor", "official_torch.py"))
+    if not os.path.exists(path):
+        raise SystemExit(
+            f"{path} is missing: the official model's GPU timings run the anchor script, which is not part of this "
+            "repository (the README's Benchmarks section says what it is); ours alone run without the "
+            "--compare-official/--official-json flags"
+        )
+    return path
 
 
 def build_dir() -> str:

@@ -23,7 +23,7 @@ gradients and the variant's weight times ``kdloss`` against it (compare ``throug
 Left out: the learning-rate update (a Python loop over two parameter groups) and the loss's ``.item()`` of a
 single-process run (the distributed path has none).
 On a GPU the selective scan is mamba_ssm's CUDA kernel as the anchor builds it (``.anchor/official_torch.py``,
-``shared/anchor/README.md``); ``--device cpu`` runs the tests' pure-PyTorch scan instead (to check the harness).
+kept outside this repository); ``--device cpu`` runs the tests' pure-PyTorch scan instead (to check the harness).
 Prints a line a model; writes JSON (``--out``, or ``$OUT/official_recipe.json``).
 """
 
@@ -40,7 +40,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from extension_build import clear_stale_lock  # noqa: E402
+from extension_build import anchor_script, clear_stale_lock  # noqa: E402
 from throughput import SHORT  # noqa: E402
 
 from mambavision_jax.train.recipe import VARIANTS  # noqa: E402  (the official per-variant weight decay and MESA)
@@ -53,10 +53,8 @@ def load_official(device: str):
     mamba_ssm's kernel (the anchor runs up to its scan timings and leaves its stand-in for ``mamba_ssm`` installed),
     on the CPU the tests' pure-PyTorch scan (and their torchvision shim for a CPU torch)."""
     if device == "cuda":
-        anchor = os.path.join(ROOT, ".anchor", "official_torch.py")
-        if not os.path.exists(anchor):
-            raise SystemExit(f"{anchor} is missing: set up the anchor as shared/anchor/README.md says")
         os.environ["SCAN_ONLY"] = "1"
+        anchor = anchor_script()
         clear_stale_lock()
         try:
             runpy.run_path(anchor, run_name="anchor")

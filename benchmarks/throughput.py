@@ -12,7 +12,7 @@ training executables are compiled with ``mvj.compiler_options()`` (on the CPU: X
 YNNPACK's) and any ``--xla-option`` on top; the recipe steps as ``main.py`` compiles them. Timings exclude warm-up
 and are medians of timed windows synchronised with ``block_until_ready``, each window at least
 ``--min-window-s`` long (1 s: steady state, see ``MIN_WINDOW_S``). ``--compare-official`` runs
-``.anchor/official_torch.py`` (see shared/anchor/README.md) for the inference and training models, and
+``.anchor/official_torch.py`` (the anchor, kept outside this repository) for the inference and training models, and
 ``official_recipe.py`` (the official train.py's iteration) for the recipe configs' models, in subprocesses after the
 JAX runs, so each ratio comes from one machine. Prints a table and writes JSON (``--out``, or ``$OUT/throughput.json``).
 
@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mambavision_jax as mvj  # noqa: E402
 from mambavision_jax.train.packing import Packing  # noqa: E402
 from config_file import load_config  # noqa: E402
-from extension_build import clear_stale_lock  # noqa: E402
+from extension_build import anchor_script, clear_stale_lock  # noqa: E402
 from timing import compile_seconds, median_seconds, top_device_ops  # noqa: E402
 
 SHORT = {
@@ -235,7 +235,7 @@ def official(models, train_models):
     out_dir = os.environ.get("OUT", "/tmp")
     env["OUT"] = out_dir
     clear_stale_lock()
-    subprocess.run([sys.executable, ".anchor/official_torch.py"], env=env, check=True)
+    subprocess.run([sys.executable, anchor_script()], env=env, check=True)
     with open(os.path.join(out_dir, "official_torch.json")) as f:
         return json.load(f)
 
@@ -286,6 +286,8 @@ def main():
     train_models = [m for m in args.train_models.split(",") if m]
     if args.size != 224 and (args.compare_official or args.official_json) and (models or train_models):
         parser.error("--compare-official/--official-json: the anchor times 224x224 images only (--size 224)")
+    if args.compare_official and (models or train_models):
+        anchor_script()  # before the JAX runs: a missing anchor is found at once, not after them
     overrides = dict(
         scan_impl=args.scan_impl, attention_impl=args.attention_impl, norm_impl=args.norm_impl
     )

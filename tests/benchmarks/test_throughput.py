@@ -10,7 +10,14 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
+import extension_build  # noqa: E402
 import throughput  # noqa: E402
+
+
+@pytest.fixture
+def anchor_in_place(monkeypatch):
+    """A stand-in anchor script path: the real one lives outside the repository, and subprocess.run is faked."""
+    monkeypatch.setattr(throughput, "anchor_script", lambda: "official_torch.py")
 
 
 def test_variants_are_parsed_into_tags_and_typed_options():
@@ -100,7 +107,7 @@ def test_compare_official_times_the_official_recipe_for_the_recipe_configs_model
     assert rows["base_bs128"][2:5] == ["3000", "750", "4.00"]
 
 
-def test_the_anchor_trains_the_train_models_even_where_they_are_not_first(tmp_path, monkeypatch):
+def test_the_anchor_trains_the_train_models_even_where_they_are_not_first(tmp_path, monkeypatch, anchor_in_place):
     """The anchor trains the first TRAIN_MODELS of MODELS: B, asked for training only, must be among them."""
     seen = {}
 
@@ -115,7 +122,7 @@ def test_the_anchor_trains_the_train_models_even_where_they_are_not_first(tmp_pa
     assert seen == {"models": "mamba_vision_B,mamba_vision_T,mamba_vision_S,mamba_vision_L", "train": "2"}
 
 
-def test_the_anchor_runs_after_a_killed_builds_lock_is_removed(tmp_path, monkeypatch, capsys):
+def test_the_anchor_runs_after_a_killed_builds_lock_is_removed(tmp_path, monkeypatch, capsys, anchor_in_place):
     """A build killed midway leaves <build dir>/lock, on which torch's next build in that directory would wait for
     ever: it is gone by the time the anchor starts."""
     lock = tmp_path / "build" / "lock"
@@ -133,6 +140,17 @@ def test_the_anchor_runs_after_a_killed_builds_lock_is_removed(tmp_path, monkeyp
     throughput.official(["T"], [])
     assert "left by a build that was killed midway" in capsys.readouterr().out
     assert not throughput.clear_stale_lock()  # none left: nothing to remove
+
+
+def test_a_missing_anchor_is_named_before_anything_is_timed(tmp_path, monkeypatch):
+    """The anchor script is kept outside the repository: --compare-official without it stops at once, naming it,
+    rather than after minutes of JAX timings."""
+    monkeypatch.setattr(extension_build, "ROOT", str(tmp_path))
+    monkeypatch.setattr(throughput, "inference", lambda *a: pytest.fail("timed before finding the anchor missing"))
+    argv = ["throughput.py", "--models", "T", "--batches", "128", "--train-models", "", "--compare-official"]
+    monkeypatch.setattr(sys, "argv", argv + ["--out", str(tmp_path / "results.json")])
+    with pytest.raises(SystemExit, match=r"\.anchor/official_torch\.py is missing.*not part of this repository"):
+        throughput.main()
 
 
 def test_official_numbers_are_not_paired_with_another_image_size(tmp_path, monkeypatch):
