@@ -259,7 +259,9 @@ class _Coefficients:
         out = []
         for v in range(pl.cdiv(rows.chunk * n, 32)):
             start = t0 * n + 32 * v
-            mask = start + lane < rows.length * n
+            # Both ends: the backward walks down to step 0, then prefetches the chunk before it
+            index = start + lane
+            mask = jnp.logical_and(index >= 0, index < rows.length * n)
             out.append(plt.load(flat_ref.at[rows.b, pl.ds(start, 32)], mask=mask, other=0.0).astype(_F32))
         return out
 
@@ -316,7 +318,7 @@ def _chunk_loop(count, first_t0, step_t0, load, body, carry, prefetch):
     def pipelined(i, state):
         carry, rows = state
         t0 = first_t0 + i * step_t0
-        upcoming = load(t0 + step_t0)  # clamped inside the sequence by _Rows; unused after the last chunk
+        upcoming = load(t0 + step_t0)  # past either end: clamped or masked by the loaders; unused
         return body(t0, carry, rows), upcoming
 
     return jax.lax.fori_loop(0, count, pipelined, (carry, load(first_t0)))[0]

@@ -375,3 +375,32 @@ def test_empty_batch_or_length(impl, shape):
     for arg, grad in zip(args, vjp(jnp.zeros_like(y))):
         assert grad.shape == arg.shape
         np.testing.assert_array_equal(grad, 0.0)
+
+
+@pytest.mark.parametrize("t0", [-4, 0, 5], ids=["before_step_0", "first_chunk", "past_the_end"])
+def test_coefficient_vectors_read_nothing_outside_the_sequence(t0):
+    """The one-lane kernels load B/C as (32,) vectors of the flat (batch, length·d_state) rows. Their prefetch asks
+    for one chunk beyond the walk: past the end forwards, before step 0 backwards (with float16 B passed to a jitted
+    gradient, that read before the buffer was an illegal address on an H100). Every value outside [0, length) must
+    be masked off (0 here; in interpret mode an unmasked read of a slice starting below 0 is clamped to the row)."""
+    from jax.experimental import pallas as pl
+
+    from mambavision_jax.pallas import triton_kernels as tk
+
+    batch, length, n, chunk = 2, 7, 8, 4
+    flat = jnp.arange(1.0, 1.0 + batch * length * n, dtype=jnp.float32).reshape(batch, length * n)
+
+    def kernel(flat_ref, out_ref):
+        rows = tk._Rows(pl.program_id(0), 0, jnp.arange(32) < 32, 32, length, chunk)
+        coefficients = tk._Coefficients(rows, n, tk._Math(fast=False, gpu=False), vectors=True)
+        for v, vector in enumerate(coefficients.load(flat_ref, jnp.int32(t0))):
+            out_ref[pl.program_id(0), v, :] = vector
+
+    vectors = chunk * n // 32
+    got = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((batch, vectors, 32), jnp.float32), grid=(batch,), interpret=True
+    )(flat)
+    index = t0 * n + np.arange(vectors * 32)
+    inside = (index >= 0) & (index < length * n)
+    want = np.where(inside, np.asarray(flat)[:, np.clip(index, 0, length * n - 1)], 0.0).reshape(batch, vectors, 32)
+    np.testing.assert_array_equal(np.asarray(got), want)
