@@ -90,7 +90,7 @@ def accumulated_steps():
     """Two updates with ``grad_accum_steps`` over all devices, on a fixed 8-image global batch whose rows are taken in
     the spec's order, random draws on (mixup, cutmix, erasing, drop path), the config's sharding (packed params), from
     step ``first_step`` of 10-step epochs (MESA's teacher runs past its start ratio); saves the variables, returns
-    the losses and MESA terms."""
+    the losses, MESA terms and gradient norms (LAMB's trust ratio hides a gradient's scale from the update)."""
     import mambavision_jax.data as data
     from flax import traverse_util
     from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
@@ -115,15 +115,22 @@ def accumulated_steps():
     st = state_lib.state_from_variables(state_fn, variables, shardings)
     train_step = step_lib.make_train_step(model, tx, schedule, c, 10, data, mesh, shardings)
     batch = sharding.global_batch({"image": images, "label": labels, "erase": erase[rows].astype(np.int32)}, mesh)
-    losses, mesa = [], []
+    losses, mesa, grad_norms = [], [], []
     for i in range(int(spec.get("first_step", 0)), int(spec.get("first_step", 0)) + 2):
         st, m = train_step(st, batch, jax.random.PRNGKey(1), i)
         losses.append(float(m["loss"]))
         mesa.append(float(m.get("mesa_loss", 0.0)))
+        grad_norms.append(float(m["grad_norm"]))
     flat = traverse_util.flatten_dict(jax.device_get(st.variables()), sep="/")
     np.savez(spec["out"], **{k: np.asarray(v) for k, v in flat.items()})
     n_sharded = sum(1 for s in jax.tree.leaves(shardings) if any(a is not None for a in s.spec))
-    return {"losses": losses, "mesa": mesa, "devices": jax.device_count(), "n_sharded_leaves": n_sharded}
+    return {
+        "losses": losses,
+        "mesa": mesa,
+        "grad_norms": grad_norms,
+        "devices": jax.device_count(),
+        "n_sharded_leaves": n_sharded,
+    }
 
 
 def per_device_step():

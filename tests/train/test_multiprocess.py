@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from mambavision_jax.train import loop
 from mambavision_jax.weights import load_converted
@@ -30,9 +31,9 @@ def _train_losses(workdir):
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-def _launch(env, workdir):
+def _launch(env, workdir, extra_args):
     return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "main.py"), *ARGS, f"--workdir={workdir}"],
+        [sys.executable, os.path.join(ROOT, "main.py"), *ARGS, *extra_args, f"--workdir={workdir}"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -47,8 +48,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(jax_cache_env, tiny_config, tmp_path):
-    single = _launch(dict(jax_cache_env, XLA_FLAGS="--xla_force_host_platform_device_count=4"), tmp_path / "one")
+@pytest.mark.parametrize(
+    "sharding_args",
+    [[], ["--config.sharding=fsdp", "--config.fsdp_min_size=256"]],
+    ids=["replicated", "fsdp"],
+)
+def test_two_processes_match_one(jax_cache_env, tiny_config, tmp_path, sharding_args):
+    """With FSDP the large leaves are split over both processes' devices: the best model's weights must then be
+    gathered from both, not read from process 0's own shards."""
+    env = dict(jax_cache_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    single = _launch(env, tmp_path / "one", sharding_args)
     out, _ = single.communicate(timeout=600)
     assert single.returncode == 0, out[-4000:]
 
@@ -64,6 +73,7 @@ def test_two_processes_match_one(jax_cache_env, tiny_config, tmp_path):
                 JAX_PROCESS_ID=str(i),
             ),
             tmp_path / "two",
+            sharding_args,
         )
         for i in range(2)
     ]
@@ -71,6 +81,7 @@ def test_two_processes_match_one(jax_cache_env, tiny_config, tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
     assert "; 4 devices (cpu)" in outs[0], "process 0 must see the 4 devices of both processes: " + outs[0][-2000:]
+    assert f"sharding={'fsdp' if sharding_args else 'data'}," in outs[0], outs[0][-2000:]
 
     one, two = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
@@ -82,6 +93,9 @@ def test_two_processes_match_one(jax_cache_env, tiny_config, tmp_path):
     assert records[0]["step"] == records[1]["step"] == 4 and records[0]["top1"] == records[1]["top1"], records
     for key, value in (("total_steps", 4), ("checkpoint_every_steps", 2), ("eval_every_steps", 0)):
         setattr(tiny_config, key, value)
+    for arg in sharding_args:
+        key, value = arg.removeprefix("--config.").split("=")
+        setattr(tiny_config, key, type(tiny_config[key])(value))
     plain, *ema = loop.export(tiny_config, str(tmp_path / "two"))
     exported = ema[0] if records[1]["metric"] == "ema_top1" else plain
     (_, best), (_, want) = (load_converted(str(d)) for d in (tmp_path / "two" / "best", exported))
