@@ -318,7 +318,7 @@ def _chunk_loop(count, first_t0, step_t0, load, body, carry, prefetch):
     def pipelined(i, state):
         carry, rows = state
         t0 = first_t0 + i * step_t0
-        upcoming = load(t0 + step_t0)  # past either end: clamped or masked by the loaders; unused
+        upcoming = load(t0 + step_t0)  # after the last chunk: past an end, clamped or masked by the loaders, unused
         return body(t0, carry, rows), upcoming
 
     return jax.lax.fori_loop(0, count, pipelined, (carry, load(first_t0)))[0]
