@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mambavision_jax.train import state as state_lib
+
 
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True):
@@ -158,7 +160,7 @@ class BestWeights:
         if not process_zeros(value is not None and value > best):  # also skips NaN
             return False
         ema = metric == "ema_top1"
-        variables = host_copy(state.variables(ema=ema))
+        variables = host_copy(state_lib.compiled_variables(state, ema=ema))
         record = {"step": int(step), "metric": metric, "top1": float(value)}
         if self._writer:
             self._replace(variables, step, ema, record)

@@ -180,15 +180,10 @@ def run_eval(eval_step, variables, data, config, mesh) -> dict:
 
 
 def _eval_all(eval_step, state, data, config, mesh) -> dict:
-    m = run_eval(eval_step, state.variables(), data, config, mesh)
+    m = run_eval(eval_step, state_lib.compiled_variables(state), data, config, mesh)
     if state.ema_params is not None and config.get("eval_ema", True):
-        m.update(
-            {
-                f"ema_{k}": v
-                for k, v in run_eval(eval_step, state.variables(ema=True), data, config, mesh).items()
-                if k != "num_examples"
-            }
-        )
+        ema = run_eval(eval_step, state_lib.compiled_variables(state, ema=True), data, config, mesh)
+        m.update({f"ema_{k}": v for k, v in ema.items() if k != "num_examples"})
     return m
 
 
@@ -514,7 +509,7 @@ def export(config, workdir: str, *, model=None, data_module=None) -> list[str]:
     base = os.path.abspath(config.get("export_dir") or os.path.join(workdir, "converted"))
     copies = [(base, False)] + ([(base + "_ema", True)] if state.ema_params is not None else [])
     for directory, ema in copies:
-        _write_converted(config, workdir, directory, state.variables(ema=ema), latest, ema)
+        _write_converted(config, workdir, directory, state_lib.compiled_variables(state, ema=ema), latest, ema)
         print(f"wrote {'EMA ' if ema else ''}weights of step {latest} to {directory}", flush=True)
     return [d for d, _ in copies]
 

@@ -5,6 +5,7 @@ a ``packing`` (what the training loop builds); :meth:`TrainState.variables` give
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -35,6 +36,17 @@ class TrainState:
         if ema:
             return {"params": self.model_params(self.ema_params), "batch_stats": self.ema_batch_stats}
         return {"params": self.model_params(self.params), "batch_stats": self.batch_stats}
+
+
+@functools.partial(jax.jit, static_argnames="ema")
+def compiled_variables(state: TrainState, ema: bool = False) -> dict:
+    """``state.variables(ema=ema)`` computed by one compiled program, for use outside a jitted step.
+
+    Unpacked eagerly, the training layout costs a few hundred small programs dispatched without waiting. In a
+    multi-process CPU run each one on sharded arrays is a collective, and on a host with as many cores as local
+    devices XLA:CPU's launch threads can all block (a launch waiting for a device's in-flight slots while the other
+    thread waits in a collective for that launch): the run hangs. One program also compiles once per run."""
+    return state.variables(ema=ema)
 
 
 def _as_f32(tree):

@@ -13,6 +13,7 @@ import pytest
 import mambavision_jax as mvj
 from mambavision_jax.train import checkpoint as ckpt_lib
 from mambavision_jax.train import loop
+from mambavision_jax.train import state as state_lib
 from mambavision_jax.train.metrics import read_jsonl
 from mambavision_jax.weights.converted import load_converted
 
@@ -95,18 +96,15 @@ def test_best_keeps_the_ema_weights_of_the_best_ema_top1_across_a_resume(
     assert "New best" not in capsys.readouterr().out
 
 
-class _State:
-    """Stands for a TrainState: ``variables()`` is one array filled with ``value``."""
-
-    def __init__(self, value: float):
-        self.value = value
-
-    def variables(self, ema: bool = False) -> dict:
-        return {"params": {"w": np.full((3,), self.value, np.float32)}}
+def _state(value: float) -> state_lib.TrainState:
+    """A train state whose one weight ``w`` is filled with ``value`` (no packing, no optimizer state)."""
+    return state_lib.TrainState(
+        step=np.int32(0), params={"w": np.full((3,), value, np.float32)}, batch_stats={}, opt_state=()
+    )
 
 
 def _weight(directory) -> float:
-    """The value the ``_State`` weights in a converted directory were filled with."""
+    """The value the ``_state`` weights in a converted directory were filled with."""
     return float(load_converted(directory)[1]["params"]["w"][0])
 
 
@@ -116,7 +114,7 @@ def test_a_kill_while_a_new_best_replaces_the_old_leaves_the_old_one(kill_at, ti
     place: the next run finds the old best complete (weights and record) and goes on from it."""
     directory = str(tmp_path / "best")
     write = functools.partial(loop._write_converted, tiny_config, str(tmp_path))
-    assert ckpt_lib.BestWeights(directory, write, log=print).update(2, {"top1": 0.5}, _State(1.0))
+    assert ckpt_lib.BestWeights(directory, write, log=print).update(2, {"top1": 0.5}, _state(1.0))
     assert not load_converted(directory)[0]["ema"]  # no ema_top1 in the metrics: the model's weights
 
     def write_then_kill(*args):
@@ -134,14 +132,14 @@ def test_a_kill_while_a_new_best_replaces_the_old_leaves_the_old_one(kill_at, ti
         monkeypatch.setattr(os, "rename", kill_at_second_rename)
     killed = ckpt_lib.BestWeights(directory, write_then_kill if kill_at == "write" else write, log=print)
     with pytest.raises(_Killed):
-        killed.update(4, {"top1": 0.7}, _State(2.0))
+        killed.update(4, {"top1": 0.7}, _state(2.0))
     monkeypatch.undo()
 
     resumed = ckpt_lib.BestWeights(directory, write, log=print)
     assert resumed.record == _record(directory) == {"step": 2, "metric": "top1", "top1": 0.5}
     assert _weight(directory) == 1.0
     assert sorted(os.listdir(tmp_path)) == ["best"]
-    assert resumed.update(4, {"top1": 0.7}, _State(2.0))
+    assert resumed.update(4, {"top1": 0.7}, _state(2.0))
     assert _weight(directory) == 2.0 and _record(directory)["step"] == 4
     assert sorted(os.listdir(tmp_path)) == ["best"]
 

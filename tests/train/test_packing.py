@@ -2,6 +2,8 @@
 rows): exact round trips, clear errors, and the same updates as leaf by leaf for every optimizer and for the whole
 train step."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,7 +14,7 @@ from flax import traverse_util
 
 import mambavision_jax.data as data
 from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
-from mambavision_jax.train.packing import Packing
+from mambavision_jax.train.packing import PACKED, Packing
 
 
 def _params(seed=0):
@@ -167,3 +169,77 @@ def test_leaf_by_leaf_checkpoint_is_refused_by_a_packed_state(tmp_path):
     with pytest.raises(ValueError, match="step 3 .* does not match the train state"):
         ckpt.restore({"params": packing.abstract(params)})
     ckpt.close()
+
+
+def test_the_loop_unpacks_outside_a_step_in_one_compiled_program(tmp_path, monkeypatch):
+    """The eval's variables and the best model's weights come from one compiled unpacking, never from the packed
+    layout unpacked op by op: in a two-process CPU run those few hundred small programs hung XLA:CPU (see
+    ``state.compiled_variables``). Both still give the model's variables of the state (or of its EMA)."""
+    from mambavision_jax.train import checkpoint as ckpt_lib
+
+    params = _params(seed=3)
+    packing = Packing.of(params)
+    packed, ema_packed = packing.pack(params), packing.pack(jax.tree.map(lambda p: 2 * p, params))
+    stats = {"norm": {"mean": jnp.arange(8.0)}}
+    state = state_lib.TrainState(
+        step=jnp.int32(0),
+        params=packed,
+        batch_stats=stats,
+        opt_state=(),
+        ema_params=ema_packed,
+        ema_batch_stats=stats,
+        packing=packing,
+    )
+    unpacked_concrete = []
+    unpack = Packing.unpack
+
+    def recording_unpack(self, tree):
+        unpacked_concrete.append(not isinstance(tree[PACKED], jax.core.Tracer))
+        return unpack(self, tree)
+
+    monkeypatch.setattr(Packing, "unpack", recording_unpack)
+    state_lib.compiled_variables.clear_cache()  # every call below traces (and so unpacks) afresh or not at all
+
+    seen = []
+
+    def eval_step(variables, batch):
+        seen.append(jax.device_get(variables))
+        return {k: jnp.float32(1) for k in ("loss_sum", "correct1", "correct5", "count")}
+
+    class OneBatch:
+        @staticmethod
+        def build_eval_iterator(config, process_index, process_count):
+            return _ClosingIterator([{"label": np.zeros((jax.device_count(),), np.int32)}])
+
+    config = ml_collections.ConfigDict({"data": {"prefetch": 0}})
+    metrics = loop._eval_all(eval_step, state, OneBatch, config, sharding.make_mesh())
+    assert metrics["top1"] == metrics["ema_top1"] == 1.0
+    written = {}
+
+    def write(directory, variables, step, ema):
+        os.makedirs(directory)
+        written.update(variables=variables)
+
+    best = ckpt_lib.BestWeights(str(tmp_path / "best"), write, log=print)
+    assert best.update(1, {"top1": 0.5, "ema_top1": 0.7}, state)
+    assert unpacked_concrete == [False, False]  # once with the model's params, once with the EMA's; both traced
+    for got, scale in ((seen[0], 1), (seen[1], 2), (written["variables"], 2)):
+        want = jax.tree.map(lambda p: scale * np.asarray(p), params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got["params"], want)
+        np.testing.assert_array_equal(got["batch_stats"]["norm"]["mean"], np.arange(8.0))
+
+
+class _ClosingIterator:
+    """An iterator over ``items`` with the ``close()`` the loop calls on data iterators."""
+
+    def __init__(self, items):
+        self._it = iter(items)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self):
+        pass
