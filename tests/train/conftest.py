@@ -71,3 +71,19 @@ def tiny_config():
     from tests.train import tiny_config as tc
 
     return tc.get_config()
+
+
+class ListIterator:
+    """A data iterator over ``items`` with the ``close()`` the training loop calls on data iterators."""
+
+    def __init__(self, items):
+        self._it = iter(items)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self):
+        pass

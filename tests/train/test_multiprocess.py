@@ -31,9 +31,9 @@ def _train_losses(workdir):
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-def _launch(env, workdir, extra_args):
+def _launch(env, workdir, extra_args, args=ARGS):
     return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "main.py"), *ARGS, *extra_args, f"--workdir={workdir}"],
+        [sys.executable, os.path.join(ROOT, "main.py"), *args, *extra_args, f"--workdir={workdir}"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -46,6 +46,35 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _run_two_processes(jax_cache_env, workdir, extra_args, args=ARGS, timeout=600) -> list[str]:
+    """Runs main.py as 2 processes x 2 CPU devices (gloo collectives); returns their outputs once both succeeded."""
+    port = _free_port()
+    procs = [
+        _launch(
+            dict(
+                jax_cache_env,
+                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),
+            workdir,
+            extra_args,
+            args,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
 
 
 @pytest.mark.parametrize(
@@ -61,25 +90,7 @@ def test_two_processes_match_one(jax_cache_env, tiny_config, tmp_path, sharding_
     out, _ = single.communicate(timeout=600)
     assert single.returncode == 0, out[-4000:]
 
-    port = _free_port()
-    procs = [
-        _launch(
-            dict(
-                jax_cache_env,
-                XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(i),
-            ),
-            tmp_path / "two",
-            sharding_args,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    outs = _run_two_processes(jax_cache_env, tmp_path / "two", sharding_args)
     assert "; 4 devices (cpu)" in outs[0], "process 0 must see the 4 devices of both processes: " + outs[0][-2000:]
     assert f"sharding={'fsdp' if sharding_args else 'data'}," in outs[0], outs[0][-2000:]
 
@@ -102,3 +113,11 @@ def test_two_processes_match_one(jax_cache_env, tiny_config, tmp_path, sharding_
     assert jax.tree.structure(best) == jax.tree.structure(want)
     for got, expected in zip(jax.tree.leaves(best), jax.tree.leaves(want)):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_two_processes_run_many_steps_between_logs(jax_cache_env, tmp_path):
+    """120 steps logged once: the loop keeps few steps unfinished. With every step queued as fast as the host could,
+    XLA:CPU's launch threads deadlocked in a collective (see ``loop._DispatchWindow``): 3 of 4 such runs hung."""
+    args = [ARGS[0], "--config.total_steps=120", "--config.log_every_steps=120", "--config.checkpoint_every_steps=0"]
+    _run_two_processes(jax_cache_env, tmp_path, ["--config.sharding=fsdp", "--config.fsdp_min_size=256"], args, 300)
+    assert sorted(_train_losses(tmp_path)) == [120]

@@ -15,6 +15,7 @@ from flax import traverse_util
 import mambavision_jax.data as data
 from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
 from mambavision_jax.train.packing import PACKED, Packing
+from tests.train.conftest import ListIterator
 
 
 def _params(seed=0):
@@ -209,7 +210,7 @@ def test_the_loop_unpacks_outside_a_step_in_one_compiled_program(tmp_path, monke
     class OneBatch:
         @staticmethod
         def build_eval_iterator(config, process_index, process_count):
-            return _ClosingIterator([{"label": np.zeros((jax.device_count(),), np.int32)}])
+            return ListIterator([{"label": np.zeros((jax.device_count(),), np.int32)}])
 
     config = ml_collections.ConfigDict({"data": {"prefetch": 0}})
     metrics = loop._eval_all(eval_step, state, OneBatch, config, sharding.make_mesh())
@@ -228,18 +229,3 @@ def test_the_loop_unpacks_outside_a_step_in_one_compiled_program(tmp_path, monke
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got["params"], want)
         np.testing.assert_array_equal(got["batch_stats"]["norm"]["mean"], np.arange(8.0))
 
-
-class _ClosingIterator:
-    """An iterator over ``items`` with the ``close()`` the loop calls on data iterators."""
-
-    def __init__(self, items):
-        self._it = iter(items)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self._it)
-
-    def close(self):
-        pass
