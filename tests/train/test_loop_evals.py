@@ -152,6 +152,31 @@ def test_a_best_directory_of_other_files_is_refused_not_replaced(tiny_config, tm
     assert (tmp_path / "best" / "notes.txt").read_text() == "mine"
 
 
+def test_every_process_takes_process_zeros_decision(tmp_path, monkeypatch):
+    """Process 1 of a two-process run (faked: the broadcasts answer with process 0's values) sees an eval that beats
+    its record, but process 0 decided otherwise: it keeps nothing and gathers nothing, as process 0 does."""
+    from jax.experimental import multihost_utils
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    process_zero_says = iter([1, 0])  # the directory is fine; not a new best
+    asked = []
+
+    def broadcast_one_to_all(value):
+        asked.append(int(value))
+        return np.int32(next(process_zero_says))
+
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast_one_to_all)
+
+    def write(*args):
+        raise AssertionError("only process 0 writes the best model")
+
+    best = ckpt_lib.BestWeights(str(tmp_path / "best"), write, log=print)
+    assert not best.update(2, {"top1": 0.9}, _state(1.0))
+    assert asked == [1, 1]  # process 1's own view: directory fine, a new best
+    assert best.record is None and not os.path.exists(tmp_path / "best")
+
+
 def test_resume_writes_the_eval_row_a_kill_lost_and_a_finished_rerun_writes_none(
     tiny_config, jax_cache_env, tmp_path, monkeypatch
 ):
