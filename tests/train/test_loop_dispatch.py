@@ -11,7 +11,7 @@ import pytest
 from mambavision_jax.train import loop
 from mambavision_jax.train import sharding
 from mambavision_jax.train import step as step_lib
-from tests.train.conftest import ListIterator
+from tests.train.conftest import EvalBatches
 
 WINDOW = 2
 
@@ -61,13 +61,9 @@ def test_the_eval_waits_for_its_sums_a_window_back(waited):
     def eval_step(variables, batch):
         return {k: jnp.sum(batch["label"]).astype(jnp.float32) for k in ("loss_sum", "correct1", "correct5", "count")}
 
-    class FiveBatches:
-        @staticmethod
-        def build_eval_iterator(config, process_index, process_count):
-            return ListIterator([{"label": np.full((devices,), i + 1, np.int32)} for i in range(5)])
-
+    five_batches = EvalBatches([{"label": np.full((devices,), i + 1, np.int32)} for i in range(5)])
     config = ml_collections.ConfigDict({"data": {"prefetch": 0}})
-    metrics = loop.run_eval(eval_step, {}, FiveBatches, config, sharding.make_mesh())
+    metrics = loop.run_eval(eval_step, {}, five_batches, config, sharding.make_mesh())
     assert metrics["num_examples"] == devices * (1 + 2 + 3 + 4 + 5)
     # the running sums after batches 1-3 were waited for, once each, before batches 4-5 went on
     sums = [x for x in waited if isinstance(x, dict)]

@@ -15,7 +15,7 @@ from flax import traverse_util
 import mambavision_jax.data as data
 from mambavision_jax.train import loop, optim, sharding, state as state_lib, step as step_lib
 from mambavision_jax.train.packing import PACKED, Packing
-from tests.train.conftest import ListIterator
+from tests.train.conftest import EvalBatches
 
 
 def _params(seed=0):
@@ -207,13 +207,9 @@ def test_the_loop_unpacks_outside_a_step_in_one_compiled_program(tmp_path, monke
         seen.append(jax.device_get(variables))
         return {k: jnp.float32(1) for k in ("loss_sum", "correct1", "correct5", "count")}
 
-    class OneBatch:
-        @staticmethod
-        def build_eval_iterator(config, process_index, process_count):
-            return ListIterator([{"label": np.zeros((jax.device_count(),), np.int32)}])
-
+    one_batch = EvalBatches([{"label": np.zeros((jax.device_count(),), np.int32)}])
     config = ml_collections.ConfigDict({"data": {"prefetch": 0}})
-    metrics = loop._eval_all(eval_step, state, OneBatch, config, sharding.make_mesh())
+    metrics = loop._eval_all(eval_step, state, one_batch, config, sharding.make_mesh())
     assert metrics["top1"] == metrics["ema_top1"] == 1.0
     written = {}
 
