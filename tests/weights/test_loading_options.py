@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import mambavision_jax as mvj
-from mambavision_jax.weights import CheckpointError
+from mambavision_jax.weights import CheckpointError, save_converted
 from official_reference import state_dict_numpy
 from test_weights import ARCH, NAME, reference  # noqa: F401  (reference: the module's fixture)
 
@@ -35,8 +35,6 @@ def test_replaced_head_is_trunc_normal_002_with_zero_bias_and_follows_the_seed(r
 def test_caller_overrides_win_over_the_converted_manifest(reference, tmp_path):  # noqa: F811
     """Overrides given to from_pretrained replace those stored in a converted directory (and the stored ones apply
     where the caller gives none); a compute dtype given at save time is the caller's choice and is not stored."""
-    from mambavision_jax.weights import save_converted
-
     _, variables = mvj.from_pretrained(NAME, str(reference["dir"] / "state_dict.pth.tar"), **ARCH)
     out = tmp_path / "converted"
     save_converted(str(out), NAME, variables, {**ARCH, "drop_path_rate": 0.1, "dtype": jnp.bfloat16})
