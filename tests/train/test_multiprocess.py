@@ -42,6 +42,11 @@ def _launch(env, workdir, extra_args, args=ARGS):
     )
 
 
+def _with_devices(env, count):
+    """The environment's XLA_FLAGS (the tests' compile options) plus ``count`` fake CPU devices."""
+    return f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,7 +60,7 @@ def _run_two_processes(jax_cache_env, workdir, extra_args, args=ARGS, timeout=60
         _launch(
             dict(
                 jax_cache_env,
-                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                XLA_FLAGS=_with_devices(jax_cache_env, 2),
                 JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                 JAX_NUM_PROCESSES="2",
@@ -85,7 +90,7 @@ def _run_two_processes(jax_cache_env, workdir, extra_args, args=ARGS, timeout=60
 def test_two_processes_match_one(jax_cache_env, tiny_config, tmp_path, sharding_args):
     """With FSDP the large leaves are split over both processes' devices: the best model's weights must then be
     gathered from both, not read from process 0's own shards."""
-    env = dict(jax_cache_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(jax_cache_env, XLA_FLAGS=_with_devices(jax_cache_env, 4))
     single = _launch(env, tmp_path / "one", sharding_args)
     out, _ = single.communicate(timeout=600)
     assert single.returncode == 0, out[-4000:]

@@ -12,10 +12,10 @@ from safetensors.numpy import save_file
 import mambavision_jax as mvj
 from mambavision_jax.weights import CheckpointError, save_converted
 from official_reference import state_dict_numpy
-from test_weights import ARCH, NAME, reference  # noqa: F401  (reference: the module's fixture)
+from mvj_weights_helpers import ARCH, NAME
 
 
-def test_replaced_head_is_trunc_normal_002_with_zero_bias_and_follows_the_seed(reference):  # noqa: F811
+def test_replaced_head_is_trunc_normal_002_with_zero_bias_and_follows_the_seed(reference):
     """A num_classes other than the checkpoint's gives a fresh head as the official _init_weights: weights from a
     normal of std 0.02 truncated at 2 std, zero bias; ``seed`` picks the draw (same seed, same head)."""
     path = str(reference["dir"] / "state_dict.pth.tar")
@@ -32,7 +32,7 @@ def test_replaced_head_is_trunc_normal_002_with_zero_bias_and_follows_the_seed(r
         assert 0.015 < kernel.std() < 0.02, "std of N(0, 0.02²) truncated at ±2σ: 0.0176"
 
 
-def test_caller_overrides_win_over_the_converted_manifest(reference, tmp_path):  # noqa: F811
+def test_caller_overrides_win_over_the_converted_manifest(reference, tmp_path):
     """Overrides given to from_pretrained replace those stored in a converted directory (and the stored ones apply
     where the caller gives none); a compute dtype given at save time is the caller's choice and is not stored."""
     _, variables = mvj.from_pretrained(NAME, str(reference["dir"] / "state_dict.pth.tar"), **ARCH)
@@ -46,7 +46,7 @@ def test_caller_overrides_win_over_the_converted_manifest(reference, tmp_path): 
     assert (module.drop_path_rate, module.dtype, module.dim) == (0.0, jnp.bfloat16, ARCH["dim"])
 
 
-def test_a_wrapper_prefix_on_some_keys_only_is_not_stripped(reference, tmp_path):  # noqa: F811
+def test_a_wrapper_prefix_on_some_keys_only_is_not_stripped(reference, tmp_path):
     """The Hugging Face ``model.`` prefix is removed only when every key has it: one stray ``model.`` key beside
     plain official keys is reported as the one unexpected key, and no official key is cut or missing."""
     state = {**state_dict_numpy(reference["model"]), "model.stray": np.zeros(3, np.float32)}

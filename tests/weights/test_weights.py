@@ -16,29 +16,10 @@ from safetensors.numpy import save_file
 
 import mambavision_jax as mvj
 from mambavision_jax.weights import CheckpointError, load_state_dict, to_torch_state_dict
+from mvj_weights_helpers import ARCH, NAME
 from official_reference import official_model, state_dict_numpy, torch, torch_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# A small official architecture (same code paths as T: conv stages, Mamba and attention blocks, windows).
-ARCH = dict(depths=[1, 1, 2, 2], dim=16, in_dim=8, num_heads=[1, 2, 2, 4], window_size=[8, 8, 4, 2])
-NAME = "mamba_vision_T"
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The randomised small official model, its EMA twin, test images and the official logits."""
-    model, ema_model = official_model(NAME, seed=3, **ARCH), official_model(NAME, seed=4, **ARCH)
-    images = np.random.default_rng(5).standard_normal((2, 64, 64, 3), dtype=np.float32)
-    directory = tmp_path_factory.mktemp("ckpt")
-    torch.save({"state_dict": model.state_dict(), "epoch": 3}, directory / "state_dict.pth.tar")
-    return dict(
-        model=model,
-        ema_model=ema_model,
-        images=images,
-        logits=torch_logits(model, images),
-        ema_logits=torch_logits(ema_model, images),
-        dir=directory,
-    )
 
 
 def jax_logits(module, variables, images):
