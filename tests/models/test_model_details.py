@@ -11,6 +11,7 @@ import mambavision_jax as mvj
 from mambavision_jax.models.layers import DropPath
 from mambavision_jax.weights import load_state_dict
 from official_reference import official, official_model, state_dict_numpy, torch, torch_logits
+from test_model import SMALL
 
 
 def official_drop_path_rates(name: str) -> list[list[float]]:
@@ -55,8 +56,7 @@ def test_every_batch_norm_epsilon_matches_official_with_small_running_variances(
     """With running variances of 1e-5 to 1e-4 (the scales shrunk alike, so activations stay O(1)) the BatchNorms'
     epsilons (1e-4 in the stem, 1e-5 in the conv blocks and the final norm) change the output by percents: the
     eval logits still match the official model's."""
-    arch = dict(depths=[1, 1, 2, 2], dim=16, in_dim=8, num_heads=[1, 2, 2, 4], window_size=[8, 8, 4, 2])
-    torch_model = official_model("mamba_vision_T", seed=9, **arch)
+    torch_model = official_model("mamba_vision_T", seed=9, **SMALL)
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():
         for module in torch_model.modules():
@@ -66,7 +66,7 @@ def test_every_batch_norm_epsilon_matches_official_with_small_running_variances(
                 module.weight.mul_(var.sqrt())
     images = np.random.default_rng(9).standard_normal((2, 64, 64, 3), dtype=np.float32)
     reference = torch_logits(torch_model, images)
-    model = mvj.create_model("mamba_vision_T", **arch)
+    model = mvj.create_model("mamba_vision_T", **SMALL)
     logits = np.asarray(jax.jit(model.apply)(load_state_dict(state_dict_numpy(torch_model), model), images))
     assert np.abs(logits - reference).max() <= 1e-4 * np.abs(reference).max()
 
@@ -74,8 +74,7 @@ def test_every_batch_norm_epsilon_matches_official_with_small_running_variances(
 def test_bfloat16_compute_runs_every_stage_in_bfloat16_and_returns_float32():
     """dtype=bfloat16: parameters and statistics stay float32, every stage computes (and returns its map) in
     bfloat16, and the pooled features and logits come back as float32, as documented. Traced only (eval_shape)."""
-    arch = dict(depths=(1, 1, 2, 2), dim=16, in_dim=8, num_heads=(1, 2, 2, 4), window_size=(8, 8, 4, 2), num_classes=5)
-    model = mvj.create_model("mamba_vision_T", **arch, dtype=jnp.bfloat16)
+    model = mvj.create_model("mamba_vision_T", **SMALL, dtype=jnp.bfloat16)
     images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
